@@ -1,0 +1,23 @@
+"""The model repository: versioned artifacts (`<name>/<version>/`) and their shared manifest schema."""
+
+from models.manifest import (
+    INPUT_NAME,
+    MANIFEST_FILE,
+    METRICS,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    Manifest,
+    Metric,
+    sha256_file,
+)
+
+__all__ = [
+    "INPUT_NAME",
+    "MANIFEST_FILE",
+    "METRICS",
+    "MODEL_FILE",
+    "OUTPUT_NAMES",
+    "Manifest",
+    "Metric",
+    "sha256_file",
+]

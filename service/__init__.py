@@ -1,0 +1,1 @@
+"""The inference service: FastAPI + ONNX Runtime over the artifacts in `models/`. Never imports torch."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny real artifacts built through the real train -> calibrate -> export path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = ROOT / "models" / "mnist-rce" / "1"
+
+
+@dataclass(frozen=True)
+class TinyArtifact:
+    """A real artifact from a few training steps on mnist-5k, with its checkpoint."""
+
+    model_dir: Path
+    path: Path
+    checkpoint: Path
+    calibration: Path
+    name: str
+    version: int
+
+
+def build_tiny_artifact(
+    root: Path, name: str = "tiny", objective: str = "rce", version: int = 1
+) -> TinyArtifact:
+    from training.calibrate import calibrate
+    from training.export import export_artifact
+    from training.train import TrainConfig, load_trained_model, train
+
+    checkpoint = root / "runs" / f"{name}.pt"
+    config = TrainConfig(
+        dataset="mnist-5k",
+        objective=objective,  # type: ignore[arg-type]
+        depth=8,
+        epochs=1,
+        train_limit=512,
+        dry_run=True,
+    )
+    train(config, checkpoint)
+    model, config, dataset = load_trained_model(checkpoint)
+    result = calibrate(model, config.objective, dataset, target_fpr=0.05, bank_per_class=50)
+    calibration = root / "runs" / f"{name}.calibration.pt"
+    result.save(calibration)
+    model_dir = root / "models"
+    path = export_artifact(model, config, dataset, result, model_dir, name, version)
+    return TinyArtifact(model_dir, path, checkpoint, calibration, name, version)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifact:
+    return build_tiny_artifact(tmp_path_factory.mktemp("tiny"))

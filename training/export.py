@@ -1,0 +1,191 @@
+"""Export the deployed detector to a self-describing artifact: `model.onnx` + `manifest.json`.
+
+Detection lives in the graph (the K-density bank is a constant), so every ONNX host gets the
+same answer. Before anything is written the graph passes the ONNX checker and ONNX Runtime is
+compared against torch on real test images (as timm's export does). The artifact is assembled in
+a temporary directory next to its destination and renamed into place: never half an artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+import warnings
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from models.manifest import (
+    INPUT_NAME,
+    METRICS,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    ArchitectureInfo,
+    DatasetInfo,
+    DetectionInfo,
+    InputSpec,
+    Manifest,
+    SplitInfo,
+    sha256_file,
+)
+from training.calibrate import Calibration, score_split
+from training.data import Dataset
+from training.nets import WIDTHS, ResNet, count_parameters
+from training.train import TrainConfig, to_tensor
+
+logger = logging.getLogger(__name__)
+OPSET = 17
+CHECK_IMAGES = 64
+ATOL = {"probabilities": 1e-4, "confidence": 1e-4, "non_me": 1e-3, "log_kd": 1e-2}
+
+
+class ExportError(Exception):
+    """The exported graph failed validation; nothing was written."""
+
+
+def export_onnx(model: torch.nn.Module, shape: tuple[int, int, int], path: Path) -> None:
+    dummy = torch.zeros((2, *shape), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def check_against_torch(
+    path: Path, model: torch.nn.Module, images: np.ndarray
+) -> dict[str, float]:
+    """Compare ONNX Runtime with torch on real images; raise ExportError on disagreement."""
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = to_tensor(images)
+    ort_out = dict(zip(OUTPUT_NAMES, session.run(None, {INPUT_NAME: batch.numpy()}), strict=True))
+    with torch.no_grad():
+        torch_out = dict(zip(OUTPUT_NAMES, (t.numpy() for t in model(batch)), strict=True))
+    if not np.array_equal(ort_out["label"], torch_out["label"]):
+        raise ExportError("ONNX Runtime and torch disagree on predicted labels")
+    errors: dict[str, float] = {}
+    for name, atol in ATOL.items():
+        errors[name] = float(np.max(np.abs(ort_out[name] - torch_out[name])))
+        if not np.allclose(ort_out[name], torch_out[name], atol=atol, rtol=1e-4):
+            raise ExportError(f"ONNX Runtime and torch disagree on {name}: {errors[name]:.3g}")
+    # `accepted` may only differ where the score sits on the threshold.
+    return errors
+
+
+def _source_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _versions() -> dict[str, str]:
+    names = ("torch", "onnx", "onnxruntime", "numpy")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def export_artifact(
+    network: ResNet,
+    config: TrainConfig,
+    dataset: Dataset,
+    calibration: Calibration,
+    model_dir: Path,
+    name: str,
+    version: int,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model_dir/name/version/` atomically and return its path."""
+    target = model_dir / name / str(version)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite to replace it")
+    deployed = calibration.deployed(network).eval()
+    test_scores = score_split(deployed, dataset.test)
+    accuracy = float((test_scores["label"] == dataset.test.labels).mean())
+    clean_acceptance = {
+        m: float((test_scores[m] >= calibration.thresholds[m]).mean()) for m in METRICS
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+    try:
+        onnx_path = staging / MODEL_FILE
+        export_onnx(deployed, dataset.shape, onnx_path)
+        errors = check_against_torch(onnx_path, deployed, dataset.test.images[:CHECK_IMAGES])
+        logger.info("ONNX Runtime matches torch (max abs error %s)", errors)
+        channels, height, width = dataset.shape
+        manifest = Manifest(
+            name=name,
+            version=version,
+            created_at=datetime.now(UTC).replace(microsecond=0),
+            source_commit=_source_commit(),
+            dataset=DatasetInfo(
+                name=dataset.name,
+                class_names=dataset.class_names,
+                split=SplitInfo(
+                    train=len(dataset.train),
+                    calibration=len(dataset.calibration),
+                    test=len(dataset.test),
+                    seed=dataset.seed,
+                ),
+            ),
+            input=InputSpec(channels=channels, height=height, width=width),  # type: ignore[arg-type]
+            objective=config.objective,
+            architecture=ArchitectureInfo(
+                name=f"preact-resnet{network.depth}",
+                depth=network.depth,
+                widths=list(WIDTHS),
+                feature_dim=network.feature_dim,
+                parameters=count_parameters(network),
+            ),
+            clean_test_accuracy=accuracy,
+            detection=DetectionInfo(
+                default_metric=calibration.default_metric,
+                sigma2=calibration.sigma2,
+                bank_size_per_class=[int(n) for n in calibration.bank_mask.sum(axis=1)],
+                target_fpr=calibration.target_fpr,
+                thresholds=calibration.thresholds,
+                calibration_size=calibration.calibration_size,
+                calibration_table=calibration.table,
+                clean_acceptance=clean_acceptance,
+            ),
+            sha256=sha256_file(onnx_path),
+            opset=OPSET,
+            library_versions=_versions(),
+            training={k: v for k, v in vars(config).items() if k != "data_dir"},
+        )
+        manifest.dump(staging)
+        staging.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,48 @@
+"""Training objectives as pure functions.
+
+Reverse cross-entropy (Pang et al., "Towards Robust Detection of Adversarial Examples",
+NeurIPS 2018, eq. 3): cross-entropy of softmax(Z) against the reverse label vector R_y, which is 0
+at the true class and 1/(L-1) elsewhere. A model trained this way predicts with reversed logits,
+argmax softmax(-Z) (section 3.2). `--objective ce` trains the ordinary baseline instead; nothing
+else differs between the two runs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Objective = Literal["rce", "ce"]
+
+
+def reverse_label_vectors(labels: Tensor, num_classes: int) -> Tensor:
+    """R_y: 0 at the true class, 1/(L-1) at every other class. Shape [N, L]."""
+    reverse = torch.full(
+        (labels.shape[0], num_classes), 1.0 / (num_classes - 1), device=labels.device
+    )
+    return reverse.scatter(1, labels[:, None], 0.0)
+
+
+def reverse_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean RCE loss -R_y . log softmax(Z) (Pang et al. 2018, eq. 3), via log_softmax."""
+    reverse = reverse_label_vectors(labels, logits.shape[1])
+    return -(reverse * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Ordinary mean cross-entropy, the CE baseline."""
+    return F.cross_entropy(logits, labels)
+
+
+def loss_for(objective: Objective, logits: Tensor, labels: Tensor) -> Tensor:
+    return reverse_cross_entropy(logits, labels) if objective == "rce" else cross_entropy(
+        logits, labels
+    )
+
+
+def deployed_logits(objective: Objective, logits: Tensor) -> Tensor:
+    """The logits of the deployed classifier: -Z for RCE models (Pang et al. 2018, 3.2), else Z."""
+    return -logits if objective == "rce" else logits

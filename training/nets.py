@@ -1,0 +1,70 @@
+"""The paper's pre-activation ResNet family (He et al. 2016, v2), as used by Pang et al. 2018.
+
+Depth 6n+2 (20/32/56), stage widths 16/32/64, batch norm, leaky-ReLU 0.1, and a 64-d final hidden
+vector z(x) from global average pooling that feeds the last linear layer. Inputs arrive in [0, 1]
+and are normalised in the model (x/255 - 0.5 on the 0..255 scale, i.e. x - 0.5 here), so the ONNX
+graph takes raw pixel fractions. `forward` returns (logits Z, features z).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WIDTHS = (16, 32, 64)
+SLOPE = 0.1
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.leaky_relu(self.bn1(x), SLOPE)
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.leaky_relu(self.bn2(out), SLOPE))
+        return out + skip
+
+
+class ResNet(nn.Module):
+    """Pre-activation ResNet-(6n+2) returning (logits, 64-d features)."""
+
+    def __init__(self, depth: int = 32, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"ResNet depth must be 6n+2 (20, 32, 56, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv = nn.Conv2d(in_channels, WIDTHS[0], 3, 1, 1, bias=False)
+        layers: list[nn.Module] = []
+        channels = WIDTHS[0]
+        for stage, width in enumerate(WIDTHS):
+            for block in range(n):
+                stride = 2 if stage > 0 and block == 0 else 1
+                layers.append(PreActBlock(channels, width, stride))
+                channels = width
+        self.blocks = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, num_classes)
+        self.feature_dim = channels
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.blocks(self.conv(images - 0.5))
+        features = torch.flatten(F.adaptive_avg_pool2d(F.leaky_relu(self.bn(out), SLOPE), 1), 1)
+        return self.fc(features), features
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,253 @@
+"""The training loop: plain functions, a config dataclass saved in every checkpoint, resumable.
+
+SGD (momentum 0.9, weight decay 2e-4), lr 0.1 with step decays, batch 128, seeded. The objective
+(`rce` or `ce`) is the only difference between the paper's two runs. Data-parallel training runs
+under `torchrun` (DistributedDataParallel, gloo on CPU, nccl on GPU): each process takes its own
+shard of every epoch's permutation and rank 0 writes the checkpoint. `dry_run` stops after a few
+batches so tests exercise this exact code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from training.data import Dataset, Split, load_dataset
+from training.losses import Objective, deployed_logits, loss_for
+from training.nets import ResNet
+
+logger = logging.getLogger(__name__)
+DRY_RUN_BATCHES = 3
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist-5k"
+    data_dir: str | None = None
+    objective: Objective = "rce"
+    depth: int = 32
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    lr_gamma: float = 0.1
+    seed: int = 0
+    augment: bool | None = None
+    train_limit: int | None = None
+    dry_run: bool = False
+
+    @property
+    def use_augmentation(self) -> bool:
+        return self.augment if self.augment is not None else self.dataset == "cifar10"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(config: TrainConfig, dataset: Dataset) -> ResNet:
+    return ResNet(config.depth, dataset.shape[0], dataset.num_classes)
+
+
+def to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 [N, C, H, W] -> float32 in [0, 1] (the artifact's input convention)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+
+
+def pad_crop_flip(images: Tensor, generator: torch.Generator) -> Tensor:
+    """CIFAR augmentation: pad 4, random 32x32 crop, random horizontal flip."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (4, 4, 4, 4))
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5
+    out = torch.empty_like(images)
+    for i in range(n):
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop.flip(2) if flips[i] else crop
+    return out
+
+
+def batches(
+    split: Split, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """This process's shard of a seeded per-epoch permutation, in batches."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(split))
+    shard = order[rank::world]
+    for start in range(0, len(shard), batch_size):
+        index = np.sort(shard[start : start + batch_size])
+        yield to_tensor(split.images[index]), torch.from_numpy(split.labels[index])
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    decays = sum(epoch >= max(1, round(m * config.epochs)) for m in config.lr_milestones)
+    return config.lr * config.lr_gamma**decays
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, objective: Objective, images: np.ndarray, batch_size: int = 500
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deployed predictions and final hidden vectors for uint8 images, in eval mode."""
+    model.eval()
+    labels, features = [], []
+    for start in range(0, len(images), batch_size):
+        logits, z = model(to_tensor(images[start : start + batch_size]))
+        labels.append(deployed_logits(objective, logits).argmax(dim=1).numpy())
+        features.append(z.numpy())
+    return np.concatenate(labels), np.concatenate(features)
+
+
+def accuracy(model: nn.Module, objective: Objective, split: Split) -> float:
+    predicted, _ = predict(model, objective, split.images)
+    return float((predicted == split.labels).mean())
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return payload
+
+
+def load_trained_model(path: Path) -> tuple[ResNet, TrainConfig, Dataset]:
+    """Rebuild the network of a checkpoint, in eval mode, with the dataset it was trained on."""
+    payload = load_checkpoint(path)
+    config = TrainConfig.from_dict(payload["config"])
+    dataset = load_dataset(config.dataset, _data_dir(config), config.seed)
+    model = build_model(config, dataset)
+    model.load_state_dict(payload["model"])
+    return model.eval(), config, dataset
+
+
+def _data_dir(config: TrainConfig) -> Path | None:
+    return Path(config.data_dir) if config.data_dir else None
+
+
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(config: TrainConfig, checkpoint: Path, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) and write `checkpoint` after every epoch; returns the final payload."""
+    rank, world = _distributed()
+    seed_everything(config.seed)
+    dataset = load_dataset(config.dataset, _data_dir(config), config.seed)
+    train_split = dataset.train.head(config.train_limit) if config.train_limit else dataset.train
+    model = build_model(config, dataset)
+    optimizer = torch.optim.SGD(
+        model.parameters(), config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    start_epoch, history = 0, []
+    if resume and checkpoint.is_file():
+        payload = load_checkpoint(checkpoint)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        start_epoch, history = payload["epoch"], list(payload["history"])
+        logger.info("resuming %s at epoch %d", checkpoint, start_epoch)
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    generator = torch.Generator().manual_seed(config.seed + rank)
+    payload = {}
+    for epoch in range(start_epoch, config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(config, epoch)
+        started = time.perf_counter()
+        loss, correct, seen = _train_epoch(
+            net, optimizer, config, train_split, epoch, rank, world, generator
+        )
+        record = {
+            "epoch": epoch + 1,
+            "loss": loss,
+            "train_accuracy": correct / max(seen, 1),
+            "seconds": time.perf_counter() - started,
+            "lr": lr_at(config, epoch),
+        }
+        if rank == 0:
+            record["test_accuracy"] = accuracy(model, config.objective, dataset.test)
+            history.append(record)
+            payload = {
+                "config": dataclasses.asdict(config),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "class_names": dataset.class_names,
+            }
+            save_checkpoint(checkpoint, payload)
+            logger.info("epoch %d: %s", epoch + 1, record)
+        if config.dry_run:
+            break
+    if world > 1:
+        dist.barrier()
+    return payload
+
+
+def _train_epoch(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    split: Split,
+    epoch: int,
+    rank: int,
+    world: int,
+    generator: torch.Generator,
+) -> tuple[float, int, int]:
+    net.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    steps = -(-len(split) // (config.batch_size * world))
+    progress = tqdm(
+        batches(split, config.batch_size, epoch, config.seed, rank, world),
+        total=min(steps, DRY_RUN_BATCHES) if config.dry_run else steps,
+        desc=f"epoch {epoch + 1}/{config.epochs} [{config.objective}]",
+        disable=rank != 0,
+        leave=False,
+    )
+    for step, (images, labels) in enumerate(progress):
+        if config.use_augmentation:
+            images = pad_crop_flip(images, generator)
+        logits, _ = net(images)
+        loss = loss_for(config.objective, logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(labels)
+        correct += int((deployed_logits(config.objective, logits).argmax(1) == labels).sum())
+        seen += len(labels)
+        progress.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        if config.dry_run and step + 1 >= DRY_RUN_BATCHES:
+            break
+    return total_loss / max(seen, 1), correct, seen
