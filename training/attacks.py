@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,8 +107,9 @@ def score_of_class(
 ) -> Tensor:
     """The detection score as if `classes` were the prediction (differentiable)."""
     if metric == "log_kd":
-        bank, mask = cast(Tensor, detector.bank), cast(Tensor, detector.bank_mask)
-        return log_kernel_density(features, classes, bank, mask, detector.sigma2)
+        return log_kernel_density(
+            features, classes, detector.bank, detector.bank_mask, detector.sigma2
+        )
     log_probs = F.log_softmax(logits, dim=1)
     if metric == "confidence":
         return log_probs.gather(1, classes[:, None]).squeeze(1).exp()
@@ -124,7 +125,7 @@ def _forward(detector: DeployedModel, images: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _num_classes(detector: DeployedModel) -> int:
-    return int(cast(Tensor, detector.bank).shape[0])
+    return int(detector.bank.shape[0])
 
 
 def _one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
