@@ -143,7 +143,7 @@ def _batched(
 ) -> Tensor:
     parts = []
     starts = range(0, images.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2):
+    for start in tqdm(starts, desc=f"{desc} batches", leave=False, disable=len(starts) < 2):
         index = slice(start, start + batch_size)
         parts.append(fn(images[index], index))
     return torch.cat(parts)
@@ -194,7 +194,8 @@ def _cw_batch(
     # Fallback for images never fully successful: label hit with the highest score.
     fallback, fallback_score = images.clone(), torch.full((n,), -math.inf)
     margin = settings.adaptive_margin if detector_term else 0.0
-    for _ in range(settings.cw_binary_steps):
+    steps = tqdm(range(settings.cw_binary_steps), desc="C&W binary search", leave=False)
+    for _ in steps:
         w = w0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([w], lr=settings.cw_learning_rate)
         round_ok = torch.zeros(n, dtype=torch.bool)
@@ -273,7 +274,7 @@ def _pgd_batch(
     best, best_state = images.clone(), torch.zeros(n, dtype=torch.long)
     best_score = torch.full((n,), -math.inf)
     adversarial = images.clone()
-    for step in range(settings.pgd_steps + 1):
+    for step in tqdm(range(settings.pgd_steps + 1), desc="adaptive PGD", leave=False):
         adversarial.requires_grad_(True)
         logits, features = _forward(detector, adversarial)
         other, runner_up = logits.masked_fill(label_mask, -math.inf).max(1)
