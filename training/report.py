@@ -256,7 +256,9 @@ def render_report(results: EvaluationResults) -> str:
         "PGD-adaptive jointly attacks the label and the default score at the same L-inf budget "
         "as plain PGD. *Still rejected* = kept adversarial examples the default metric rejects "
         "(the paper's 'f2 > 0' fraction); *undetected success* = clean-correct images turned into "
-        "accepted misclassifications.",
+        "accepted misclassifications. An attacker aiming at the deployed threshold stops just "
+        "above it, so its ROC-AUC (table below) can stay high while its rejection rate falls: at a "
+        "fixed threshold, *still rejected* is the number that matters.",
         "",
         "| Attack | Obj. | Success (label) | Still rejected | Undetected success | "
         "Mean L2 | Mean L-inf | Kept |",
@@ -275,6 +277,14 @@ def render_report(results: EvaluationResults) -> str:
                 f"{_fmt(r.undetected_success_rate, percent=True)} | {_fmt(r.distortion.l2)} | "
                 f"{_fmt(r.distortion.linf)} | {r.kept}/{r.clean_correct} |"
             )
+    adaptive_only = [a for a in adaptive if a not in oblivious]
+    if adaptive_only:
+        out += [
+            "",
+            "ROC-AUC under the adaptive attacks:",
+            "",
+            *_metric_table(results, adaptive_only, "roc_auc", False, "max"),
+        ]
     out += [
         "",
         "## Attack details: success, distortion, time",
