@@ -65,6 +65,7 @@ def get_options(
         Query(
             gt=0,
             lt=1,
+            allow_inf_nan=False,
             description="Target false-positive rate on clean data; picks the threshold from the "
             "model's calibration table (422 outside its range). Default: the served one.",
         ),

@@ -53,10 +53,9 @@ def configure_pillow(max_pixels: int) -> None:
     warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
-def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLarge:
+def _too_large(what: str, detail: str, max_pixels: int) -> ImageTooLarge:
     return ImageTooLarge(
-        f"image is {width}x{height} = {width * height} pixels, over the limit of "
-        f"{max_pixels} pixels"
+        f"{what} is over the limit of {max_pixels} pixels ({detail}); refused before decoding"
     )
 
 
@@ -94,13 +93,14 @@ def decode_image(
         with Image.open(BytesIO(data), formats=FORMATS) as image:
             original = image.size
             if original[0] * original[1] > max_pixels:
-                raise _too_large(*original, max_pixels)
+                detail = f"{original[0]}x{original[1]} = {original[0] * original[1]} pixels"
+                raise _too_large(what, detail, max_pixels)
             image.load()  # first frame / page only
             array, resized = _to_array(ImageOps.exif_transpose(image), channels, (width, height))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"{what} refused as a decompression bomb: {exc}") from None
-    except ImageTooLarge as exc:
-        raise ImageTooLarge(f"{what}: {exc.message}") from None
+        raise _too_large(what, str(exc), max_pixels) from None
+    except ImageTooLarge:
+        raise
     except UnidentifiedImageError:
         raise InvalidImage(
             f"{what} is not a decodable image (supported: {', '.join(FORMATS)})"

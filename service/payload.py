@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
@@ -86,8 +86,10 @@ async def read_uploads(request: Request, max_body_bytes: int, max_images: int) -
 
 
 async def _read_multipart(request: Request, max_images: int) -> list[Upload]:
+    # The parser itself, not request.form(), which turns its errors into a bare HTTP 400.
+    parser = MultiPartParser(request.headers, request.stream(), max_files=max_images)
     try:
-        form = await request.form(max_files=max_images)
+        form = await parser.parse()
     except MultiPartException as exc:
         # Starlette reports the file-count limit only through this message.
         if str(exc.message).startswith("Too many files"):
