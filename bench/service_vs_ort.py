@@ -181,7 +181,8 @@ def main() -> None:
     raw = bench_raw(artifact, pngs, args.requests)
     served = bench_service(args.model_dir, manifest.name, pngs, args.requests)
     what = f"{manifest.name}/{manifest.version}, {args.requests} single-PNG requests per row"
-    print(f"{what}, {os.cpu_count()} CPUs")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{what}, {os.cpu_count()} CPUs, load average {load}")
     print(f"{'configuration':40s} {'images/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s}")
     for row in raw + served:
         rate, p50, p99 = row["images_per_s"], row["p50_ms"], row["p99_ms"]
