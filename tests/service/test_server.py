@@ -117,10 +117,10 @@ def test_served_mnist_digits_match_onnx_runtime(
     # Sanity: real digits are mostly classified right and mostly accepted by the default model.
     assert (got == labels).mean() >= 0.9
     assert np.mean([r["accepted"] for r in results]) >= 0.5
-    assert info["providers"] == ["CPUExecutionProvider"]
+    assert info["providers"][-1] == "CPUExecutionProvider"
     text = log.read_text()
     assert f"loaded model {manifest.name}/{manifest.version}" in text
-    assert "CPUExecutionProvider" in text
+    assert f"on {','.join(info['providers'])}" in text
 
 
 NO_TORCH = """
