@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -212,3 +215,28 @@ def test_openapi_docs_describe_every_endpoint(client: TestClient) -> None:
     assert "multipart/form-data" in body and "image/png" in body
     params = {p["name"] for p in paths["/v1/predict"]["post"]["parameters"]}
     assert params == {"target_fpr", "mode"}
+
+
+def test_inference_runs_off_the_event_loop(
+    client: TestClient, digit_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    detector = client.app.state.repository.get("tiny")  # type: ignore[attr-defined]
+    running, release = threading.Event(), threading.Event()
+    original = detector.run
+
+    def held(images: np.ndarray) -> object:
+        running.set()
+        release.wait(30)
+        return original(images)
+
+    monkeypatch.setattr(detector, "run", held)
+    with ThreadPoolExecutor(2) as pool:
+        headers = {"content-type": "image/png"}
+        prediction = pool.submit(client.post, "/v1/predict", content=digit_png, headers=headers)
+        try:
+            assert running.wait(30)
+            # ONNX Runtime is held inside a request; the event loop still answers others.
+            assert pool.submit(client.get, "/health/live").result(timeout=10).status_code == 200
+        finally:
+            release.set()
+        assert prediction.result(timeout=30).status_code == 200
