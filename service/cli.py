@@ -16,6 +16,10 @@ except ModuleNotFoundError:  # a service-only install (the container image)
 else:
     _register_training(app)
 
+from service.triton import register as _register_triton  # noqa: E402
+
+_register_triton(app)
+
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
