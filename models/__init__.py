@@ -1,4 +1,4 @@
-"""The model repository: versioned artifacts (`<name>/<version>/`) and their shared manifest schema."""
+"""The model repository: versioned artifacts (`<name>/<version>/`) and the shared manifest."""
 
 from models.manifest import (
     INPUT_NAME,

@@ -80,6 +80,9 @@ class DeployedModel(nn.Module):
         self.objective: Objective = objective
         self.sigma2 = float(sigma2)
         self.default_metric: Metric = default_metric
+        self.bank: Tensor
+        self.bank_mask: Tensor
+        self.threshold: Tensor
         self.register_buffer("bank", torch.from_numpy(bank))
         self.register_buffer("bank_mask", torch.from_numpy(bank_mask))
         self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
@@ -92,9 +95,7 @@ class DeployedModel(nn.Module):
         scores = {
             "confidence": confidence(probabilities),
             "non_me": non_maximal_entropy(logits),
-            "log_kd": log_kernel_density(
-                features, label, self.bank, self.bank_mask, self.sigma2
-            ),
+            "log_kd": log_kernel_density(features, label, self.bank, self.bank_mask, self.sigma2),
         }
         accepted = scores[self.default_metric] >= self.threshold
         return (

@@ -101,7 +101,9 @@ def calibrate(
     target_fpr: Annotated[float, typer.Option(help="Fraction of clean data to reject.")] = 0.05,
     bank_per_class: int = 1000,
     sigma2: Annotated[float | None, typer.Option(help="Default 0.1/0.26 RCE, 1/0.26 CE.")] = None,
-    metric: Annotated[str, typer.Option(help="Default metric: log_kd|non_me|confidence")] = "log_kd",
+    metric: Annotated[
+        str, typer.Option(help="Default metric: log_kd|non_me|confidence")
+    ] = "log_kd",
 ) -> None:
     """Build the K-density bank and calibrate per-metric thresholds on held-out clean data."""
     _require_torch()

@@ -207,7 +207,10 @@ def load_cifar10(directory: Path, seed: int = 0, calibration: int = 5000) -> Dat
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     test_images, test_labels = _read_cifar_batch(directory / "test_batch")
-    for path, lab in ((directory / "data_batch_*", labels), (directory / "test_batch", test_labels)):
+    for path, lab in (
+        (directory / "data_batch_*", labels),
+        (directory / "test_batch", test_labels),
+    ):
         _check_labels(lab, 10, path)
     train, calib = _hold_out(images, labels, calibration, seed)
     return Dataset("cifar10", CIFAR10_CLASSES, train, calib, Split(test_images, test_labels), seed)

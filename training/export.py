@@ -66,9 +66,7 @@ def export_onnx(model: torch.nn.Module, shape: tuple[int, int, int], path: Path)
         )
 
 
-def check_against_torch(
-    path: Path, model: torch.nn.Module, images: np.ndarray
-) -> dict[str, float]:
+def check_against_torch(path: Path, model: torch.nn.Module, images: np.ndarray) -> dict[str, float]:
     """Compare ONNX Runtime with torch on real images; raise ExportError on disagreement."""
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -155,7 +153,7 @@ def export_artifact(
                     seed=dataset.seed,
                 ),
             ),
-            input=InputSpec(channels=channels, height=height, width=width),  # type: ignore[arg-type]
+            input=InputSpec(channels=channels, height=height, width=width),
             objective=config.objective,
             architecture=ArchitectureInfo(
                 name=f"preact-resnet{network.depth}",

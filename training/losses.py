@@ -29,7 +29,9 @@ def reverse_label_vectors(labels: Tensor, num_classes: int) -> Tensor:
 def reverse_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean RCE loss -R_y . log softmax(Z) (Pang et al. 2018, eq. 3), via log_softmax."""
     reverse = reverse_label_vectors(labels, logits.shape[1])
-    return -(reverse * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    terms = reverse * F.log_softmax(logits, dim=1)
+    # The true class has weight 0; keep 0 * -inf (an underflowed log-probability) out of the sum.
+    return -torch.where(reverse > 0, terms, torch.zeros_like(terms)).sum(dim=1).mean()
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -38,8 +40,10 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def loss_for(objective: Objective, logits: Tensor, labels: Tensor) -> Tensor:
-    return reverse_cross_entropy(logits, labels) if objective == "rce" else cross_entropy(
-        logits, labels
+    return (
+        reverse_cross_entropy(logits, labels)
+        if objective == "rce"
+        else cross_entropy(logits, labels)
     )
 
 

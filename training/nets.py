@@ -29,10 +29,10 @@ class PreActBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.leaky_relu(self.bn1(x), SLOPE)
-        skip = self.shortcut(out) if self.shortcut is not None else x
+        skip: Tensor = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
-        out = self.conv2(F.leaky_relu(self.bn2(out), SLOPE))
-        return out + skip
+        residual: Tensor = self.conv2(F.leaky_relu(self.bn2(out), SLOPE))
+        return residual + skip
 
 
 class ResNet(nn.Module):

@@ -242,7 +242,7 @@ def _train_epoch(
         logits, _ = net(images)
         loss = loss_for(config.objective, logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         total_loss += loss.item() * len(labels)
         correct += int((deployed_logits(config.objective, logits).argmax(1) == labels).sum())
