@@ -219,14 +219,16 @@ def register(app: typer.Typer) -> None:
         model_dir: Annotated[
             Path | None,
             typer.Option(
-                help="rcegate model repository (default: $RCEGATE_MODEL_DIR or models/).",
+                help="rcegate model repository (default: RCEGATE_MODEL_DIR or models/).",
             ),
         ] = None,
         max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size.")] = 64,
         overwrite: Annotated[bool, typer.Option(help="Replace an exported version.")] = False,
     ) -> None:
         """Export a model as a Triton Inference Server / KServe model-repository entry."""
-        source = model_dir or Path(os.environ.get("RCEGATE_MODEL_DIR", "models"))
+        from service.settings import Settings
+
+        source = model_dir or Settings().model_dir
         try:
             path = export_triton(source, name, output, version, max_batch_size, overwrite)
         except TritonExportError as error:
