@@ -40,6 +40,11 @@ RUN groupadd --system --gid 10001 rcegate \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
       --shell /usr/sbin/nologin rcegate
 COPY --from=build /opt/venv /opt/venv
+# The gpu variant's CUDA and cuDNN libraries are wheels under site-packages/nvidia/*/lib, which
+# the dynamic linker does not search: register them, so the CUDA execution provider loads
+# without LD_LIBRARY_PATH or onnxruntime.preload_dlls(). (No-op for the cpu variant.)
+RUN find /opt/venv -type d -path "*/site-packages/nvidia/*/lib" | sort > /etc/ld.so.conf.d/rcegate-nvidia.conf \
+ && ldconfig
 # The model repository (`<name>/<version>/model.onnx + manifest.json`). The default model is baked
 # in; mount more models under /models/<name> (read-only is fine) or a whole repository over /models.
 COPY models/mnist-rce/ /models/mnist-rce/
