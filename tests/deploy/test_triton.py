@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from models import MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, Manifest, sha256_file
 from service.cli import app
 from service.triton import TritonExportError, export_triton
-from tests.conftest import TinyArtifact
+from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact
 
 ModelConfig = model_config_pb2.ModelConfig
 DataType = model_config_pb2.DataType
@@ -117,3 +117,14 @@ def test_cli_reports_a_missing_model_without_a_traceback(tmp_path: Path) -> None
     )
     assert result.exit_code == 1
     assert "no versions of model 'nope'" in result.output
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL_DIR / MODEL_FILE).is_file(), reason="the default model is not committed yet"
+)
+def test_the_committed_default_model_exports(tmp_path: Path) -> None:
+    path = export_triton(DEFAULT_MODEL_DIR.parent.parent, "mnist-rce", tmp_path)
+    config = _config(path)
+    manifest = Manifest.load(DEFAULT_MODEL_DIR)
+    assert [o.name for o in config.output] == manifest.outputs
+    assert tuple(config.input[0].dims) == manifest.input.shape
