@@ -73,7 +73,10 @@ def test_prometheus_and_grafana_get_the_repository_config(compose: dict[str, Any
     assert (ROOT / config["source"] / "prometheus.yml").is_file()
     grafana = compose["services"]["grafana"]
     targets = {v["target"] for v in grafana["volumes"] if isinstance(v, dict)}
-    assert "/etc/grafana/provisioning" in targets
+    assert {
+        "/etc/grafana/provisioning/datasources",
+        "/etc/grafana/provisioning/dashboards",
+    } <= targets
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (DEPLOY / "grafana" / "dashboards" / Path(home).name).is_file()
 
