@@ -147,6 +147,9 @@ def _session_options(intra_op_threads: int, inter_op_threads: int) -> ort.Sessio
     options.inter_op_num_threads = inter_op_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # ORT's own errors still show; its info chatter does not
+    # Idle ORT threads otherwise spin, taking CPU from the event loop and the decode threads.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
 

@@ -95,6 +95,9 @@ def decode_image(
             if original[0] * original[1] > max_pixels:
                 detail = f"{original[0]}x{original[1]} = {original[0] * original[1]} pixels"
                 raise _too_large(what, detail, max_pixels)
+            if image.format == "JPEG":
+                # Let libjpeg decode at a reduced scale when the model needs far fewer pixels.
+                image.draft("L" if channels == 1 else "RGB", (width, height))
             image.load()  # first frame / page only
             array, resized = _to_array(ImageOps.exif_transpose(image), channels, (width, height))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -1,5 +1,5 @@
-"""One prediction request: decode off the event loop, one ORT run per request, the decision,
-the metrics, and the response body. Routes call `predict` and nothing else."""
+"""One prediction request: decode and one ORT run per request in a worker thread (never on the
+event loop), then the decision, the metrics and the response body. Routes call `predict`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def _run(detector: Detector, images: np.ndarray, metrics: Metrics) -> Outputs:
     metrics.inference_duration.labels(detector.name).observe(time.perf_counter() - start)
     metrics.batch_size.labels(detector.name).observe(len(images))
     return outputs
+
+
+def _decode_and_run(
+    detector: Detector, uploads: list[Upload], max_pixels: int, metrics: Metrics
+) -> tuple[list[DecodedImage], Outputs]:
+    decoded = _decode_all(uploads, detector.input_shape, max_pixels, metrics)
+    return decoded, _run(detector, np.stack([image.pixels for image in decoded]), metrics)
 
 
 def _record(metrics: Metrics, detector: Detector, outputs: Outputs, accepted: np.ndarray) -> None:
@@ -105,11 +112,10 @@ async def predict(
     detector: Detector, uploads: list[Upload], options: PredictOptions, metrics: Metrics
 ) -> PredictResponse:
     decision = detector.decision(options.target_fpr)  # an invalid target_fpr fails before decoding
-    decoded = await anyio.to_thread.run_sync(
-        _decode_all, uploads, detector.input_shape, options.max_pixels, metrics
+    # One worker-thread hop for decode + ORT: the event loop only parses and answers.
+    decoded, outputs = await anyio.to_thread.run_sync(
+        _decode_and_run, detector, uploads, options.max_pixels, metrics
     )
-    images = np.stack([image.pixels for image in decoded])
-    outputs = await anyio.to_thread.run_sync(_run, detector, images, metrics)
     accepted = Detector.accept(outputs, decision)
     _record(metrics, detector, outputs, accepted)
     return PredictResponse(

@@ -20,6 +20,12 @@ from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact
 READY_TIMEOUT = 30.0
 
 
+@pytest.fixture(autouse=True)
+def _restore_pillow_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app sets Pillow's process-wide pixel limit to its own; undo it after each test."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+
+
 def encode(array: np.ndarray, fmt: str = "PNG", **kwargs: object) -> bytes:
     """uint8 [H, W] or [H, W, 3] -> image bytes in `fmt`."""
     buffer = io.BytesIO()
