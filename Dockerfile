@@ -26,12 +26,12 @@ RUN python3 -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb
 print('\n'.join(p['dependencies'] + p['optional-dependencies'][sys.argv[1]]))" "$ORT_VARIANT" \
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
-# Then the service itself. The context is an allow-list (.dockerignore): pyproject, README,
-# service/, models/ (code + the default model); no training/, so the wheel holds only
-# `service` and `models` (the manifest schema).
+# Then the service itself, as a wheel installed in the runtime stage: /opt/venv keeps only the
+# dependencies, so its layer (GBs for gpu) is reused when only the code changes. The context is
+# an allow-list (.dockerignore): pyproject, README, service/, models/ (code + the default
+# model); no training/, so the wheel holds only `service` and `models` (the manifest schema).
 COPY . ./
-RUN pip install --no-deps . \
- && python3 -c "import service, models; import onnxruntime as ort; print(ort.__version__, ort.get_available_providers())"
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 FROM ${BASE_IMAGE} AS runtime
 ARG ORT_VARIANT=gpu
@@ -45,6 +45,11 @@ COPY --from=build /opt/venv /opt/venv
 # without LD_LIBRARY_PATH or onnxruntime.preload_dlls(). (No-op for the cpu variant.)
 RUN find /opt/venv -type d -path "*/site-packages/nvidia/*/lib" | sort > /etc/ld.so.conf.d/rcegate-nvidia.conf \
  && ldconfig
+COPY --from=build /wheels /tmp/wheels
+RUN /opt/venv/bin/pip install --no-deps --no-index --no-cache-dir --disable-pip-version-check \
+      /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels \
+ && /opt/venv/bin/python -c "import service.app, models, onnxruntime as ort; print(ort.__version__, ort.get_available_providers())"
 # The model repository (`<name>/<version>/model.onnx + manifest.json`). The default model is baked
 # in; mount more models under /models/<name> (read-only is fine) or a whole repository over /models.
 COPY models/mnist-rce/ /models/mnist-rce/

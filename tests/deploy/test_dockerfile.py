@@ -54,9 +54,13 @@ def test_the_healthcheck_asks_the_ready_endpoint_without_curl() -> None:
     assert "curl" not in healthcheck and "wget" not in healthcheck
 
 
-def test_the_final_stage_copies_only_the_venv_and_the_default_model() -> None:
+def test_the_final_stage_copies_only_the_venv_the_wheel_and_the_default_model() -> None:
     copies = [arg for op, arg in _final_stage() if op == "COPY"]
-    assert copies == ["--from=build /opt/venv /opt/venv", "models/mnist-rce/ /models/mnist-rce/"]
+    assert copies == [
+        "--from=build /opt/venv /opt/venv",
+        "--from=build /wheels /tmp/wheels",
+        "models/mnist-rce/ /models/mnist-rce/",
+    ]
     assert "torch" not in DOCKERFILE.split("FROM ${BASE_IMAGE} AS runtime")[1]
 
 
