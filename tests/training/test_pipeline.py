@@ -151,7 +151,7 @@ def test_committed_default_model_meets_its_targets() -> None:
     assert manifest.dataset.name == "mnist-5k" and manifest.objective == "rce"
     assert manifest.clean_test_accuracy >= 0.97
     acceptance = manifest.detection.clean_acceptance[manifest.detection.default_metric]
-    assert abs(acceptance - (1 - manifest.detection.target_fpr)) <= 0.02
+    assert abs(acceptance - (1 - manifest.detection.target_fpr)) <= 0.02 + 1e-9
     dataset = load_mnist_5k(manifest.dataset.split.seed)
     out = run_artifact(DEFAULT_MODEL_DIR, dataset.test.images)
     assert float((out["label"] == dataset.test.labels).mean()) == pytest.approx(
