@@ -5,9 +5,10 @@ bare model would do it) and without it, sequentially and from 16 threads. The se
 `rcegate serve` process on a loopback port, 1 and 16 concurrent clients each posting single PNGs
 as raw `image/png` bodies to `POST /v1/predict`. Reports images/s, p50/p99 latency and the ratio
 service / raw (decode + run) at the same concurrency. Client and server share this machine's
-cores, so the HTTP figures include the client's own cost.
+cores, so the HTTP figures include the client's own cost; the configurations run interleaved
+in rounds so that background load on a shared machine hits them alike.
 
-    python bench/service_vs_ort.py [--model-dir models] [--requests 1000]
+    python bench/service_vs_ort.py [--model-dir models] [--requests 1000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -80,7 +83,10 @@ def timed_calls(
     return latencies, time.perf_counter() - start
 
 
-def bench_raw(model: Path, pngs: list[bytes], n: int) -> list[dict[str, float | str | int]]:
+Runner = Callable[[int], tuple[list[float], float]]
+
+
+def raw_runners(model: Path, pngs: list[bytes]) -> dict[str, Runner]:
     session = ort.InferenceSession(str(model / MODEL_FILE), providers=["CPUExecutionProvider"])
     decoded = [
         np.asarray(Image.open(io.BytesIO(p)).convert("L"), np.float32)[None, None] / 255.0
@@ -96,12 +102,15 @@ def bench_raw(model: Path, pngs: list[bytes], n: int) -> list[dict[str, float | 
         return session.run(None, {"images": decoded[i % len(decoded)]})
 
     timed_calls(decode_and_run, 50, 1)  # warm-up
-    results = []
+    runners: dict[str, Runner] = {}
     for concurrency in CONCURRENCY:
         for name, call in (("decode+run", decode_and_run), ("run only", run_only)):
-            latencies, wall = timed_calls(call, n, concurrency)
-            results.append(summary(f"raw ORT {name}, {concurrency} thread(s)", latencies, wall))
-    return results
+            runners[f"raw ORT {name}, {concurrency} thread(s)"] = partial(_timed, call, concurrency)
+    return runners
+
+
+def _timed(call: Callable[[int], object], concurrency: int, n: int) -> tuple[list[float], float]:
+    return timed_calls(call, n, concurrency)
 
 
 async def _clients(
@@ -133,9 +142,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def bench_service(
-    model_dir: Path, name: str, pngs: list[bytes], n: int
-) -> list[dict[str, float | str | int]]:
+@contextmanager
+def served(model_dir: Path, name: str, pngs: list[bytes]) -> Iterator[dict[str, Runner]]:
+    """The real `rcegate serve` process on a free loopback port, and a runner per concurrency."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     rcegate = Path(sys.executable).with_name("rcegate")
@@ -157,14 +166,26 @@ def bench_service(
                     pass
                 time.sleep(0.1)
             asyncio.run(_clients(url, pngs, 50, 1))  # warm-up
-            results = []
-            for concurrency in CONCURRENCY:
-                latencies, wall = asyncio.run(_clients(url, pngs, n, concurrency))
-                results.append(summary(f"service HTTP, {concurrency} client(s)", latencies, wall))
-            return results
+
+            def runner(concurrency: int, n: int) -> tuple[list[float], float]:
+                return asyncio.run(_clients(url, pngs, n, concurrency))
+
+            yield {f"service HTTP, {c} client(s)": partial(runner, c) for c in CONCURRENCY}
         finally:
             process.terminate()
             process.wait(timeout=15)
+
+
+def measure(runners: dict[str, Runner], n: int, rounds: int) -> list[dict[str, float | str | int]]:
+    """Interleave the configurations in `rounds` rounds so each sees the same background load."""
+    latencies: dict[str, list[float]] = {name: [] for name in runners}
+    walls = dict.fromkeys(runners, 0.0)
+    for _ in range(rounds):
+        for name, run in runners.items():
+            got, wall = run(max(1, n // rounds))
+            latencies[name] += got
+            walls[name] += wall
+    return [summary(name, latencies[name], walls[name]) for name in runners]
 
 
 def main() -> None:
@@ -173,21 +194,27 @@ def main() -> None:
     parser.add_argument("--model", default="mnist-rce")
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--requests", type=int, default=1000, help="per configuration")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     artifact = args.model_dir / args.model / str(args.version)
     manifest = Manifest.load(artifact)
     pngs = digits_as_png(256)
-    raw = bench_raw(artifact, pngs, args.requests)
-    served = bench_service(args.model_dir, manifest.name, pngs, args.requests)
+    with served(args.model_dir, manifest.name, pngs) as service_runners:
+        rows = measure(
+            {**raw_runners(artifact, pngs), **service_runners}, args.requests, args.rounds
+        )
+    raw = [row for row in rows if str(row["name"]).startswith("raw")]
+    served_rows = [row for row in rows if str(row["name"]).startswith("service")]
     what = f"{manifest.name}/{manifest.version}, {args.requests} single-PNG requests per row"
-    print(f"{what}, {os.cpu_count()} CPUs")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{what}, {os.cpu_count()} CPUs, load average {load}")
     print(f"{'configuration':40s} {'images/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s}")
-    for row in raw + served:
+    for row in rows:
         rate, p50, p99 = row["images_per_s"], row["p50_ms"], row["p99_ms"]
         print(f"{row['name']:40s} {rate:10.1f} {p50:8.2f} {p99:8.2f}")
     ratios = {}
-    for concurrency, service_row in zip(CONCURRENCY, served, strict=True):
+    for concurrency, service_row in zip(CONCURRENCY, served_rows, strict=True):
         raw_row = next(
             r for r in raw if r["name"] == f"raw ORT decode+run, {concurrency} thread(s)"
         )
@@ -197,7 +224,7 @@ def main() -> None:
             f"throughput ratio service / raw (decode+run), concurrency {concurrency}: {ratio:.2f}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"rows": raw + served, "ratios": ratios}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "ratios": ratios}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The inference service: FastAPI + ONNX Runtime over the artifacts in `models/`.
+"""The inference service: FastAPI + ONNX Runtime over `models/`. Never imports torch.
 
-Never imports torch (a test checks `sys.modules` of a running app).
+A test checks `sys.modules` of a running app for torch.
 """

@@ -176,7 +176,8 @@ def test_models_endpoints_report_manifest_metadata_and_providers(
     assert info == client.get("/v1/models/tiny").json()
     assert info == client.get("/v1/models/tiny/versions/1").json()
     assert (info["name"], info["version"], info["default"]) == ("tiny", 1, True)
-    assert info["providers"] == ["CPUExecutionProvider"]
+    # CPU always; CUDA first on a machine where onnxruntime-gpu really loads it.
+    assert info["providers"][-1] == "CPUExecutionProvider"
     assert info["class_names"] == manifest.class_names
     assert info["sha256"] == manifest.sha256
     assert info["input"] == {"channels": 1, "height": 28, "width": 28, "value_range": [0.0, 1.0]}
