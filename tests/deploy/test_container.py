@@ -10,15 +10,22 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shutil
+import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+
+from tests.deploy.conftest import DEPLOY
 
 URL = os.environ.get("RCEGATE_CONTAINER_URL", "")
 PID = int(os.environ.get("RCEGATE_CONTAINER_PID", "0"))
@@ -192,3 +199,96 @@ def test_the_image_healthcheck_passes_against_the_running_server(ready: float) -
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _prometheus_query(base: str, expr: str) -> list[dict[str, Any]]:
+    query = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{base}/api/v1/query?{query}", timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", (expr, answer)
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    ready: float, digits: list[tuple[int, bytes]], tmp_path_factory: pytest.TempPathFactory
+) -> Any:
+    """A real Prometheus (Debian's package) scraping the container every second with our rules."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not installed (apt-get install prometheus)")
+    root = tmp_path_factory.mktemp("prometheus")
+    target = urllib.parse.urlsplit(URL).netloc
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(DEPLOY / "prometheus" / "rules" / "rcegate.yml")],
+        "scrape_configs": [{"job_name": "rcegate", "static_configs": [{"targets": [target]}]}],
+    }
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = (root / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # Traffic while Prometheus scrapes, so rates and histogram quantiles have data.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (root / "prometheus.log").read_text()[-2000:]
+            for _, png in digits[:3]:
+                _request("/v1/predict", png, {"Content-Type": "image/png"})
+            try:
+                scrapes = _prometheus_query(base, 'count_over_time(up{job="rcegate"}[1m])')
+            except OSError:
+                scrapes = []
+            if scrapes and float(scrapes[0]["value"][1]) >= 5:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("Prometheus did not scrape the container 5 times within 60 s")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_prometheus_scrapes_the_container_and_evaluates_every_rule(prometheus: str) -> None:
+    (up,) = _prometheus_query(prometheus, 'up{job="rcegate"}')
+    assert up["value"][1] == "1"
+    with urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=10) as response:
+        groups = json.loads(response.read())["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert rules and all(rule["health"] in {"ok", "unknown"} for rule in rules), rules
+    (ratio,) = _prometheus_query(prometheus, "rcegate:rejection_ratio:rate5m")
+    assert ratio["metric"]["model"] == "mnist-rce"
+    firing = _prometheus_query(prometheus, 'ALERTS{alertstate="firing"}')
+    assert not [a for a in firing if a["metric"]["alertname"] in {"RcegateDown", "RcegateAbsent"}]
+
+
+def test_every_dashboard_query_returns_data_from_the_real_service(prometheus: str) -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "rcegate.json").read_text())
+    variables = {"model": "mnist-rce", "metric": "log_kd", "__rate_interval": "30s"}
+    empty = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = re.sub(r"\$\{?(\w+)\}?", lambda m: variables[m.group(1)], target["expr"])
+            if not _prometheus_query(prometheus, expr):
+                empty.append((panel["title"], expr))
+    assert not empty, empty
