@@ -54,11 +54,14 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
         message = str(exc.detail)
     else:
         status, code, message = 500, "internal_error", "internal server error"
-    if status >= 500:
+    where = f"{request.method} {request.url.path} -> {status} {code}"
+    if status == 500:
         # The traceback goes to the log, never into the response body.
-        logger.error("%s %s -> %d %s", request.method, request.url.path, status, code, exc_info=exc)
+        logger.error("%s", where, exc_info=exc)
+    elif status > 500:
+        logger.warning("%s: %s", where, message)
     else:
-        logger.info("%s %s -> %d %s: %s", request.method, request.url.path, status, code, message)
+        logger.info("%s: %s", where, message)
     body = ErrorBody(error=ErrorDetail(status=status, code=code, message=message))
     return JSONResponse(body.model_dump(), status_code=status)
 

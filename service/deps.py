@@ -1,4 +1,7 @@
-"""FastAPI dependencies as `Annotated` aliases: what routes receive, built from app state."""
+"""FastAPI dependencies as `Annotated` aliases: what routes receive, built from app state.
+
+All are `async def`: they never block, and FastAPI would run a plain `def` in a worker thread.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +17,17 @@ from service.repository import ModelRepository
 from service.settings import Mode, Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_repository(request: Request) -> ModelRepository:
+async def get_repository(request: Request) -> ModelRepository:
     repository: ModelRepository = request.app.state.repository
     return repository
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
@@ -34,14 +37,14 @@ RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def get_named_detector(
+async def get_named_detector(
     repository: RepositoryDep,
     name: Annotated[str, Path(description="Model name, e.g. mnist-rce.")],
 ) -> Detector:
     return repository.get(name)
 
 
-def get_versioned_detector(
+async def get_versioned_detector(
     repository: RepositoryDep,
     name: Annotated[str, Path(description="Model name, e.g. mnist-rce.")],
     version: Annotated[int, Path(ge=1, description="Model version.")],
@@ -49,7 +52,7 @@ def get_versioned_detector(
     return repository.get(name, version)
 
 
-def get_default_detector(repository: RepositoryDep, settings: SettingsDep) -> Detector:
+async def get_default_detector(repository: RepositoryDep, settings: SettingsDep) -> Detector:
     return repository.get(settings.default_model)
 
 
@@ -58,7 +61,7 @@ VersionedDetectorDep = Annotated[Detector, Depends(get_versioned_detector)]
 DefaultDetectorDep = Annotated[Detector, Depends(get_default_detector)]
 
 
-def get_options(
+async def get_options(
     settings: SettingsDep,
     target_fpr: Annotated[
         float | None,

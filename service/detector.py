@@ -181,8 +181,9 @@ def _check_io(session: ort.InferenceSession, manifest: Manifest) -> None:
     expected = manifest.input.shape
     shape = list(spec.shape)
     if len(shape) != 4 or tuple(shape[1:]) != expected or isinstance(shape[0], int):
+        dims = ", ".join(map(str, expected))
         raise ModelLoadError(
-            f"input {INPUT_NAME!r} has shape {shape}, manifest says [batch, *{list(expected)}]"
+            f"input {INPUT_NAME!r} has shape {shape}, manifest says [batch, {dims}]"
         )
     outputs = {o.name: o.type for o in session.get_outputs()}
     if set(manifest.outputs) != set(OUTPUT_NAMES):

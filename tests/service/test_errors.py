@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import zlib
@@ -243,7 +244,10 @@ def test_unknown_path_and_method_use_the_error_shape(client: TestClient) -> None
 
 
 def test_internal_error_is_500_without_traceback(
-    make_client: Callable[..., TestClient], digit_png: bytes, monkeypatch: pytest.MonkeyPatch
+    make_client: Callable[..., TestClient],
+    digit_png: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     client = make_client(raise_server_exceptions=False)
     detector = client.app.state.repository.get("tiny")  # type: ignore[attr-defined]
@@ -256,6 +260,10 @@ def test_internal_error_is_500_without_traceback(
     assert response.status_code == 500
     assert response.json() == error(500, "internal_error", "internal server error")
     assert "Traceback" not in response.text and "secret" not in response.text
+    # The traceback is in the server log instead.
+    logged = [r for r in caplog.records if r.name == "service.app" and r.levelno == logging.ERROR]
+    assert logged and logged[0].exc_info is not None
+    assert logged[0].getMessage() == "POST /v1/predict -> 500 internal_error"
 
 
 def test_server_keeps_serving_after_bad_requests(client: TestClient, digit_png: bytes) -> None:

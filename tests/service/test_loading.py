@@ -96,7 +96,7 @@ def _edit_manifest(directory: Path, **changes: object) -> None:
         ("no_model", "cannot read model.onnx: "),
         (
             "wrong_shape",
-            "input 'images' has shape ['batch', 1, 28, 28], manifest says [batch, *[1, 32, 32]]",
+            "input 'images' has shape ['batch', 1, 28, 28], manifest says [batch, 1, 32, 32]",
         ),
     ],
 )
