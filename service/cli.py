@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from service.triton import register as _register_triton
+
 app = typer.Typer(help="rcegate: image classification that says whether to trust each answer.")
 
 try:
@@ -17,6 +19,7 @@ except ModuleNotFoundError:  # a service-only install (the container image)
     pass
 else:
     _register_training(app)
+_register_triton(app)
 
 _FROM_ENV = "Default: RCEGATE_{} or its built-in default."
 
