@@ -4,8 +4,12 @@ subcommands when it is installed (it imports torch only inside them)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
+
+from service.triton import register as _register_triton
 
 app = typer.Typer(help="rcegate: image classification that says whether to trust each answer.")
 
@@ -15,6 +19,56 @@ except ModuleNotFoundError:  # a service-only install (the container image)
     pass
 else:
     _register_training(app)
+_register_triton(app)
+
+_FROM_ENV = "Default: RCEGATE_{} or its built-in default."
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help=_FROM_ENV.format("HOST"))] = None,
+    port: Annotated[int | None, typer.Option(help=_FROM_ENV.format("PORT"))] = None,
+    model_dir: Annotated[Path | None, typer.Option(help=_FROM_ENV.format("MODEL_DIR"))] = None,
+    default_model: Annotated[
+        str | None, typer.Option(help=_FROM_ENV.format("DEFAULT_MODEL"))
+    ] = None,
+    providers: Annotated[
+        str | None, typer.Option(help="auto | cpu | cuda. " + _FROM_ENV.format("PROVIDERS"))
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="annotate | enforce. " + _FROM_ENV.format("MODE"))
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help=_FROM_ENV.format("LOG_LEVEL"))] = None,
+) -> None:
+    """Serve every model version under the model repository over HTTP (see /docs)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    given: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "model_dir": model_dir,
+        "default_model": default_model,
+        "providers": providers,
+        "mode": mode,
+        "log_level": log_level,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"invalid settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    logging.getLogger().setLevel(settings.log_level.upper())
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,  # keep the one logging configuration made in main()
+    )
 
 
 def main() -> None:

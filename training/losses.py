@@ -31,7 +31,9 @@ def reverse_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     reverse = reverse_label_vectors(labels, logits.shape[1])
     terms = reverse * F.log_softmax(logits, dim=1)
     # The true class has weight 0; keep 0 * -inf (an underflowed log-probability) out of the sum.
-    return -torch.where(reverse > 0, terms, torch.zeros_like(terms)).sum(dim=1).mean()
+    per_example = -torch.where(reverse > 0, terms, torch.zeros_like(terms)).sum(dim=1)
+    # Divide before summing: a batch of extreme logits must not overflow float32 in the mean.
+    return (per_example / per_example.numel()).sum()
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

@@ -1,0 +1,83 @@
+"""The service's errors: one base class carrying an HTTP status and a stable code.
+
+Pure Python (no web imports) so the domain core can raise them; `service.app` has the one
+handler that turns every error, ours or the framework's, into the one JSON body shape
+`{"error": {"status": ..., "code": ..., "message": ...}}`.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class ServiceError(Exception):
+    """Base class: `status` is the HTTP status, `code` a stable machine-readable name."""
+
+    status: int = HTTPStatus.INTERNAL_SERVER_ERROR
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidImage(ServiceError):
+    status = HTTPStatus.BAD_REQUEST
+    code = "invalid_image"
+
+
+class NoImage(ServiceError):
+    status = HTTPStatus.BAD_REQUEST
+    code = "no_image"
+
+
+class InvalidMultipart(ServiceError):
+    status = HTTPStatus.BAD_REQUEST
+    code = "invalid_multipart"
+
+
+class NotFound(ServiceError):
+    status = HTTPStatus.NOT_FOUND
+    code = "not_found"
+
+
+class ModelNotFound(ServiceError):
+    status = HTTPStatus.NOT_FOUND
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status = HTTPStatus.METHOD_NOT_ALLOWED
+    code = "method_not_allowed"
+
+
+class BodyTooLarge(ServiceError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "body_too_large"
+
+
+class TooManyImages(ServiceError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "too_many_images"
+
+
+class ImageTooLarge(ServiceError):
+    """Over the pixel limit, judged from the header before any pixel data is decoded."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    code = "unsupported_media_type"
+
+
+class InvalidParameter(ServiceError):
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    code = "invalid_parameter"
+
+
+class NotReady(ServiceError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "not_ready"

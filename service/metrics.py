@@ -1,0 +1,123 @@
+"""Every Prometheus metric of the service, defined here and nowhere else (prefix `rcegate_`).
+
+Each app owns its own `CollectorRegistry`, so several apps in one process (tests) do not collide.
+Labels are bounded: model names and versions come from the repository, `route` is the route
+template (never the raw path), `predicted_class` is a class name from the manifest.
+
+Detection-score buckets: one histogram family needs one bucket list, shared by its three
+metrics, so the edges are the union of a coarse range per metric and, for every loaded model and
+metric, the calibrated thresholds at the FPR levels in `BUCKET_FPR`. A bucket edge then sits on
+each threshold an operator is likely to deploy, and `bucket{le=T}` / `count` reads as the
+rejection rate at T (up to scores exactly equal to T).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from models.manifest import METRICS
+from service.detector import Detector
+
+BUCKET_FPR = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+COARSE_BUCKETS = (
+    # confidence in [0, 1]; non_me in [0, log(L - 1)]; log_kd <= 0, far below 0 off-manifold
+    *(-1000.0, -300.0, -100.0, -30.0, -10.0, -3.0, -1.0),
+    *(0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0, 1.5, 2.0, 2.5),
+)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def score_buckets(detectors: Iterable[Detector]) -> list[float]:
+    edges = set(COARSE_BUCKETS)
+    for detector in detectors:
+        table = detector.manifest.detection.calibration_table
+        low, high = table.fpr_range
+        edges.update(detector.thresholds().values())
+        for metric in METRICS:
+            for fpr in BUCKET_FPR:
+                if low <= fpr <= high:
+                    edges.add(table.threshold(metric, fpr))
+    # Equal-looking edges render to the same `le` label; round to 6 significant digits first.
+    return sorted({float(f"{edge:.6g}") for edge in edges})
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.images = Counter(
+            "rcegate_images",
+            "Images answered, by decision (accepted|rejected) and predicted class.",
+            ["model", "version", "decision", "predicted_class"],
+            registry=r,
+        )
+        self.threshold = Gauge(
+            "rcegate_threshold",
+            "Served detection threshold per metric (accept iff score >= threshold).",
+            ["model", "metric"],
+            registry=r,
+        )
+        self.target_fpr = Gauge(
+            "rcegate_target_fpr", "Served target false-positive rate.", ["model"], registry=r
+        )
+        self.decode_duration = Histogram(
+            "rcegate_decode_duration_seconds",
+            "Time to decode and convert one image.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "rcegate_inference_duration_seconds",
+            "Time of one ONNX Runtime run (one batch).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "rcegate_batch_size",
+            "Images per ONNX Runtime run.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "rcegate_model_info",
+            "Loaded model versions (value 1) with their execution providers and default metric.",
+            ["model", "version", "providers", "metric"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "rcegate_http_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "rcegate_http_request_duration_seconds",
+            "HTTP request latency by route template and method.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "rcegate_requests_in_flight", "HTTP requests being served.", registry=r
+        )
+        self.detection_score: Histogram | None = None
+
+    def describe_models(self, detectors: list[Detector]) -> None:
+        """Set the per-model gauges and create the score histogram once the models are loaded."""
+        self.detection_score = Histogram(
+            "rcegate_detection_score",
+            "Detection scores of answered images per metric (higher = more like clean data).",
+            ["model", "metric"],
+            buckets=score_buckets(detectors),
+            registry=self.registry,
+        )
+        for d in detectors:
+            self.model_info.labels(d.name, str(d.version), ",".join(d.providers), d.metric).set(1)
+            self.target_fpr.labels(d.name).set(d.default_target_fpr)
+            for metric, value in d.thresholds().items():
+                self.threshold.labels(d.name, metric).set(value)

