@@ -59,8 +59,8 @@ class AttackSettings:
     bim_steps: int = 10
     jsma_theta: float = 1.0
     jsma_gamma: float = 0.1
-    cw_binary_steps: int = 3
-    cw_max_iter: int = 40
+    cw_binary_steps: int = 5
+    cw_max_iter: int = 100
     cw_learning_rate: float = 0.1
     cw_initial_const: float = 1.0
     cw_hc_kappa: float = 10.0

@@ -219,8 +219,8 @@ def evaluate(
         int, typer.Option(help="Test images per JSMA / C&W / PGD attack.")
     ] = 100,
     eps: Annotated[float, typer.Option(help="FGSM/BIM/ILLCM L-inf budget ([0,1] scale).")] = 0.1,
-    cw_binary_steps: Annotated[int, typer.Option(help="C&W binary-search steps.")] = 3,
-    cw_max_iter: Annotated[int, typer.Option(help="C&W iterations per step.")] = 40,
+    cw_binary_steps: Annotated[int, typer.Option(help="C&W binary-search steps.")] = 5,
+    cw_max_iter: Annotated[int, typer.Option(help="C&W iterations per step.")] = 100,
     pgd_eps: float = 0.1,
     pgd_steps: int = 40,
     seed: int = 0,
