@@ -1,4 +1,4 @@
-"""Training-side subcommands of the `rcegate` CLI: train, calibrate, export, pipeline.
+"""Training-side subcommands of the `rcegate` CLI: train, calibrate, export, pipeline, evaluate.
 
 torch is imported inside the commands, so `rcegate serve` starts without it and a service-only
 install reports a clear message instead of an ImportError.
@@ -197,7 +197,69 @@ def _summary(target: Path) -> str:
     )
 
 
+def evaluate(
+    artifact: Annotated[
+        list[Path], typer.Option(help="Exported model directory (repeat: one CE, one RCE).")
+    ],
+    checkpoint: Annotated[
+        list[Path], typer.Option(help="The checkpoint behind each --artifact, in the same order.")
+    ],
+    calibration: Annotated[
+        list[Path] | None,
+        typer.Option(help="Calibration files in --artifact order (default: next to checkpoint)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Report directory (reports/<dataset>).")] = Path(
+        "reports"
+    ),
+    attacks: Annotated[str, typer.Option(help="Comma-separated attacks.")] = (
+        "fgsm,bim,illcm,jsma,cw-l2,cw-hc,pgd,pgd-adaptive,cw-wb"
+    ),
+    images: Annotated[int, typer.Option(help="Test images per fast attack.")] = 500,
+    slow_images: Annotated[
+        int, typer.Option(help="Test images per JSMA / C&W / PGD attack.")
+    ] = 100,
+    eps: Annotated[float, typer.Option(help="FGSM/BIM/ILLCM L-inf budget ([0,1] scale).")] = 0.1,
+    cw_binary_steps: Annotated[int, typer.Option(help="C&W binary-search steps.")] = 3,
+    cw_max_iter: Annotated[int, typer.Option(help="C&W iterations per step.")] = 40,
+    pgd_eps: float = 0.1,
+    pgd_steps: int = 40,
+    seed: int = 0,
+) -> None:
+    """Attack exported models with ART + adaptive attacks; write results.json, report.md, PNGs."""
+    _require_torch()
+    from training.attacks import AttackSettings
+    from training.evaluate import EvaluationError, load_model_under_test
+    from training.evaluate import evaluate as run_evaluation
+    from training.plots import write_figures
+    from training.report import write_report, write_results
+    from training.train import seed_everything
+
+    if len(artifact) != len(checkpoint) or (calibration and len(calibration) != len(artifact)):
+        raise typer.BadParameter("give one --checkpoint (and --calibration) per --artifact")
+    seed_everything(seed)
+    settings = AttackSettings(
+        eps=eps, cw_binary_steps=cw_binary_steps, cw_max_iter=cw_max_iter, pgd_eps=pgd_eps,
+        pgd_steps=pgd_steps, pgd_step=pgd_eps / 10,
+    )  # fmt: skip
+    try:
+        models = [
+            load_model_under_test(a, c, calibration[i] if calibration else None)
+            for i, (a, c) in enumerate(zip(artifact, checkpoint, strict=True))
+        ]
+        evaluation = run_evaluation(
+            models, tuple(a.strip() for a in attacks.split(",") if a.strip()), images,
+            slow_images, settings, seed,
+        )  # fmt: skip
+    except EvaluationError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [write_results(evaluation.results, out), write_report(evaluation.results, out)]
+    paths += write_figures(evaluation.results, evaluation.scores, out)
+    typer.echo(json.dumps({"written": [str(p) for p in paths]}))
+
+
 def register(app: typer.Typer) -> None:
-    for command in (train, calibrate, export, pipeline):
+    for command in (train, calibrate, export, pipeline, evaluate):
         app.command()(command)
     logging.getLogger("training").setLevel(logging.INFO)

@@ -1,0 +1,337 @@
+"""The evaluation results schema (results.json) and the Markdown report written from it.
+
+`EvaluationResults` is the one documented schema: per model (keyed by objective, `ce`/`rce`), per
+attack, per metric. The Markdown report is a pure function of it, laid out like Pang et al. 2018's
+Table 2 (ROC-AUC per attack, objective and metric) and Table 3 (adaptive attacks: fraction of
+adversarial examples still rejected at the deployed threshold, and the distortion they needed).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.manifest import METRICS, Metric
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+METRIC_TITLES = {"confidence": "Confidence", "non_me": "non-ME", "log_kd": "K-density"}
+ATTACK_TITLES = {
+    "fgsm": "FGSM",
+    "bim": "BIM",
+    "illcm": "ILLCM",
+    "jsma": "JSMA",
+    "cw-l2": "C&W-L2 (kappa 0)",
+    "cw-hc": "C&W-hc (kappa 10)",
+    "pgd": "PGD (label only)",
+    "pgd-adaptive": "PGD-adaptive (label + detector)",
+    "cw-wb": "C&W-wb (label + detector)",
+}
+OBJECTIVE_TITLES = {"ce": "CE", "rce": "RCE"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class MetricResult(_Strict):
+    """One metric under one attack; None where no pair survived the filter."""
+
+    roc_auc: float | None = Field(description="Clean (positive) vs adversarial, kept pairs.")
+    detection_rate: float | None = Field(
+        description="Fraction of kept adversarial images rejected (score < threshold)."
+    )
+    clean_rejection_rate: float | None = Field(
+        description="Fraction of the kept pairs' clean images rejected (the realised FPR)."
+    )
+    accuracy_on_accepted: float | None = Field(
+        description="Accuracy over accepted inputs among all attacked clean images and all "
+        "their adversarial counterparts (kept or not)."
+    )
+    accepted_fraction: float = Field(description="Fraction of that mixed set accepted.")
+    threshold: float = Field(description="The model's calibrated threshold for this metric.")
+
+
+class Distortion(_Strict):
+    l2: float | None = Field(description="Mean L2 norm of the perturbation over kept pairs.")
+    linf: float | None = Field(description="Mean L-inf norm over kept pairs.")
+    l2_max: float = Field(description="Largest L2 norm over all attacked images.")
+    linf_max: float = Field(description="Largest L-inf norm over all attacked images.")
+
+
+class AttackResult(_Strict):
+    params: dict[str, float | int | str]
+    images: int = Field(description="Test images attacked.")
+    clean_correct: int = Field(description="Of those, classified correctly when clean.")
+    kept: int = Field(description="Pairs kept: clean correct AND adversarial misclassified.")
+    success_rate: float = Field(description="kept / clean_correct.")
+    targeted_success_rate: float | None = Field(
+        description="Targeted attacks: fraction of clean-correct images sent to the target."
+    )
+    undetected_success_rate: float = Field(
+        description="Fraction of clean-correct images turned into kept adversarial images "
+        "that the default metric ACCEPTS: what the attacker actually achieves."
+    )
+    distortion: Distortion
+    seconds_per_image: float = Field(description="Wall time of the attack / images attacked.")
+    onnx_label_agreement: float | None = Field(
+        description="Fraction of adversarial images on which the ONNX artifact predicts the "
+        "same label as the attacked torch detector."
+    )
+    metrics: dict[Metric, MetricResult]
+
+
+class CleanResult(_Strict):
+    images: int
+    accuracy: float
+    rejection_rate: dict[Metric, float] = Field(
+        description="Fraction of the clean test split rejected at each calibrated threshold."
+    )
+
+
+class ModelResult(_Strict):
+    name: str
+    version: int
+    objective: str
+    artifact: str
+    sha256: str
+    architecture: str
+    default_metric: Metric
+    target_fpr: float
+    thresholds: dict[Metric, float]
+    onnx_max_abs_error: dict[str, float] = Field(
+        description="Torch detector vs ONNX Runtime on real test images, checked before attacking."
+    )
+    clean: CleanResult
+    attacks: dict[str, AttackResult]
+
+
+class EvaluationResults(_Strict):
+    """results.json: everything `rcegate evaluate` measured."""
+
+    schema_version: int = SCHEMA_VERSION
+    dataset: str
+    created_at: datetime
+    source_commit: str | None
+    seed: int
+    images_fast: int = Field(description="Test images per attack for the fast attacks.")
+    images_slow: int = Field(description="Test images per attack for `slow_attacks`.")
+    slow_attacks: list[str]
+    settings: dict[str, float | int]
+    torch_threads: int
+    models: dict[str, ModelResult] = Field(description="Keyed by objective: ce, rce.")
+
+
+def write_results(results: EvaluationResults, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / RESULTS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(results.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_results(path: Path) -> EvaluationResults:
+    return EvaluationResults.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def _fmt(value: float | None, digits: int = 3, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+
+
+def _objectives(results: EvaluationResults) -> list[str]:
+    return [o for o in ("ce", "rce") if o in results.models] + [
+        o for o in results.models if o not in ("ce", "rce")
+    ]
+
+
+def _attacks(results: EvaluationResults, names: tuple[str, ...]) -> list[str]:
+    present = {a for m in results.models.values() for a in m.attacks}
+    return [a for a in names if a in present]
+
+
+def _metric_table(
+    results: EvaluationResults, attacks: list[str], field: str, percent: bool, best: str
+) -> list[str]:
+    """Rows attack x objective, columns metrics; bold the best cell of each attack."""
+    header = "| Attack | Obj. | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
+    lines = [header, "|---|---|" + "---:|" * len(METRICS)]
+    for attack in attacks:
+        cells: dict[tuple[str, str], float | None] = {}
+        for objective in _objectives(results):
+            result = results.models[objective].attacks.get(attack)
+            for metric in METRICS:
+                value = getattr(result.metrics[metric], field) if result else None
+                cells[(objective, metric)] = value
+        values = [v for v in cells.values() if v is not None]
+        top = (max(values) if best == "max" else min(values)) if values else None
+        for objective in _objectives(results):
+            row = [ATTACK_TITLES.get(attack, attack), OBJECTIVE_TITLES.get(objective, objective)]
+            for metric in METRICS:
+                value = cells[(objective, metric)]
+                text = _fmt(value, percent=percent)
+                row.append(f"**{text}**" if value is not None and value == top else text)
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def render_report(results: EvaluationResults) -> str:
+    """The Markdown report; a pure function of results.json."""
+    objectives = _objectives(results)
+    oblivious = _attacks(results, ("fgsm", "bim", "illcm", "jsma", "cw-l2", "cw-hc", "pgd"))
+    adaptive = _attacks(results, ("cw-l2", "cw-wb", "pgd", "pgd-adaptive"))
+    s = results.settings
+    out = [
+        f"# Detection of adversarial examples: {results.dataset}",
+        "",
+        f"Generated by `rcegate evaluate` on {results.created_at:%Y-%m-%d %H:%M} UTC from commit "
+        f"`{results.source_commit or 'unknown'}`, seed {results.seed}, "
+        f"{results.torch_threads} torch thread(s). Raw numbers: [`results.json`](results.json).",
+        "",
+        "Protocol (Pang et al. 2018, section 4): attacks target the deployed classifier "
+        "(softmax(-Z) for RCE); only pairs whose clean image is classified correctly and "
+        "whose adversarial image is misclassified are kept. ROC-AUC: the kept pairs' clean "
+        "images are the positive class, higher score = normal. Detection rate: kept adversarial "
+        "images rejected at the model's calibrated threshold (target FPR below). "
+        f"Fast attacks use {results.images_fast} test images, "
+        f"{', '.join(results.slow_attacks) or 'none'} use {results.images_slow}.",
+        "",
+        "## Models",
+        "",
+        "| Obj. | Model | Architecture | Clean accuracy | Target FPR | Clean rejection "
+        "(conf. / non-ME / KD) |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for objective in objectives:
+        m = results.models[objective]
+        rejection = " / ".join(_fmt(m.clean.rejection_rate[x], percent=True) for x in METRICS)
+        out.append(
+            f"| {OBJECTIVE_TITLES.get(objective, objective)} | `{m.name}` v{m.version} | "
+            f"{m.architecture} | {_fmt(m.clean.accuracy, percent=True)} "
+            f"({m.clean.images} images) | {m.target_fpr} | {rejection} |"
+        )
+    out += [
+        "",
+        "## Table 2 analogue: ROC-AUC of each metric (oblivious attacks)",
+        "",
+        "Best cell per attack in bold. The attacker does not know about the detector.",
+        "",
+        *_metric_table(results, oblivious, "roc_auc", False, "max"),
+        "",
+        "## Detection rate at the calibrated threshold",
+        "",
+        "Fraction of kept adversarial examples rejected; each metric at its own threshold "
+        "(calibrated for the target FPR on clean held-out data).",
+        "",
+        *_metric_table(
+            results,
+            oblivious + [a for a in adaptive if a not in oblivious],
+            "detection_rate",
+            True,
+            "max",
+        ),  # fmt: skip
+        "",
+        "## Accuracy on accepted inputs",
+        "",
+        "Clean and adversarial images mixed (all attacked images, kept or not); accuracy of the "
+        "predictions each metric's threshold lets through.",
+        "",
+        *_metric_table(
+            results,
+            oblivious + [a for a in adaptive if a not in oblivious],
+            "accuracy_on_accepted",
+            True,
+            "max",
+        ),  # fmt: skip
+        "",
+        "## Table 3 analogue: adaptive white-box attacks on the deployed detector",
+        "",
+        "The adaptive attacks know the detector: C&W-wb adds a hinge pushing log K-density of the "
+        "target class above the DEPLOYED threshold (distance anchored to the clean image); "
+        "PGD-adaptive jointly attacks the label and the default score at the same L-inf budget "
+        "as plain PGD. *Still rejected* = kept adversarial examples the default metric rejects "
+        "(the paper's 'f2 > 0' fraction); *undetected success* = clean-correct images turned into "
+        "accepted misclassifications. An attacker aiming at the deployed threshold stops just "
+        "above it, so its ROC-AUC (table below) can stay high while its rejection rate falls: at a "
+        "fixed threshold, *still rejected* is the number that matters.",
+        "",
+        "| Attack | Obj. | Success (label) | Still rejected | Undetected success | "
+        "Mean L2 | Mean L-inf | Kept |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for attack in adaptive:
+        for objective in objectives:
+            m = results.models[objective]
+            r = m.attacks.get(attack)
+            if r is None:
+                continue
+            out.append(
+                f"| {ATTACK_TITLES.get(attack, attack)} | {OBJECTIVE_TITLES.get(objective)} | "
+                f"{_fmt(r.success_rate, percent=True)} | "
+                f"{_fmt(r.metrics[m.default_metric].detection_rate, percent=True)} | "
+                f"{_fmt(r.undetected_success_rate, percent=True)} | {_fmt(r.distortion.l2)} | "
+                f"{_fmt(r.distortion.linf)} | {r.kept}/{r.clean_correct} |"
+            )
+    adaptive_only = [a for a in adaptive if a not in oblivious]
+    if adaptive_only:
+        out += [
+            "",
+            "ROC-AUC under the adaptive attacks:",
+            "",
+            *_metric_table(results, adaptive_only, "roc_auc", False, "max"),
+        ]
+    out += [
+        "",
+        "## Attack details: success, distortion, time",
+        "",
+        "| Attack | Obj. | Images | Kept | Success | Targeted success | Mean L2 | Mean L-inf | "
+        "Seconds / image | ONNX label agreement |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for attack in _attacks(results, tuple(ATTACK_TITLES)):
+        for objective in objectives:
+            r = results.models[objective].attacks.get(attack)
+            if r is None:
+                continue
+            out.append(
+                f"| {ATTACK_TITLES.get(attack, attack)} | {OBJECTIVE_TITLES.get(objective)} | "
+                f"{r.images} | {r.kept} | {_fmt(r.success_rate, percent=True)} | "
+                f"{_fmt(r.targeted_success_rate, percent=True)} | {_fmt(r.distortion.l2)} | "
+                f"{_fmt(r.distortion.linf)} | {r.seconds_per_image:.4f} | "
+                f"{_fmt(r.onnx_label_agreement, percent=True)} |"
+            )
+    out += [
+        "",
+        "## Settings",
+        "",
+        "Epsilons are fractions of the pixel range [0, 1]. C&W budgets are reduced from the "
+        "paper's (9 binary-search steps x 1,000-10,000 iterations) to fit two shared CPU cores.",
+        "",
+        "| Setting | Value |",
+        "|---|---|",
+        *[f"| `{k}` | {v} |" for k, v in s.items()],
+        "",
+        "## Figures",
+        "",
+    ]
+    for objective in objectives:
+        title = OBJECTIVE_TITLES.get(objective, objective)
+        out += [
+            f"ROC curves, {title}: ![ROC {title}](roc-{objective}.png)",
+            "",
+            f"Score histograms (default metric), {title}: "
+            f"![histograms {title}](hist-{objective}.png)",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def write_report(results: EvaluationResults, directory: Path) -> Path:
+    path = directory / REPORT_FILE
+    path.write_text(render_report(results) + "\n", encoding="utf-8")
+    return path
