@@ -224,6 +224,10 @@ def evaluate(
     pgd_eps: float = 0.1,
     pgd_steps: int = 40,
     seed: int = 0,
+    cost_repeats: Annotated[
+        int, typer.Option(help="RCE-vs-CE training epochs timed per objective (0 = skip).")
+    ] = 3,
+    cost_images: Annotated[int, typer.Option(help="Training images per timed epoch.")] = 1024,
 ) -> None:
     """Attack exported models with ART + adaptive attacks; write results.json, report.md, PNGs."""
     _require_torch()
@@ -253,13 +257,47 @@ def evaluate(
     except EvaluationError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    results = evaluation.results
+    if cost_repeats > 0:
+        from training.cost import training_cost
+
+        under_test = next((m for m in models if m.manifest.objective == "rce"), models[-1])
+        cost = training_cost(
+            under_test.dataset, under_test.manifest.architecture.depth, cost_images, cost_repeats
+        )
+        results = results.model_copy(update={"training_cost": cost})
     out.mkdir(parents=True, exist_ok=True)
-    paths = [write_results(evaluation.results, out), write_report(evaluation.results, out)]
+    paths = [write_results(results, out), write_report(results, out)]
     paths += write_figures(evaluation.results, evaluation.scores, out)
     typer.echo(json.dumps({"written": [str(p) for p in paths]}))
 
 
+def report(
+    results: Annotated[Path, typer.Argument(help="A results.json written by `evaluate`.")],
+    cost_repeats: Annotated[
+        int, typer.Option(help="Also time RCE-vs-CE training epochs and record them (0 = no).")
+    ] = 0,
+    cost_images: Annotated[int, typer.Option(help="Training images per timed epoch.")] = 1024,
+    cost_depth: Annotated[int | None, typer.Option(help="Default: the RCE model's depth.")] = None,
+) -> None:
+    """Re-render report.md from results.json (optionally adding the training-cost figures)."""
+    _require_torch()
+    from training.report import read_results, write_report, write_results
+
+    evaluation = read_results(results)
+    if cost_repeats > 0:
+        from training.cost import training_cost
+        from training.data import load_dataset
+
+        timed = evaluation.models.get("rce") or next(iter(evaluation.models.values()))
+        depth = cost_depth or int(timed.architecture.removeprefix("preact-resnet"))
+        cost = training_cost(load_dataset(evaluation.dataset), depth, cost_images, cost_repeats)
+        evaluation = evaluation.model_copy(update={"training_cost": cost})
+        write_results(evaluation, results.parent)
+    typer.echo(str(write_report(evaluation, results.parent)))
+
+
 def register(app: typer.Typer) -> None:
-    for command in (train, calibrate, export, pipeline, evaluate):
+    for command in (train, calibrate, export, pipeline, evaluate, report):
         app.command()(command)
     logging.getLogger("training").setLevel(logging.INFO)

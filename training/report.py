@@ -109,6 +109,21 @@ class ModelResult(_Strict):
     attacks: dict[str, AttackResult]
 
 
+class TrainingCost(_Strict):
+    """RCE vs CE epoch time on the same network and data (training/cost.py)."""
+
+    dataset: str
+    depth: int
+    images: int
+    repeats: int
+    threads: int
+    rce_epoch_seconds: list[float]
+    ce_epoch_seconds: list[float]
+    rce_median_seconds: float
+    ce_median_seconds: float
+    ratio: float = Field(description="rce_median_seconds / ce_median_seconds (goal <= 1.03).")
+
+
 class EvaluationResults(_Strict):
     """results.json: everything `rcegate evaluate` measured."""
 
@@ -123,6 +138,9 @@ class EvaluationResults(_Strict):
     settings: dict[str, float | int]
     torch_threads: int
     models: dict[str, ModelResult] = Field(description="Keyed by objective: ce, rce.")
+    training_cost: TrainingCost | None = Field(
+        default=None, description="RCE vs CE training epoch time, measured side by side."
+    )
 
 
 def write_results(results: EvaluationResults, directory: Path) -> Path:
@@ -319,6 +337,7 @@ def render_report(results: EvaluationResults) -> str:
         "## Figures",
         "",
     ]
+    out += _training_cost_section(results.training_cost)
     for objective in objectives:
         title = OBJECTIVE_TITLES.get(objective, objective)
         out += [
@@ -329,6 +348,28 @@ def render_report(results: EvaluationResults) -> str:
             "",
         ]
     return "\n".join(out)
+
+
+def _training_cost_section(cost: TrainingCost | None) -> list[str]:
+    if cost is None:
+        return []
+    return [
+        "## Training cost: RCE vs CE",
+        "",
+        f"Epoch time of preact-resnet{cost.depth} on the same {cost.images} {cost.dataset} "
+        f"training images, RCE and CE epochs alternating, {cost.repeats} repeats, "
+        f"{cost.threads} torch thread(s) (`python bench/train_rce_vs_ce.py`).",
+        "",
+        "| Objective | Median epoch | All epochs |",
+        "|---|---:|---|",
+        f"| RCE | {cost.rce_median_seconds:.3f} s | "
+        f"{', '.join(f'{t:.2f}' for t in cost.rce_epoch_seconds)} |",
+        f"| CE | {cost.ce_median_seconds:.3f} s | "
+        f"{', '.join(f'{t:.2f}' for t in cost.ce_epoch_seconds)} |",
+        "",
+        f"Ratio RCE / CE: **{cost.ratio:.3f}** (goal <= 1.03).",
+        "",
+    ]
 
 
 def write_report(results: EvaluationResults, directory: Path) -> Path:

@@ -104,10 +104,37 @@ def test_evaluate_command_writes_the_report(small_models, tmp_path):
             "--artifact", str(ce.artifact), "--checkpoint", str(ce.checkpoint),
             "--artifact", str(rce.artifact), "--checkpoint", str(rce.checkpoint),
             "--out", str(tmp_path), "--attacks", "fgsm,bim", "--images", "8",
+            "--cost-repeats", "1", "--cost-images", "64",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     results = read_results(tmp_path / "results.json")
+    cost = results.training_cost
+    assert cost is not None and cost.repeats == 1 and cost.images == 64
+    assert cost.ratio == pytest.approx(cost.rce_median_seconds / cost.ce_median_seconds)
+    assert "Training cost: RCE vs CE" in (tmp_path / "report.md").read_text()
     assert set(results.models["rce"].attacks) == {"fgsm", "bim"}
     assert (tmp_path / "report.md").is_file() and (tmp_path / "roc-rce.png").is_file()
     assert np.isclose(results.settings["eps"], 0.1)
+
+
+def test_report_command_rerenders_and_records_the_training_cost(evaluation, tmp_path):
+    write_results(evaluation.results, tmp_path)
+    assert evaluation.results.training_cost is None
+    result = CliRunner().invoke(
+        app,
+        [
+            "report", str(tmp_path / "results.json"),
+            "--cost-repeats", "2", "--cost-images", "64", "--cost-depth", "8",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    results = read_results(tmp_path / "results.json")
+    assert results.models == evaluation.results.models
+    cost = results.training_cost
+    assert cost is not None and cost.depth == 8
+    assert len(cost.rce_epoch_seconds) == len(cost.ce_epoch_seconds) == 2
+    assert all(t > 0 for t in cost.rce_epoch_seconds + cost.ce_epoch_seconds)
+    report = (tmp_path / "report.md").read_text()
+    assert f"Ratio RCE / CE: **{cost.ratio:.3f}**" in report
+    assert render_report(results) + "\n" == report

@@ -1,0 +1,32 @@
+"""Slow: the committed default model is reproducible by its documented command (about 5 minutes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from models.manifest import Manifest
+from service.cli import app
+from tests.conftest import DEFAULT_MODEL_DIR
+
+
+@pytest.mark.slow
+def test_documented_command_reproduces_the_default_model(tmp_path: Path) -> None:
+    committed = Manifest.load(DEFAULT_MODEL_DIR)
+    args = [
+        "pipeline", "--name", "mnist-rce", "--version", "1", "--dataset", "mnist-5k",
+        "--objective", "rce", "--depth", "32", "--epochs", "30",
+        "--model-dir", str(tmp_path / "models"), "--work-dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    rebuilt = Manifest.load(Path(summary["artifact"]))
+    assert rebuilt.clean_test_accuracy >= 0.97
+    assert abs(rebuilt.clean_test_accuracy - committed.clean_test_accuracy) <= 0.01
+    target = 1 - rebuilt.detection.target_fpr
+    assert abs(rebuilt.detection.clean_acceptance["log_kd"] - target) <= 0.02 + 1e-9
+    assert rebuilt.dataset == committed.dataset and rebuilt.training == committed.training
