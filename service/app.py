@@ -1,16 +1,17 @@
-"""The app factory: `create_app(settings)` wires settings, the model repository, metrics, routes
-and the one error handler. Run with `rcegate serve` or
-`uvicorn service.app:create_app --factory` (settings then come from RCEGATE_* variables).
+"""The app factory: `create_app(settings)` wires settings, the model repository, the data plane,
+metrics, routes, the guard and the one error handler. Run with `rcegate serve` (which adds the
+connection limits and the graceful drain) or `uvicorn service.app:create_app --factory`
+(settings then come from RCEGATE_* variables).
 
 The lifespan loads the models in a worker thread: `/health/live` answers at once and
-`/health/ready` turns true once every loaded model passed its self-test.
+`/health/ready` turns true once every loaded model passed its self-test. It owns the data plane
+(batchers, decode pool) and stops it last, after the queued work has finished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -19,9 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.requests import ClientDisconnect
 
-from service.errors import ServiceError
+from service.dataplane import DataPlane
+from service.detector import Detector
+from service.errors import ClientDisconnected, ServiceError, Unavailable
+from service.guard import Guard, Lifecycle
 from service.imaging import configure_pillow
 from service.metrics import Metrics
 from service.repository import ModelRepository
@@ -42,59 +46,46 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(status=status, code=code, message=message))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def render_error(exc: ServiceError) -> JSONResponse:
+    """A ServiceError in the one error body shape, with its headers (e.g. Retry-After)."""
+    return error_response(int(exc.status), exc.code, exc.message, exc.headers)
+
+
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     """The one error handler: every failure becomes `{"error": {status, code, message}}`."""
+    if isinstance(exc, ClientDisconnect):
+        exc = ClientDisconnected("the client disconnected")
+    headers: dict[str, str] = {}
     if isinstance(exc, ServiceError):
-        status, code, message = int(exc.status), exc.code, exc.message
+        status, code, message, headers = int(exc.status), exc.code, exc.message, exc.headers
     elif isinstance(exc, RequestValidationError):
         status, code, message = 422, "invalid_parameter", _validation_message(exc)
     elif isinstance(exc, HTTPException):
         status = exc.status_code
         code = _HTTP_CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_"))
         message = str(exc.detail)
+        headers = dict(exc.headers or {})
     else:
         status, code, message = 500, "internal_error", "internal server error"
     where = f"{request.method} {request.url.path} -> {status} {code}"
     if status == 500:
         # The traceback goes to the log, never into the response body.
         logger.error("%s", where, exc_info=exc)
+    elif isinstance(exc, Unavailable | ClientDisconnected):
+        # Counted in the metrics; a log line per refusal would only feed an overload.
+        logger.debug("%s: %s", where, message)
     elif status > 500:
         logger.warning("%s: %s", where, message)
     else:
         logger.info("%s: %s", where, message)
-    body = ErrorBody(error=ErrorDetail(status=status, code=code, message=message))
-    return JSONResponse(body.model_dump(), status_code=status)
-
-
-class HttpMetricsMiddleware:
-    """Counts requests and latency by route template (never the raw path), method and status."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        start = time.perf_counter()
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            self.metrics.in_flight.dec()
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"]
-            self.metrics.http_requests.labels(route, method, str(status)).inc()
-            self.metrics.http_duration.labels(route, method).observe(time.perf_counter() - start)
+    return error_response(status, code, message, headers)
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -108,16 +99,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _configure_logging(settings)
     metrics = Metrics()
     repository = ModelRepository(settings)
+    plane = DataPlane(settings, repository, metrics)
+    lifecycle = Lifecycle()
+
+    def before_ready(detectors: list[Detector]) -> None:
+        metrics.describe_models(detectors)
+        plane.start(detectors)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_pillow(settings.max_pixels)
         logger.info("loading models from %s (providers=%s)", settings.model_dir, settings.providers)
-        loading = asyncio.create_task(asyncio.to_thread(repository.load, metrics.describe_models))
+        loading = asyncio.create_task(asyncio.to_thread(repository.load, before_ready))
         app.state.loading = loading
         yield
         if not loading.done():
             loading.cancel()
+        # Whatever is still queued finishes before the inference threads stop.
+        await asyncio.to_thread(plane.close, settings.drain_seconds)
 
     app = FastAPI(
         title="rcegate",
@@ -133,8 +132,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.repository = repository
     app.state.metrics = metrics
+    app.state.plane = plane
+    app.state.lifecycle = lifecycle
     app.include_router(router)
-    for exc_class in (ServiceError, RequestValidationError, HTTPException, Exception):
+    handled = (ServiceError, RequestValidationError, HTTPException, ClientDisconnect, Exception)
+    for exc_class in handled:
         app.add_exception_handler(exc_class, handle_error)
-    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.add_middleware(
+        Guard, metrics=metrics, settings=settings, lifecycle=lifecycle, render=render_error
+    )
     return app

@@ -41,10 +41,10 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help=_FROM_ENV.format("LOG_LEVEL"))] = None,
 ) -> None:
     """Serve every model version under the model repository over HTTP (see /docs)."""
-    import uvicorn
     from pydantic import ValidationError
 
     from service.app import create_app
+    from service.server import serve as serve_app
     from service.settings import Settings
 
     given: dict[str, Any] = {
@@ -62,13 +62,7 @@ def serve(
         typer.echo(f"invalid settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
     logging.getLogger().setLevel(settings.log_level.upper())
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # keep the one logging configuration made in main()
-    )
+    serve_app(create_app(settings), settings)
 
 
 def main() -> None:

@@ -47,12 +47,30 @@ class ModelLoadError(Exception):
 
 @dataclass(frozen=True)
 class Outputs:
-    """One ORT run over a batch of N images."""
+    """The graph's outputs for N images (one ORT run, or one request's rows of a batch)."""
 
-    probabilities: np.ndarray  # float32 [N, L]
-    label: np.ndarray  # int64 [N]
-    scores: dict[Metric, np.ndarray]  # float32 [N] per metric; higher = more like clean data
-    graph_accepted: np.ndarray  # bool [N]: default metric vs the deployed threshold
+    arrays: dict[str, np.ndarray]  # every graph output by name, N rows each
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.arrays["logits"]  # float32 [N, L]: the deployed logits (-Z for RCE)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.arrays["probabilities"]  # float32 [N, L]
+
+    @property
+    def label(self) -> np.ndarray:
+        return self.arrays["label"]  # int64 [N]
+
+    @property
+    def scores(self) -> dict[Metric, np.ndarray]:
+        """float32 [N] per metric; higher = more like clean data."""
+        return {m: self.arrays[m] for m in METRICS}
+
+    @property
+    def graph_accepted(self) -> np.ndarray:
+        return self.arrays["accepted"]  # bool [N]: default metric vs the deployed threshold
 
 
 @dataclass(frozen=True)
@@ -114,16 +132,13 @@ class Detector:
         """Every metric's threshold at the served target FPR (for the threshold gauge)."""
         return {m: self.manifest.threshold(m, self.default_target_fpr) for m in METRICS}
 
-    def run(self, images: np.ndarray) -> Outputs:
-        """Run the graph on float32 [N, C, H, W] images with values in [0, 1]."""
+    def run_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph on float32 [N, C, H, W] images in [0, 1]: every output by name."""
         raw = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        out = dict(zip(OUTPUT_NAMES, raw, strict=True))
-        return Outputs(
-            probabilities=out["probabilities"],
-            label=out["label"],
-            scores={m: out[m] for m in METRICS},
-            graph_accepted=out["accepted"],
-        )
+        return dict(zip(OUTPUT_NAMES, raw, strict=True))
+
+    def run(self, images: np.ndarray) -> Outputs:
+        return Outputs(self.run_arrays(images))
 
     @staticmethod
     def accept(outputs: Outputs, decision: Decision) -> np.ndarray:
@@ -141,11 +156,22 @@ def discover(model_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.parent.name, int(p.name)))
 
 
-def _session_options(intra_op_threads: int, inter_op_threads: int) -> ort.SessionOptions:
+_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(
+    intra_op_threads: int = 0, inter_op_threads: int = 0, graph_optimization: str = "all"
+) -> ort.SessionOptions:
+    """ORT session options from the service settings (also used by the benchmarks)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = _OPTIMIZATION[graph_optimization]
     options.log_severity_level = 3  # ORT's own errors still show; its info chatter does not
     # Idle ORT threads otherwise spin, taking CPU from the event loop and the decode threads.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -234,6 +260,7 @@ def load_detector(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     target_fpr: float | None = None,
+    graph_optimization: str = "all",
 ) -> Detector:
     """Load and verify `<name>/<version>/`; raise ModelLoadError with the reason if refused."""
     try:
@@ -258,9 +285,8 @@ def load_detector(
             f"sha256 mismatch: {MODEL_FILE} is {digest}, manifest says {manifest.sha256}"
         )
     try:
-        session = create_session(
-            model, providers, _session_options(intra_op_threads, inter_op_threads)
-        )
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization)
+        session = create_session(model, providers, options)
     except ModelLoadError:
         raise
     except Exception as exc:  # ORT raises its own exception types for a corrupt graph

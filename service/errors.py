@@ -20,6 +20,11 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (e.g. `Retry-After` on a refusal)."""
+        return {}
+
 
 class InvalidImage(ServiceError):
     status = HTTPStatus.BAD_REQUEST
@@ -81,3 +86,84 @@ class InvalidParameter(ServiceError):
 class NotReady(ServiceError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "not_ready"
+
+
+class InvalidInput(ServiceError):
+    """Decoded arrays that the model cannot take (wrong shape or dtype, non-finite values)."""
+
+    status = HTTPStatus.BAD_REQUEST
+    code = "invalid_input"
+
+
+class BodyTimeout(ServiceError):
+    """The body did not arrive in time (a stalled or lying upload); the connection is closed."""
+
+    status = HTTPStatus.REQUEST_TIMEOUT
+    code = "body_timeout"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+class Unavailable(ServiceError):
+    """Refused without doing the work: the client may retry after `retry_after` seconds.
+
+    `reason` is the bounded label of `rcegate_requests_refused_total`.
+    """
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "unavailable"
+    reason = "unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class QueueFull(Unavailable):
+    code = "overloaded"
+    reason = "queue_full"
+
+
+class TooManyRequests(Unavailable):
+    """More requests in flight than `max_concurrent_requests`."""
+
+    code = "overloaded"
+    reason = "concurrency"
+
+
+class BodyBudgetExceeded(Unavailable):
+    """The request bodies being received together exceed `max_inflight_body_bytes`."""
+
+    code = "overloaded"
+    reason = "body_budget"
+
+
+class DeadlineExceeded(Unavailable):
+    """The request's deadline passed before its images reached the model."""
+
+    code = "deadline_exceeded"
+    reason = "deadline"
+
+
+class ShuttingDown(Unavailable):
+    """Draining after SIGTERM: requests already accepted finish, new ones go elsewhere."""
+
+    code = "shutting_down"
+    reason = "draining"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after), "Connection": "close"}
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away; recorded as 499 (nginx's convention), never as a server error."""
+
+    status = 499
+    code = "client_disconnected"

@@ -28,6 +28,7 @@ COARSE_BUCKETS = (
 )
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+REFUSAL_REASONS = ("queue_full", "deadline", "concurrency", "body_budget", "draining")
 
 
 def score_buckets(detectors: Iterable[Detector]) -> list[float]:
@@ -71,7 +72,7 @@ class Metrics:
         )
         self.inference_duration = Histogram(
             "rcegate_inference_duration_seconds",
-            "Time of one ONNX Runtime run (one batch).",
+            "Time of one ONNX Runtime run (one batch, possibly of several requests).",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -104,6 +105,33 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "rcegate_requests_in_flight", "HTTP requests being served.", registry=r
+        )
+        self.queue_images = Gauge(
+            "rcegate_queue_images",
+            "Images admitted and not yet run (being decoded or queued), per model version.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "rcegate_queue_wait_seconds",
+            "Time a request's images waited in the queue before their first batch ran.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.refused = Counter(
+            "rcegate_requests_refused",
+            "Requests refused without doing the work (503), by reason: queue_full, deadline, "
+            "concurrency, body_budget, draining.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason)
+        self.disconnects = Counter(
+            "rcegate_client_disconnects",
+            "Requests whose client went away before the answer (logged as status 499).",
+            registry=r,
         )
         self.detection_score: Histogram | None = None
 

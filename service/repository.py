@@ -81,7 +81,12 @@ class ModelRepository:
         name, version = directory.parent.name, directory.name
         try:
             detector = load_detector(
-                directory, s.providers, s.intra_op_threads, s.inter_op_threads, s.target_fpr
+                directory,
+                s.providers,
+                s.intra_op_threads,
+                s.inter_op_threads,
+                s.target_fpr,
+                s.graph_optimization,
             )
         except ModelLoadError as exc:
             self.refused.append(Refused(name, version, str(exc)))

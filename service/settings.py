@@ -17,6 +17,7 @@ import models
 Providers = Literal["auto", "cpu", "cuda"]
 Mode = Literal["annotate", "enforce"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
 # The model repository that ships with the project (`models/<name>/<version>/`).
 DEFAULT_MODEL_DIR = Path(models.__file__).resolve().parent
@@ -38,6 +39,61 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0 = ORT default).")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0 = ORT default).")
+    graph_optimization: GraphOptimization = Field(
+        "all", description="ORT graph optimisation level: disable, basic, extended, all."
+    )
+    # Dynamic batching and admission control (one batcher per model version).
+    max_batch_size: int = Field(
+        64, gt=0, description="Most images in one ONNX Runtime run (batches span requests)."
+    )
+    max_queue_delay: float = Field(
+        0.002,
+        ge=0,
+        le=1,
+        description="Seconds a batch may wait for more images while other requests are still "
+        "being decoded (never when nothing else is coming).",
+    )
+    max_queue_images: int = Field(
+        512,
+        gt=0,
+        description="Images admitted per model (being decoded or queued); beyond that, 503.",
+    )
+    request_timeout: float = Field(
+        10.0, gt=0, description="Deadline of one request in seconds, from its arrival."
+    )
+    decode_workers: int = Field(
+        2, gt=0, le=64, description="Threads that decode images (bounds decode CPU and memory)."
+    )
+    # Connections and bodies.
+    max_concurrent_requests: int = Field(
+        256, gt=0, description="Requests handled at once (health and metrics excluded); 503 above."
+    )
+    max_connections: int = Field(
+        1024, gt=0, description="Open connections uvicorn accepts before answering 503."
+    )
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Bytes of request bodies held at once across all requests; 503 above.",
+    )
+    body_timeout: float = Field(
+        10.0, gt=0, description="Seconds to receive a whole request body; 408 after that."
+    )
+    keep_alive_timeout: int = Field(
+        5, gt=0, description="Seconds an idle keep-alive connection stays open."
+    )
+    header_timeout: float = Field(
+        5.0, gt=0, description="Seconds a connection may take to send a complete request head."
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request head (request line and headers)."
+    )
+    drain_seconds: float = Field(
+        20.0,
+        ge=0,
+        description="On SIGTERM: seconds to finish accepted requests before exiting (keep it "
+        "below the orchestrator's grace period).",
+    )
     max_body_bytes: int = Field(
         20 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes."
     )

@@ -222,14 +222,14 @@ def test_inference_runs_off_the_event_loop(
 ) -> None:
     detector = client.app.state.repository.get("tiny")  # type: ignore[attr-defined]
     running, release = threading.Event(), threading.Event()
-    original = detector.run
+    original = detector.run_arrays
 
     def held(images: np.ndarray) -> object:
         running.set()
         release.wait(30)
         return original(images)
 
-    monkeypatch.setattr(detector, "run", held)
+    monkeypatch.setattr(detector, "run_arrays", held)
     with ThreadPoolExecutor(2) as pool:
         headers = {"content-type": "image/png"}
         prediction = pool.submit(client.post, "/v1/predict", content=digit_png, headers=headers)

@@ -255,7 +255,7 @@ def test_internal_error_is_500_without_traceback(
     def broken(images: np.ndarray) -> None:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(detector, "run", broken)
+    monkeypatch.setattr(detector, "run_arrays", broken)
     response = client.post("/v1/predict", content=digit_png, headers=PNG)
     assert response.status_code == 500
     assert response.json() == error(500, "internal_error", "internal server error")
