@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from service.signing import register as _register_signing
 from service.triton import register as _register_triton
 
 app = typer.Typer(help="rcegate: image classification that says whether to trust each answer.")
@@ -20,6 +21,7 @@ except ModuleNotFoundError:  # a service-only install (the container image)
 else:
     _register_training(app)
 _register_triton(app)
+_register_signing(app)
 
 _FROM_ENV = "Default: RCEGATE_{} or its built-in default."
 

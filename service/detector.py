@@ -6,8 +6,10 @@ chosen metric's score >= the threshold calibrated for the requested target FPR. 
 `accepted` output uses the deployed threshold only; the detector recomputes the decision so any
 calibrated target FPR can be served, and the self-test checks both agree at the deployed one.
 
-Loading refuses a model unless the sha256 of model.onnx matches the manifest, the graph's inputs
-and outputs match the manifest, and a self-test inference succeeds. No web imports here.
+Loading refuses a model unless its files are trusted (`service.trust`: regular files inside the
+repository, bounded sizes, a valid signature when keys are configured), the sha256 of model.onnx
+matches the manifest, the graph's inputs and outputs match the manifest, the graph's bound
+decision constants equal the manifest's, and a self-test inference succeeds. No web imports.
 """
 
 from __future__ import annotations
@@ -19,11 +21,27 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import ValidationError
 
-from models.manifest import INPUT_NAME, METRICS, MODEL_FILE, OUTPUT_NAMES, Manifest, Metric
+from models.manifest import (
+    INPUT_NAME,
+    MANIFEST_FILE,
+    METRICS,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    Manifest,
+    Metric,
+)
 from service.errors import InvalidParameter
 from service.settings import Providers
+from service.trust import (
+    ArtifactPolicy,
+    ModelLoadError,
+    check_binding,
+    check_signature,
+    inside,
+    parse_manifest,
+    read_regular,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +59,7 @@ OUTPUT_DTYPES: dict[str, str] = {
 }
 
 
-class ModelLoadError(Exception):
-    """A model version was refused; the message says why, for the operator's log."""
+__all__ = ["Decision", "Detector", "ModelLoadError", "Outputs", "load_detector"]
 
 
 @dataclass(frozen=True)
@@ -261,14 +278,21 @@ def load_detector(
     inter_op_threads: int = 0,
     target_fpr: float | None = None,
     graph_optimization: str = "all",
+    policy: ArtifactPolicy | None = None,
 ) -> Detector:
     """Load and verify `<name>/<version>/`; raise ModelLoadError with the reason if refused."""
+    policy = policy or ArtifactPolicy()
+    root = policy.root or directory.parent.parent
+    inside(directory, root, f"{directory.parent.name}/{directory.name}")
     try:
-        manifest = Manifest.load(directory)
+        raw = read_regular(directory / MANIFEST_FILE, root, policy.max_manifest_bytes)
     except FileNotFoundError:
         raise ModelLoadError("manifest.json is missing") from None
-    except (ValidationError, ValueError) as exc:
-        raise ModelLoadError(f"manifest.json is invalid: {exc}") from None
+    if policy.trusted_keys:
+        # The signature covers these exact bytes, before the JSON parser sees them.
+        signer = check_signature(directory, root, raw, policy)
+        logger.debug("%s: manifest signed by key %s", directory, signer)
+    manifest = parse_manifest(raw)
     if (manifest.name, str(manifest.version)) != (directory.parent.name, directory.name):
         raise ModelLoadError(
             f"manifest says {manifest.name}/{manifest.version}, directory is "
@@ -276,7 +300,7 @@ def load_detector(
         )
     try:
         # Hash and load the same bytes, so the file cannot change between check and use.
-        model = (directory / MODEL_FILE).read_bytes()
+        model = read_regular(directory / MODEL_FILE, root, policy.max_model_bytes)
     except OSError as exc:
         raise ModelLoadError(f"cannot read {MODEL_FILE}: {exc}") from None
     digest = hashlib.sha256(model).hexdigest()
@@ -292,6 +316,7 @@ def load_detector(
     except Exception as exc:  # ORT raises its own exception types for a corrupt graph
         raise ModelLoadError(f"ONNX Runtime cannot load {MODEL_FILE}: {exc}") from exc
     _check_io(session, manifest)
+    check_binding(session.get_modelmeta().custom_metadata_map, manifest)
     detector = Detector(manifest, session, directory, target_fpr)
     try:
         detector.decision()

@@ -167,3 +167,33 @@ class ClientDisconnected(ServiceError):
 
     status = 499
     code = "client_disconnected"
+
+
+# --- Trust and access (issue 12) ---
+class Unauthorized(ServiceError):
+    """No valid API key; the client is told how to authenticate (RFC 6750)."""
+
+    status = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="rcegate"'}
+
+
+class Throttled(ServiceError):
+    """A client flagged as probing the detector (rejection rate far above target_fpr)."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    code = "throttled"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+# --- end of trust and access ---

@@ -6,10 +6,11 @@ value is validated at start-up, so a typo in a deployment fails loudly instead o
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import models
@@ -109,3 +110,77 @@ class Settings(BaseSettings):
     )
     mode: Mode = Field("annotate", description="Default mode: annotate or enforce.")
     log_level: LogLevel = Field("info", description="Log level of the rcegate loggers.")
+    # --- Trust and access (issue 12; service/trust.py, service/access.py, service/probers.py) ---
+    max_model_bytes: int = Field(
+        1 << 30, gt=0, description="Largest model.onnx loaded, in bytes; larger is refused."
+    )
+    max_manifest_bytes: int = Field(
+        1 << 20, gt=0, description="Largest manifest.json loaded, in bytes; larger is refused."
+    )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Base64 Ed25519 public keys (`rcegate keygen`); when set, only versions "
+        "whose manifest.json.sig one of them signed are loaded. JSON list in the environment.",
+    )
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=1024,
+        description="Client id -> sha256 (hex) of its API key (`rcegate api-key`); when set, v1, "
+        "v2 and the docs need `Authorization: Bearer <key>` or `x-api-key`. JSON object.",
+    )
+    metrics_require_key: bool = Field(
+        False, description="Also require an API key on /metrics (health stays open)."
+    )
+    withhold_rejected: bool = Field(
+        True,
+        description="Enforce mode: withhold the scores, threshold and probabilities of rejected "
+        "images too (no score oracle); annotate mode keeps full detail.",
+    )
+    docs: bool = Field(True, description="Serve /docs and /openapi.json (assets served locally).")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty: no CORS headers."
+    )
+    access_log: bool = Field(
+        True, description="One JSON line per request on stderr (logger rcegate.access)."
+    )
+    prober_window: float = Field(
+        300.0, gt=0, description="Seconds over which each client's rejection rate is measured."
+    )
+    prober_min_images: int = Field(
+        50, gt=0, description="Images a client must send in the window before it can be flagged."
+    )
+    prober_rejection_rate: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Rejection rate over the window that flags a client as probing (far above "
+        "target_fpr).",
+    )
+    prober_clients: int = Field(
+        10_000, gt=0, description="Clients tracked at once (least recently seen dropped first)."
+    )
+    prober_throttle: bool = Field(
+        False, description="Answer 429 to a flagged client until its rejection rate falls."
+    )
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        from service.trust import decode_key
+
+        for key in keys:
+            decode_key(key)  # ValueError -> a validation error at start-up
+        return keys
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        for ident, digest in keys.items():
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", ident):
+                raise ValueError(f"api key id {ident!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"api key {ident!r}: give the sha256 of the key (64 hex digits)")
+        return keys
+
+    # --- end of trust and access ---
