@@ -18,12 +18,15 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from service.access import AccessLayer, AccessLog, ApiKeys, printable
 from service.dataplane import DataPlane
 from service.detector import Detector
+from service.docs import install_docs
 from service.errors import ClientDisconnected, ServiceError, Unavailable
 from service.guard import Guard, Lifecycle
 from service.imaging import configure_pillow
@@ -74,17 +77,19 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
         headers = dict(exc.headers or {})
     else:
         status, code, message = 500, "internal_error", "internal server error"
-    where = f"{request.method} {request.url.path} -> {status} {code}"
+    # Client input (the path, filenames in messages) must not split or forge a log line.
+    where = f"{request.method} {printable(request.url.path, 256)} -> {status} {code}"
+    message_line = printable(message)
     if status == 500:
         # The traceback goes to the log, never into the response body.
         logger.error("%s", where, exc_info=exc)
     elif isinstance(exc, Unavailable | ClientDisconnected):
         # Counted in the metrics; a log line per refusal would only feed an overload.
-        logger.debug("%s: %s", where, message)
+        logger.debug("%s: %s", where, message_line)
     elif status > 500:
-        logger.warning("%s: %s", where, message)
+        logger.warning("%s: %s", where, message_line)
     else:
-        logger.info("%s: %s", where, message)
+        logger.info("%s: %s", where, message_line)
     return error_response(status, code, message, headers)
 
 
@@ -101,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     repository = ModelRepository(settings)
     plane = DataPlane(settings, repository, metrics)
     lifecycle = Lifecycle()
+    access_log = AccessLog(metrics) if settings.access_log else None
 
     def before_ready(detectors: list[Detector]) -> None:
         metrics.describe_models(detectors)
@@ -117,6 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loading.cancel()
         # Whatever is still queued finishes before the inference threads stop.
         await asyncio.to_thread(plane.close, settings.drain_seconds)
+        if access_log is not None:
+            await asyncio.to_thread(access_log.close)
 
     app = FastAPI(
         title="rcegate",
@@ -128,16 +136,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
         version="1",
         lifespan=lifespan,
+        # Issue 12: no redirect built from the Host header; docs served locally (service/docs.py).
+        redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.settings = settings
     app.state.repository = repository
     app.state.metrics = metrics
     app.state.plane = plane
     app.state.lifecycle = lifecycle
+    app.state.access_log = access_log
     app.include_router(router)
+    install_docs(app, settings)
     handled = (ServiceError, RequestValidationError, HTTPException, ClientDisconnect, Exception)
     for exc_class in handled:
         app.add_exception_handler(exc_class, handle_error)
+    # --- Trust and access (issue 12): request ids, API keys and the access log, just inside
+    # the Guard; CORS (only if configured) between the two, so preflights need no key.
+    app.add_middleware(
+        AccessLayer,
+        settings=settings,
+        keys=ApiKeys(settings.api_keys),
+        render=render_error,
+        log=access_log,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    # --- end of trust and access ---
     app.add_middleware(
         Guard, metrics=metrics, settings=settings, lifecycle=lifecycle, render=render_error
     )

@@ -34,6 +34,7 @@ from service.errors import (
 )
 from service.imaging import DecodedImage, decode_image
 from service.metrics import Metrics
+from service.probers import ProberTracker
 from service.repository import ModelRepository
 from service.settings import Mode, Settings
 
@@ -52,6 +53,7 @@ class EncodedImage:
 class PredictOptions:
     target_fpr: float | None = None  # None: the model's served target FPR
     mode: Mode | None = None  # None: the service's default mode
+    client: str | None = None  # who asks (API key id or address), for prober tracking
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class DataPlane:
         self._decode_pool = ThreadPoolExecutor(
             max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
         )
+        self.probers = ProberTracker(settings, metrics)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -173,6 +176,7 @@ class DataPlane:
     ) -> Prediction:
         """Decode image files (bounded pool) and answer them; admission comes first."""
         decision = detector.decision(options.target_fpr)  # 422 before any work
+        self.probers.check(options.client)
         batcher = self._batcher(detector)
         ticket = self._reserve(detector, len(images), deadline)
         try:
@@ -189,6 +193,7 @@ class DataPlane:
     ) -> Prediction:
         """Answer float32 [N, C, H, W] tensors in the model's value range."""
         decision = detector.decision(options.target_fpr)
+        self.probers.check(options.client)
         check_tensor(images, detector)
         batcher = self._batcher(detector)
         ticket = self._reserve(detector, len(images), deadline)
@@ -244,6 +249,7 @@ class DataPlane:
     ) -> Prediction:
         accepted = Detector.accept(outputs, decision)
         self._record(detector, outputs, accepted)
+        self.probers.observe(options.client, len(accepted), int((~accepted).sum()))
         mode = options.mode or self.settings.mode
         return Prediction(detector, decision, mode, outputs, accepted, decoded)
 

@@ -88,7 +88,8 @@ async def get_options(
         Mode | None,
         Query(
             description="annotate: return everything; enforce: withhold the label, class "
-            "name and probabilities of rejected images. Default: RCEGATE_MODE."
+            "name and probabilities of rejected images (and, with RCEGATE_WITHHOLD_REJECTED, "
+            "the default, their scores and threshold). Default: RCEGATE_MODE."
         ),
     ] = None,
 ) -> PredictOptions:

@@ -134,6 +134,24 @@ class Metrics:
             registry=r,
         )
         self.detection_score: Histogram | None = None
+        # --- Trust and access (issue 12) ---
+        self.flagged_clients = Gauge(
+            "rcegate_flagged_clients",
+            "Clients currently flagged as probing the detector (rejection rate far above "
+            "target_fpr over the prober window).",
+            registry=r,
+        )
+        self.prober_flags = Counter(
+            "rcegate_prober_flags",
+            "Times a client was flagged as probing the detector.",
+            registry=r,
+        )
+        self.access_log_dropped = Counter(
+            "rcegate_access_log_dropped",
+            "Access-log lines dropped because the writer fell behind (overload).",
+            registry=r,
+        )
+        # --- end of trust and access ---
 
     def describe_models(self, detectors: list[Detector]) -> None:
         """Set the per-model gauges and create the score histogram once the models are loaded."""

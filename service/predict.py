@@ -8,6 +8,7 @@ computed, a client that disconnects cancels its queued images (recorded as 499).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from starlette.requests import Request
@@ -24,6 +25,7 @@ async def predict(
     plane: DataPlane, detector: Detector, options: PredictOptions, request: Request
 ) -> PredictResponse:
     arrival = time.monotonic()
+    options = dataclasses.replace(options, client=request.scope.get("state", {}).get("client"))
     detector.decision(options.target_fpr)  # an invalid target_fpr fails before the body
     plane.check_capacity(detector)
     s = plane.settings
@@ -31,10 +33,14 @@ async def predict(
     images = [EncodedImage(u.data, u.describe(i)) for i, u in enumerate(uploads)]
     async with cancel_on_disconnect(request.receive):
         prediction = await plane.predict_encoded(detector, images, options, plane.deadline(arrival))
-    return response(prediction, uploads)
+    return response(prediction, uploads, s.withhold_rejected)
 
 
-def response(prediction: Prediction, uploads: list[Upload]) -> PredictResponse:
+def response(
+    prediction: Prediction, uploads: list[Upload], withhold_rejected: bool = True
+) -> PredictResponse:
+    """The v1 body. In enforce mode a rejected image shows no label; with `withhold_rejected`
+    (the default) no score, threshold or probability either: the verdict is no score oracle."""
     p = prediction
     names = p.detector.manifest.class_names
     out = p.outputs
@@ -42,6 +48,7 @@ def response(prediction: Prediction, uploads: list[Upload]) -> PredictResponse:
     for i, upload in enumerate(uploads):
         label = int(out.label[i])
         shown = p.shown(i)
+        scored = shown or not withhold_rejected
         image = p.decoded[i] if p.decoded is not None else None
         width, height = image.original_size if image is not None else (0, 0)
         results.append(
@@ -54,11 +61,11 @@ def response(prediction: Prediction, uploads: list[Upload]) -> PredictResponse:
                 accepted=bool(p.accepted[i]),
                 decision=DecisionInfo(
                     metric=p.decision.metric,
-                    score=float(out.scores[p.decision.metric][i]),
-                    threshold=p.decision.threshold,
+                    score=float(out.scores[p.decision.metric][i]) if scored else None,
+                    threshold=p.decision.threshold if scored else None,
                     target_fpr=p.decision.target_fpr,
                 ),
-                scores=Scores(**{m: float(out.scores[m][i]) for m in METRICS}),
+                scores=Scores(**{m: float(out.scores[m][i]) for m in METRICS}) if scored else None,
                 original_size=ImageSize(width=width, height=height),
                 resized=bool(image is not None and image.resized),
             )

@@ -171,11 +171,14 @@ async def get_model_version(
     return model_info(detector, _is_default(repository, settings, detector))
 
 
+# HEAD too: probes and load balancers often send it (issue 12).
+@router.head("/health/live", response_model=Health, tags=["health"])
 @router.get("/health/live", response_model=Health, tags=["health"])
 async def live() -> Health:
     return Health(status="live")
 
 
+@router.head("/health/ready", response_model=Health, tags=["health"], responses=_ERRORS)
 @router.get("/health/ready", response_model=Health, tags=["health"], responses=_ERRORS)
 async def ready(repository: RepositoryDep, lifecycle: LifecycleDep) -> Health:
     if lifecycle.draining:

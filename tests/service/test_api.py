@@ -145,16 +145,19 @@ def test_enforce_withholds_label_of_rejected_images_and_annotate_does_not(
     for shown, hidden in zip(annotate["predictions"], enforce["predictions"], strict=True):
         assert shown["accepted"] == hidden["accepted"]
         assert shown["label"] is not None and shown["probabilities"] is not None
-        assert shown["scores"] == hidden["scores"] and shown["decision"] == hidden["decision"]
         if hidden["accepted"]:
             assert hidden["label"] == shown["label"]
             assert hidden["probabilities"] == shown["probabilities"]
+            assert shown["scores"] == hidden["scores"] and shown["decision"] == hidden["decision"]
         else:
             assert (hidden["label"], hidden["class_name"], hidden["probabilities"]) == (
                 None,
                 None,
                 None,
             )
+            # No score oracle (withhold_rejected, the default): only the verdict.
+            assert hidden["scores"] is None
+            assert hidden["decision"] == {**shown["decision"], "score": None, "threshold": None}
 
 
 def test_mode_and_target_fpr_defaults_come_from_settings(make_client, digit_png: bytes) -> None:
