@@ -63,7 +63,7 @@ def test_a_client_rejected_far_above_target_is_flagged_once_and_throttled(
     assert sample(metrics, "rcegate_prober_flags_total") == 1
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == [
-        "client key:prober flagged as probing: 54 of 60 images rejected in the last 100 s"
+        "client key:prober flagged as probing: 18 of 20 images rejected in the last 100 s"
     ]
 
 
