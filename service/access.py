@@ -83,6 +83,13 @@ class ApiKeys:
         return Identity(found)
 
 
+def client_name(identity: Identity | None, address: str | None) -> str:
+    """How a client is known to prober tracking and the access log: `key:<id>` or `addr:<ip>`."""
+    if identity is not None:
+        return f"key:{identity.client_id}"
+    return f"addr:{address or 'unknown'}"
+
+
 def presented_key(headers: Mapping[str, str]) -> str | None:
     authorization = headers.get("authorization")
     if authorization:
@@ -183,9 +190,8 @@ class AccessLayer:
         given = headers.get("x-request-id", "")
         request_id = given if _REQUEST_ID.fullmatch(given) else self._new_id()
         status = 500
-        client = scope.get("client")
-        address = client[0] if client else "unknown"
-        who = f"addr:{address}"
+        peer = scope.get("client")
+        who = client_name(None, peer[0] if peer else None)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -205,8 +211,7 @@ class AccessLayer:
                 except Unauthorized as exc:
                     await self.render(exc)(scope, receive, send_with_id)
                     return
-            if identity is not None:
-                who = f"key:{identity.client_id}"
+            who = client_name(identity, peer[0] if peer else None)
             # Read by the data plane's prober tracking (via the adapters) and by the routes.
             scope.setdefault("state", {})["client"] = who
             await self.app(scope, receive, send_with_id)

@@ -258,3 +258,44 @@ def test_malformed_images_never_cause_a_server_error(live: str) -> None:
     )
     assert len(CORPUS) >= 200
     assert outcomes.get(200, 0) > 0 and outcomes.get(400, 0) > 0 and outcomes.get(413, 0) > 0
+
+
+def _tensor(value: float, dtype: type = np.float32, shape: tuple[int, ...] = (2, 1, 28, 28)):
+    array = np.full(shape, 0.5, dtype=dtype)
+    if array.size:
+        array.flat[7] = value
+    return array
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (_tensor(np.nan), "images contains NaN or infinite values"),
+        (_tensor(np.inf), "images contains NaN or infinite values"),
+        (_tensor(-np.inf), "images contains NaN or infinite values"),
+        (_tensor(1.5), "image values must lie in [0, 1]"),
+        (_tensor(-1e-3), "image values must lie in [0, 1]"),
+        (_tensor(0.5, np.float64), "images must be float32, got float64"),
+        (_tensor(0, np.int64), "images must be float32, got int64"),
+        (_tensor(0.5, shape=(1, 3, 28, 28)), "images must have shape [N, 1, 28, 28]"),
+        (_tensor(0.5, shape=(0, 1, 28, 28)), "images holds no image (N = 0)"),
+        (_tensor(0.5, shape=(1, 28, 28)), "images must have shape [N, 1, 28, 28]"),
+    ],
+    ids=["nan", "inf", "-inf", "above", "below", "float64", "int64", "channels", "empty", "3d"],
+)
+def test_hostile_tensors_are_refused_by_the_data_plane(
+    client: Any, images: np.ndarray, message: str
+) -> None:
+    """What the v2 adapters hand over (decoded tensors) is checked before any batch runs."""
+    import asyncio
+    import time
+
+    from service.dataplane import PredictOptions
+    from service.errors import InvalidInput
+
+    plane = client.app.state.plane
+    detector = plane.model()
+    with pytest.raises(InvalidInput) as raised:
+        asyncio.run(plane.predict_arrays(detector, images, PredictOptions(), time.monotonic() + 10))
+    assert raised.value.message.startswith(message)
+    assert client.get("/health/ready").status_code == 200
