@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from service.dataplane import DataPlane
 from service.detector import Detector
 from service.errors import ClientDisconnected, ServiceError, Unavailable
-from service.guard import Guard, Lifecycle
+from service.guard import Guard
 from service.imaging import configure_pillow
 from service.metrics import Metrics
 from service.repository import ModelRepository
@@ -100,7 +100,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     repository = ModelRepository(settings)
     plane = DataPlane(settings, repository, metrics)
-    lifecycle = Lifecycle()
 
     def before_ready(detectors: list[Detector]) -> None:
         metrics.describe_models(detectors)
@@ -133,12 +132,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repository = repository
     app.state.metrics = metrics
     app.state.plane = plane
-    app.state.lifecycle = lifecycle
+    app.state.lifecycle = plane.lifecycle
     app.include_router(router)
     handled = (ServiceError, RequestValidationError, HTTPException, ClientDisconnect, Exception)
     for exc_class in handled:
         app.add_exception_handler(exc_class, handle_error)
     app.add_middleware(
-        Guard, metrics=metrics, settings=settings, lifecycle=lifecycle, render=render_error
+        Guard, metrics=metrics, settings=settings, lifecycle=plane.lifecycle, render=render_error
     )
     return app

@@ -32,6 +32,7 @@ from service.errors import (
     ShuttingDown,
     Unavailable,
 )
+from service.guard import Lifecycle
 from service.imaging import DecodedImage, decode_image
 from service.metrics import Metrics
 from service.repository import ModelRepository
@@ -79,7 +80,7 @@ class DataPlane:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics
-        self.draining = False
+        self.lifecycle = Lifecycle()
         self._batchers: dict[tuple[str, int], Batcher] = {}
         self._decode_pool = ThreadPoolExecutor(
             max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
@@ -105,12 +106,16 @@ class DataPlane:
             gauge.set_function(functools.partial(getattr, batcher, "reserved"))
 
     def drain(self) -> None:
-        """Refuse new work from now on (SIGTERM); what was admitted still finishes."""
-        self.draining = True
+        """Refuse new requests from now on (SIGTERM); those already in flight still finish."""
+        self.lifecycle.draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self.lifecycle.draining
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work, then stop the inference threads and the decode pool."""
-        self.draining = True
+        self.lifecycle.draining = True
         deadline = None if timeout is None else time.monotonic() + timeout
         for batcher in self._batchers.values():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -124,10 +129,15 @@ class DataPlane:
 
     # -- admission -----------------------------------------------------------------------
 
-    def model(self, name: str | None = None, version: int | None = None) -> Detector:
-        """The model a request names (None: the default model); refuses while draining."""
+    def check_open(self) -> None:
+        """Refuse a NEW request while draining (adapters call this first; HTTP's guard does)."""
         if self.draining:
-            raise ShuttingDown("the service is shutting down; retry on another instance")
+            raise self.refused(
+                ShuttingDown("the service is shutting down; retry on another instance")
+            )
+
+    def model(self, name: str | None = None, version: int | None = None) -> Detector:
+        """The model a request names (None: the default model)."""
         return self.repository.get(name or self.settings.default_model, version)
 
     def _batcher(self, detector: Detector) -> Batcher:
@@ -138,8 +148,6 @@ class DataPlane:
 
     def check_capacity(self, detector: Detector) -> None:
         """Refuse at once, before the body is read, when the model's queue is already full."""
-        if self.draining:
-            raise ShuttingDown("the service is shutting down; retry on another instance")
         batcher = self._batcher(detector)
         if batcher.reserved >= batcher.max_queue_images:
             raise self.refused(QueueFull(f"model {batcher.name} is at capacity; retry later"))
@@ -153,8 +161,6 @@ class DataPlane:
         return arrival + self.settings.request_timeout
 
     def _reserve(self, detector: Detector, count: int, deadline: float) -> Ticket:
-        if self.draining:
-            raise self.refused(ShuttingDown("the service is shutting down"))
         if time.monotonic() >= deadline:
             raise self.refused(DeadlineExceeded("the request's deadline passed before admission"))
         try:

@@ -72,7 +72,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
         super().__init__(config)
         self._plane: DataPlane = app.state.plane
-        self._lifecycle: Lifecycle = app.state.lifecycle
+        self._lifecycle: Lifecycle = self._plane.lifecycle
         self._drain_seconds = drain_seconds
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,7 +86,6 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # a second signal: exit now
             self.force_exit = True
             return
-        self._lifecycle.draining = True
         self._plane.drain()
         logger.info(
             "signal %d: draining (ready is 503, new requests refused) for at most %g s",

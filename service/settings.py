@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import models
@@ -109,3 +109,13 @@ class Settings(BaseSettings):
     )
     mode: Mode = Field("annotate", description="Default mode: annotate or enforce.")
     log_level: LogLevel = Field("info", description="Log level of the rcegate loggers.")
+
+    @model_validator(mode="after")
+    def _request_fits_the_queue(self) -> Settings:
+        # A request larger than the queue could never be admitted: refuse such a setup.
+        if self.max_images > self.max_queue_images:
+            raise ValueError(
+                f"max_images ({self.max_images}) must not exceed max_queue_images "
+                f"({self.max_queue_images})"
+            )
+        return self
