@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from models.manifest import METRICS
 from service.dataplane import DataPlane, EncodedImage, Prediction, PredictOptions
@@ -22,7 +23,9 @@ from service.schemas import DecisionInfo, ImageResult, ImageSize, PredictRespons
 
 async def predict(
     plane: DataPlane, detector: Detector, options: PredictOptions, request: Request
-) -> PredictResponse:
+) -> Response:
+    """Answer a v1 predict request. The body is serialised once here (the route's
+    `response_model` documents it), not validated again by the framework."""
     arrival = time.monotonic()
     detector.decision(options.target_fpr)  # an invalid target_fpr fails before the body
     plane.check_capacity(detector)
@@ -31,7 +34,8 @@ async def predict(
     images = [EncodedImage(u.data, u.describe(i)) for i, u in enumerate(uploads)]
     async with cancel_on_disconnect(request.receive):
         prediction = await plane.predict_encoded(detector, images, options, plane.deadline(arrival))
-    return response(prediction, uploads)
+    body = response(prediction, uploads).model_dump_json()
+    return Response(body, media_type="application/json")
 
 
 def response(prediction: Prediction, uploads: list[Upload]) -> PredictResponse:
