@@ -31,6 +31,36 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
+def parse_response(buffer: bytearray) -> tuple[int, int, bool] | None:
+    """(status, bytes used, keep-alive) of the complete HTTP/1.1 response at the start of
+    `buffer`, or None while it is incomplete. Bodies by Content-Length or chunked."""
+    head_end = buffer.find(b"\r\n\r\n")
+    if head_end < 0:
+        return None
+    status_line, *lines = bytes(buffer[:head_end]).lower().split(b"\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers[name.strip()] = value.strip()
+    end = head_end + 4
+    if headers.get(b"transfer-encoding") == b"chunked":
+        while True:
+            line_end = buffer.find(b"\r\n", end)
+            if line_end < 0:
+                return None
+            chunk = int(bytes(buffer[end:line_end]).split(b";")[0], 16)
+            end = line_end + 2 + chunk + 2  # no trailers
+            if len(buffer) < end:
+                return None
+            if chunk == 0:
+                break
+    else:
+        end += int(headers.get(b"content-length", b"0"))
+        if len(buffer) < end:
+            return None
+    return int(status_line.split()[1]), end, headers.get(b"connection") != b"close"
+
+
 class Generator:
     def __init__(self, host: str, port: int, requests: list[bytes], connections: int) -> None:
         self.host, self.port = host, port
@@ -135,20 +165,14 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        head_end = self.buffer.find(b"\r\n\r\n")
-        if head_end < 0 or self.started is None:
-            return
-        head = bytes(self.buffer[:head_end]).lower()
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            if line.startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        if len(self.buffer) < head_end + 4 + length:
-            return
-        status = int(head[9:12])
-        del self.buffer[: head_end + 4 + length]
-        started, self.started = self.started, None
-        self.generator.finished(self, status, started, reuse=b"connection: close" not in head)
+        while self.started is not None:
+            parsed = parse_response(self.buffer)
+            if parsed is None:
+                return
+            status, size, keep_alive = parsed
+            del self.buffer[:size]
+            started, self.started = self.started, None
+            self.generator.finished(self, status, started, reuse=keep_alive)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.generator.lost(self, in_flight=self.started is not None)
