@@ -20,7 +20,7 @@ on another. Targets from issue 9 are printed with PASS/FAIL; the exit status is 
 say, except with `--cuda` (bench/gpu_check.sh), which exits 1 when CUDA is not really in use.
 
     python bench/serving.py [--duration 5] [--rounds 3] [--json out.json] [--pin]
-        [--env RCEGATE_KEY=VALUE ...] [--server-args "..."]
+        [--env RCEGATE_KEY=VALUE ...] [--server-args "..."] [--profile stacks.txt]
 """
 
 from __future__ import annotations
@@ -191,14 +191,15 @@ def wait_ready(server: Server, path: str, timeout: float = 90.0) -> None:
             try:
                 if client.get(path).status_code == 200:
                     return
-                if path == "/health/ready":
-                    models = client.get("/v1/models")
-                    if models.status_code == 200:  # loading finished, yet not ready
-                        refused = models.json().get("refused", [])
-                        reasons = "; ".join(
-                            f"{r['name']}/{r['version']}: {r['reason']}" for r in refused
-                        )
-                        raise SystemExit(f"the service is not ready: {reasons or 'no reason'}")
+                if path == "/health/ready" and client.get("/v1/models").status_code == 200:
+                    # Loading has finished; ready may have turned 200 since the first look.
+                    if client.get(path).status_code == 200:
+                        return
+                    refused = client.get("/v1/models").json().get("refused", [])
+                    reasons = "; ".join(
+                        f"{r['name']}/{r['version']}: {r['reason']}" for r in refused
+                    )
+                    raise SystemExit(f"the service is not ready: {reasons or 'no reason'}")
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
@@ -267,6 +268,49 @@ def settle(server: Server, png: bytes, quick_s: float, timeout: float = 60.0) ->
             client.post("/v1/predict", content=png, headers=headers)
             if time.perf_counter() - start <= quick_s:
                 return
+
+
+def profile_service(
+    server: Server, wrk_once: Callable[[], Measured], duration: int, out: Path
+) -> dict[str, list[tuple[float, str]]]:
+    """py-spy on the service during one more (unmeasured) wrk run at 64 connections, sampling
+    only the thread that holds the GIL (py-spy cannot tell idle threads here, so a plain profile
+    is mostly threads waiting): the Python work that serialises the service. ONNX Runtime runs
+    without the GIL, so its compute is not in it (the raw rows measure it). Collapsed stacks go to
+    `out`; returns the packages and the frames with the most self time, as (share, name)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        print("py-spy is missing; installing it with pip")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    command = [py_spy, "record", "--pid", str(server.process.pid), "--format", "raw"]
+    command += ["--gil", "--duration", str(duration), "--rate", "200", "--output", str(out)]
+    recording = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wrk_once()
+    _, error = recording.communicate(timeout=duration + 60)
+    if recording.returncode != 0:
+        raise SystemExit(f"py-spy failed: {error.decode(errors='replace')}")
+    return self_time(out)
+
+
+def self_time(stacks: Path) -> dict[str, list[tuple[float, str]]]:
+    """The packages and frames with the most self time in py-spy's collapsed `stacks`."""
+    frames: dict[str, int] = {}
+    packages: dict[str, int] = {}
+    for line in stacks.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        frames[leaf] = frames.get(leaf, 0) + int(count)
+        # "func (asyncio/events.py:80)" -> asyncio: py-spy names files from their package.
+        package = leaf.rpartition("(")[2].split("/")[0].split(":")[0].strip("<>)")
+        package = package.removesuffix(".py")
+        packages[package] = packages.get(package, 0) + int(count)
+    total = sum(frames.values()) or 1
+
+    def top(counts: dict[str, int]) -> list[tuple[float, str]]:
+        ordered = sorted(counts.items(), key=lambda item: -item[1])[:10]
+        return [(count / total, name) for name, count in ordered]
+
+    return {"by_package": top(packages), "by_frame": top(frames)}
 
 
 # The run ------------------------------------------------------------------------------------
@@ -395,6 +439,10 @@ def main() -> None:  # noqa: C901 - one linear script
     parser.add_argument("--server-args", default="", help="extra `rcegate serve` arguments")
     parser.add_argument("--cuda", action="store_true", help="require CUDA (bench/gpu_check.sh)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument(
+        "--profile", type=Path, metavar="STACKS.txt",
+        help="after the rounds, py-spy the service in one more run at 64 connections",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.duration < 1 or args.rounds < 1:
         parser.error("--duration and --rounds must be >= 1")
@@ -485,6 +533,10 @@ def main() -> None:  # noqa: C901 - one linear script
         measure_rounds(configs, args.rounds)
         rows = {config.name: config.median() for config in configs}
 
+        profile = None
+        if args.profile:
+            profile = profile_service(service, wrk(service, 64), args.duration, args.profile)
+
         saturation = rows["service @64"].images_per_s
         rate = args.overload_factor * saturation
         unloaded = rows["service @1"]
@@ -570,6 +622,11 @@ def main() -> None:  # noqa: C901 - one linear script
         note = f" ({t['note']})" if t["note"] else ""
         print(f"{t['what']:44s} {show(t['value']):>15s} {t['target']:>7s} "
               f"{verdict}{note}")  # fmt: skip
+    if profile:
+        print(f"service at 64 connections, py-spy of the GIL holder ({args.profile}), self time:")
+        for what, top in profile.items():
+            shares = ", ".join(f"{name} {100 * share:.0f}%" for share, name in top)
+            print(f"  {what.replace('_', ' ')}: {shares}")
     if args.cuda:
         print(f"gpu check: OK, raw and service ran on {CUDA}")
     if args.json:
@@ -589,6 +646,7 @@ def main() -> None:  # noqa: C901 - one linear script
             },
             "overload": {**overload, "runs": overload_runs},
             "targets": targets,
+            "profile_self_time": profile,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
