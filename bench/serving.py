@@ -423,12 +423,12 @@ def verdicts(
     ]  # fmt: skip
 
 
-def show(value: Any) -> str:
+def show(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, list):
-        return " / ".join(show(v) for v in value)
-    return f"{value:.2f}"
+        return " / ".join(show(v, digits) for v in value)
+    return f"{value:.{digits}f}"
 
 
 def main() -> None:
@@ -626,7 +626,7 @@ def main() -> None:
     for t in targets:
         verdict = "PASS" if t["pass"] else "FAIL"
         note = f" ({t['note']})" if t["note"] else ""
-        print(f"{t['what']:44s} {show(t['value']):>15s} {t['target']:>7s} "
+        print(f"{t['what']:44s} {show(t['value'], 3):>15s} {t['target']:>7s} "
               f"{verdict}{note}")  # fmt: skip
     if profile:
         print(f"service at 64 connections, py-spy of the GIL holder ({args.profile}), self time:")
