@@ -2,9 +2,9 @@
 body (the same PNG the service gets) and answers a fixed JSON, with no framework, decoding or
 inference. Its throughput is what HTTP alone costs on this machine.
 
-uvicorn runs as `rcegate serve` runs it (service/cli.py): one process, uvicorn's defaults, root
-logging configured by `logging.basicConfig` at INFO with `log_config=None`, so the access log is
-written the same way. Keep the two in step when `serve` changes.
+uvicorn runs exactly as `rcegate serve` runs it: the same `uvicorn.Config` from
+`service.server.uvicorn_config` (h11 with the head timeout, connection limit, keep-alive, no
+access log), built from the same RCEGATE_* settings.
 
     python bench/echo.py --port 8001
 """
@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from service.server import uvicorn_config  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 RESPONSE = b'{"model": "echo", "version": 1, "mode": "annotate", "predictions": []}'
 HEADERS = [(b"content-type", b"application/json")]
@@ -46,12 +52,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    log_level = os.environ.get("RCEGATE_LOG_LEVEL", "info")
+    settings = Settings(host=args.host, port=args.port)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger().setLevel(log_level.upper())
-    uvicorn.run(app, host=args.host, port=args.port, log_level=log_level, log_config=None)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    uvicorn.Server(uvicorn_config(app, settings)).run()
 
 
 if __name__ == "__main__":

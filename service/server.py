@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.dataplane import DataPlane
@@ -109,10 +110,10 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
-    """Run the app with the service's connection limits and graceful drain."""
+def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """uvicorn as `rcegate serve` runs it (the benchmark's echo floor uses the same)."""
     GuardedH11Protocol.header_timeout = settings.header_timeout
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -125,4 +126,8 @@ def serve(app: FastAPI, settings: Settings) -> None:
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=1,  # the drain already waited for the requests in flight
     )
-    DrainingServer(config, app, settings.drain_seconds).run()
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Run the app with the service's connection limits and graceful drain."""
+    DrainingServer(uvicorn_config(app, settings), app, settings.drain_seconds).run()
