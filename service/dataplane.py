@@ -99,6 +99,7 @@ class DataPlane:
                 max_batch_size=s.max_batch_size,
                 max_queue_delay=s.max_queue_delay,
                 max_queue_images=s.max_queue_images,
+                max_queue_wait=s.max_queue_wait,
                 on_batch=self._batch_observer(detector),
             )
             self._batchers[key] = batcher

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Images admitted per model (being decoded or queued); beyond that, 503.",
     )
+    max_queue_wait: float = Field(
+        0.1,
+        ge=0,
+        description="Seconds of model work that may be queued per model (queued images / "
+        "measured images per second); a request beyond it gets 503. 0 = no such bound.",
+    )
     request_timeout: float = Field(
         10.0, gt=0, description="Deadline of one request in seconds, from its arrival."
     )

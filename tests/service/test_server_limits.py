@@ -193,7 +193,9 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(
 ) -> None:
     files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs[:32])]
     # One image per ORT run, so 4 x 32 images keep the model busy while the drain starts.
-    with live_server(tmp_path / "server.log", max_batch_size="1", **LIMITS) as server:
+    with live_server(
+        tmp_path / "server.log", max_batch_size="1", max_queue_wait="0", **LIMITS
+    ) as server:
         with ThreadPoolExecutor(4) as pool:
             inflight = [
                 pool.submit(httpx.post, f"{server.url}/v1/predict", files=files, timeout=60)
