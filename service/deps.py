@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request
 
 from service.detector import Detector
+from service.imaging import DecodeLimits
 from service.metrics import Metrics
 from service.payload import Upload, read_uploads
 from service.predict import PredictOptions
@@ -84,7 +85,9 @@ async def get_options(
     return PredictOptions(
         target_fpr=settings.target_fpr if target_fpr is None else target_fpr,
         mode=mode or settings.mode,
-        max_pixels=settings.max_pixels,
+        limits=DecodeLimits(
+            settings.max_image_side, settings.max_pixels, settings.max_request_pixels
+        ),
     )
 
 

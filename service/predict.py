@@ -11,7 +11,13 @@ import numpy as np
 
 from models.manifest import METRICS
 from service.detector import Decision, Detector, Outputs
-from service.imaging import DecodedImage, decode_image
+from service.imaging import (
+    DecodedImage,
+    DecodeLimits,
+    check_request_pixels,
+    decode_image,
+    probe_image,
+)
 from service.metrics import Metrics
 from service.payload import Upload
 from service.schemas import (
@@ -28,16 +34,20 @@ from service.settings import Mode
 class PredictOptions:
     target_fpr: float | None
     mode: Mode
-    max_pixels: int
+    limits: DecodeLimits
 
 
 def _decode_all(
-    uploads: list[Upload], shape: tuple[int, int, int], max_pixels: int, metrics: Metrics
+    uploads: list[Upload], shape: tuple[int, int, int], limits: DecodeLimits, metrics: Metrics
 ) -> list[DecodedImage]:
+    # Every header first: a request over its pixel budget is refused before any decoding.
+    whats = [upload.describe(index) for index, upload in enumerate(uploads)]
+    headers = [probe_image(u.data, what, limits) for u, what in zip(uploads, whats, strict=True)]
+    check_request_pixels(headers, limits)
     decoded = []
-    for index, upload in enumerate(uploads):
+    for upload, what in zip(uploads, whats, strict=True):
         start = time.perf_counter()
-        decoded.append(decode_image(upload.data, shape, max_pixels, upload.describe(index)))
+        decoded.append(decode_image(upload.data, shape, limits, what))
         metrics.decode_duration.observe(time.perf_counter() - start)
     return decoded
 
@@ -51,9 +61,9 @@ def _run(detector: Detector, images: np.ndarray, metrics: Metrics) -> Outputs:
 
 
 def _decode_and_run(
-    detector: Detector, uploads: list[Upload], max_pixels: int, metrics: Metrics
+    detector: Detector, uploads: list[Upload], limits: DecodeLimits, metrics: Metrics
 ) -> tuple[list[DecodedImage], Outputs]:
-    decoded = _decode_all(uploads, detector.input_shape, max_pixels, metrics)
+    decoded = _decode_all(uploads, detector.input_shape, limits, metrics)
     return decoded, _run(detector, np.stack([image.pixels for image in decoded]), metrics)
 
 
@@ -114,7 +124,7 @@ async def predict(
     decision = detector.decision(options.target_fpr)  # an invalid target_fpr fails before decoding
     # One worker-thread hop for decode + ORT: the event loop only parses and answers.
     decoded, outputs = await anyio.to_thread.run_sync(
-        _decode_and_run, detector, uploads, options.max_pixels, metrics
+        _decode_and_run, detector, uploads, options.limits, metrics
     )
     accepted = Detector.accept(outputs, decision)
     _record(metrics, detector, outputs, accepted)
