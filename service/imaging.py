@@ -71,6 +71,7 @@ CONTENT_TYPES = frozenset(
 )
 # 8-bit modes, converted to L or RGB at full size (cheap: at most 4 bytes a pixel in, 3 out).
 _EIGHT_BIT = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
+_GREY = frozenset({"1", "L", "LA"})
 # Pillow converts these to L only through RGB in some versions; go through RGB explicitly.
 _VIA_RGB = frozenset({"CMYK", "YCbCr"})
 # 16-bit unsigned grey in each byte order; resized as 16-bit, then scaled by 1/65535.
@@ -246,7 +247,8 @@ def _to_array(
     # Resize in the stored orientation and turn the small result upright.
     stored = (height, width) if orientation in _SWAPS_AXES else (width, height)
     resized = (header.width, header.height) != stored
-    target = "L" if channels == 1 else "RGB"
+    # Grey stays grey until it is small, even for an RGB model: a third of the full-size bytes.
+    target = "L" if channels == 1 or header.mode in _GREY else "RGB"
     if header.format in ("JPEG", "MPO"):  # MPO: a phone camera's multi-picture JPEG
         image.draft(target, stored)  # libjpeg scales by 1/2..1/8, never below `stored`
     image.load()
@@ -270,7 +272,7 @@ def _to_array(
     array = np.asarray(work, dtype=np.float32) / np.float32(maximum)
     if array.ndim == 2:
         array = array[:, :, None]
-    if array.shape[2] != channels:  # 16-bit grey for an RGB model
+    if array.shape[2] != channels:  # grey for an RGB model
         array = np.repeat(array, channels, axis=2)
     return array, resized
 

@@ -185,6 +185,10 @@ def test_decode_drops_alpha_and_converts_to_model_channels() -> None:
     np.testing.assert_allclose(grey.pixels, 1.0)
     rgb = decode_image(encode(np.full((28, 28), 128, np.uint8)), (3, 32, 32), LIMITS)
     assert rgb.pixels.shape == (3, 32, 32) and rgb.resized
+    np.testing.assert_allclose(rgb.pixels, 128 / 255, atol=1e-6)
+    grey_alpha = np.stack([np.full((28, 28), 64, np.uint8), np.zeros((28, 28), np.uint8)], -1)
+    rgb = decode_image(encode(grey_alpha), (3, 28, 28), LIMITS)
+    np.testing.assert_allclose(rgb.pixels, 64 / 255, atol=1e-6)
 
 
 def test_grey_with_alpha_keeps_the_grey() -> None:
