@@ -33,7 +33,13 @@ from service.errors import (
     Unavailable,
 )
 from service.guard import Lifecycle
-from service.imaging import DecodedImage, decode_image
+from service.imaging import (
+    DecodedImage,
+    DecodeLimits,
+    check_request_pixels,
+    decode_image,
+    probe_image,
+)
 from service.metrics import Metrics
 from service.repository import ModelRepository
 from service.settings import Mode, Settings
@@ -82,6 +88,9 @@ class DataPlane:
         self.metrics = metrics
         self.lifecycle = Lifecycle()
         self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._limits = DecodeLimits(
+            settings.max_image_side, settings.max_pixels, settings.max_request_pixels
+        )
         self._decode_pool = ThreadPoolExecutor(
             max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
         )
@@ -208,17 +217,27 @@ class DataPlane:
     async def _decode(
         self, images: Sequence[EncodedImage], shape: tuple[int, int, int], deadline: float
     ) -> list[DecodedImage]:
+        """Decode in the bounded pool. Every header is checked first (sizes, modes, the
+        request's pixel budget), so a request over its budget costs no decoding at all."""
         loop = asyncio.get_running_loop()
-        max_pixels = self.settings.max_pixels
+        limits = self._limits
+
+        def probe_all() -> None:
+            headers = [probe_image(image.data, image.what, limits) for image in images]
+            check_request_pixels(headers, limits)
 
         def one(image: EncodedImage) -> DecodedImage:
             if time.monotonic() >= deadline:  # waited too long for a decode thread
                 raise DeadlineExceeded("the request's deadline passed before decoding")
             start = time.perf_counter()
-            decoded = decode_image(image.data, shape, max_pixels, image.what)
+            decoded = decode_image(image.data, shape, limits, image.what)
             self.metrics.decode_duration.observe(time.perf_counter() - start)
             return decoded
 
+        # One image within the per-image limits is within the request's budget too, and
+        # decode_image checks its own header: the separate pass is needed only for several.
+        if len(images) > 1 or limits.max_request_pixels < limits.max_pixels:
+            await loop.run_in_executor(self._decode_pool, probe_all)
         jobs = [loop.run_in_executor(self._decode_pool, one, image) for image in images]
         try:
             return list(await asyncio.gather(*jobs))

@@ -104,8 +104,23 @@ class Settings(BaseSettings):
         20 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes."
     )
     max_images: int = Field(64, gt=0, description="Most images in one request.")
+    # Decoding limits, all judged from image headers before any pixel is decoded. Defaults sized
+    # for a classifier whose inputs are at most a few hundred pixels a side: 2048 x 2048 is a
+    # 1080p or 1440p frame with room to spare, and its decoded samples take at most 16 MiB
+    # (RGBA/CMYK, 4 bytes a pixel). The request budget is four such images (64 MiB of samples if
+    # a pool held them all at once; ours decodes one image at a time per worker).
     max_pixels: int = Field(
-        4096 * 4096, gt=0, description="Most pixels (width x height) in one decoded image."
+        2048 * 2048,
+        gt=0,
+        description="Most pixels (width x height) one image may declare; also Pillow's limit.",
+    )
+    max_image_side: int = Field(
+        4096, gt=0, description="Most pixels one image may declare in width or in height."
+    )
+    max_request_pixels: int = Field(
+        4 * 2048 * 2048,
+        gt=0,
+        description="Most pixels all images of one request may declare together.",
     )
     target_fpr: float | None = Field(
         None,

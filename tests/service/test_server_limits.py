@@ -22,12 +22,14 @@ import pytest
 
 from tests.service.conftest import encode
 from tests.service.live import Live, live_server
+from tests.service.test_errors import png_claiming_size, tiff
 
 LIMITS = {
     "max_queue_images": "128",
+    "max_queue_wait": "0",  # admission by images only: independent of this machine's speed
     "body_timeout": "1.5",
     "header_timeout": "1.5",
-    "max_body_bytes": str(1024 * 1024),
+    "max_body_bytes": str(8 * 1024 * 1024),
     "drain_seconds": "30",
 }
 PNG = {"content-type": "image/png"}
@@ -120,7 +122,7 @@ def test_fast_endless_chunked_body_hits_the_byte_limit(live: Live, pngs: list[by
             b"Transfer-Encoding: chunked\r\n\r\n"
         )
         try:
-            for _ in range(64):  # 4 MiB, four times the limit
+            for _ in range(256):  # 16 MiB, twice the limit
                 sock.sendall(chunk)
         except OSError:
             pass  # the server answered and closed while we were still sending
@@ -165,6 +167,36 @@ def test_client_gone_mid_upload_is_499_not_500(live: Live, pngs: list[bytes]) ->
     assert_healthy(live, pngs[0])
 
 
+def test_image_attacks_are_refused_from_headers_in_parallel_with_bounded_memory(
+    live: Live, pngs: list[bytes]
+) -> None:
+    """The attacker's requests, 8 at once: one-row PNG bombs (1 x 16,777,216 declared) and a
+    94 KB float TIFF that decodes to 4096x4096 (40 requests of 64 once took 8 GB), NaN and
+    int32 TIFFs. Each is refused from its header and the server's memory stays put."""
+    bomb = png_claiming_size(1, 16_777_216)
+    float_tiff = tiff(np.zeros((4096, 4096), np.float32))
+    nan_tiff = tiff(np.full((28, 28), np.nan, np.float32))
+    int_tiff = tiff(np.full((28, 28), 70_000, np.int32))
+    before = live.peak_rss_bytes()
+
+    def post(body: bytes, media: str, copies: int) -> tuple[int, str]:
+        parts = [("files", (f"{i}", body, media)) for i in range(copies)]
+        answer = httpx.post(f"{live.url}/v1/predict", files=parts, timeout=60)
+        return answer.status_code, answer.json()["error"]["code"]
+
+    with ThreadPoolExecutor(8) as pool:
+        # 8 x 16 images fill the queue of 128 images exactly: all are admitted, then refused.
+        floats = list(pool.map(lambda _: post(float_tiff, "image/tiff", 16), range(8)))
+        bombs = list(pool.map(lambda _: post(bomb, "image/png", 16), range(8)))
+    assert floats == [(415, "unsupported_image_mode")] * 8
+    assert bombs == [(413, "image_too_large")] * 8
+    assert post(nan_tiff, "image/tiff", 1) == (415, "unsupported_image_mode")
+    assert post(int_tiff, "image/tiff", 1) == (415, "unsupported_image_mode")
+    # The bodies themselves (8 x 16 x 94 KB = 12 MB) are the only memory these requests need.
+    assert live.peak_rss_bytes() - before < 256 * 2**20
+    assert_healthy(live, pngs[0])
+
+
 def test_many_clients_at_once_get_answers_or_fast_refusals(live: Live, pngs: list[bytes]) -> None:
     """100 requests of 32 images from 32 clients at once against a queue of 128 images: some
     must be refused with 503 + Retry-After, none may fail otherwise, the server stays healthy
@@ -181,7 +213,7 @@ def test_many_clients_at_once_get_answers_or_fast_refusals(live: Live, pngs: lis
     statuses = [status for status, _, _ in results]
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(200) > 0 and statuses.count(503) > 0
-    assert all(retry == "1" for status, retry, _ in results if status == 503)
+    assert all(retry and int(retry) >= 1 for status, retry, _ in results if status == 503)
     refused = live.metric("rcegate_requests_refused_total")
     assert refused >= statuses.count(503)
     assert_healthy(live, pngs[0])
@@ -193,9 +225,7 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(
 ) -> None:
     files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs[:32])]
     # One image per ORT run, so 4 x 32 images keep the model busy while the drain starts.
-    with live_server(
-        tmp_path / "server.log", max_batch_size="1", max_queue_wait="0", **LIMITS
-    ) as server:
+    with live_server(tmp_path / "server.log", max_batch_size="1", **LIMITS) as server:
         with ThreadPoolExecutor(4) as pool:
             inflight = [
                 pool.submit(httpx.post, f"{server.url}/v1/predict", files=files, timeout=60)
