@@ -29,6 +29,7 @@ from service.errors import (
     InvalidInput,
     NotReady,
     QueueFull,
+    ServiceError,
     ShuttingDown,
     Unavailable,
 )
@@ -36,6 +37,7 @@ from service.guard import Lifecycle
 from service.imaging import (
     DecodedImage,
     DecodeLimits,
+    ImageHeader,
     check_request_pixels,
     decode_image,
     probe_image,
@@ -45,6 +47,10 @@ from service.repository import ModelRepository
 from service.settings import Mode, Settings
 
 logger = logging.getLogger(__name__)
+
+# Decoding on the event loop: only this many small images per request, each this small.
+INLINE_MAX_IMAGES = 4
+INLINE_MAX_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,11 @@ class DataPlane:
             self.metrics.decode_duration.observe(time.perf_counter() - start)
             return decoded
 
+        headers = self._inline_headers(images)
+        if headers is not None:
+            # Thumbnails decode in less time than a hop to a pool thread and back costs.
+            check_request_pixels(headers, limits)
+            return [one(image) for image in images]
         # One image within the per-image limits is within the request's budget too, and
         # decode_image checks its own header: the separate pass is needed only for several.
         if len(images) > 1 or limits.max_request_pixels < limits.max_pixels:
@@ -246,6 +257,20 @@ class DataPlane:
         finally:
             for job in jobs:  # on the first failure, the rest need not start
                 job.cancel()
+
+    def _inline_headers(self, images: Sequence[EncodedImage]) -> list[ImageHeader] | None:
+        """The headers when every image is small enough, in bytes and in declared pixels, to
+        decode on the event loop (at most `inline_decode_pixels` each); else None."""
+        most = self.settings.inline_decode_pixels
+        if not most or len(images) > INLINE_MAX_IMAGES:
+            return None
+        if any(len(image.data) > INLINE_MAX_BYTES for image in images):
+            return None
+        try:
+            headers = [probe_image(image.data, image.what, self._limits) for image in images]
+        except ServiceError:
+            return None  # the pool gives the same error; no shortcut for bad input
+        return headers if all(header.pixels <= most for header in headers) else None
 
     async def _infer(self, batcher: Batcher, ticket: Ticket, images: np.ndarray) -> Outputs:
         batcher.submit(ticket, images)

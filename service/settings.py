@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     request_timeout: float = Field(
         10.0, gt=0, description="Deadline of one request in seconds, from its arrival."
     )
+    inline_decode_pixels: int = Field(
+        4096,
+        ge=0,
+        description="Images declaring at most this many pixels (and of at most 16 KiB, at "
+        "most 4 per request) decode on the event loop instead of the pool; 0 = never.",
+    )
     decode_workers: int = Field(
         2, gt=0, le=64, description="Threads that decode images (bounds decode CPU and memory)."
     )
