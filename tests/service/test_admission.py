@@ -6,17 +6,25 @@ inference thread where a test needs the queue to fill, so nothing depends on tim
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import httpx
 import numpy as np
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
+from service.app import create_app
+from service.server import uvicorn_config
+from service.settings import Settings
+from tests.conftest import TinyArtifact
 from tests.service.conftest import encode
+from tests.service.live import free_port
 
 PNG = {"content-type": "image/png"}
 
@@ -156,3 +164,55 @@ def test_concurrent_requests_share_one_batch_and_each_gets_its_own_rows(
         for j, result in enumerate(answer):
             assert result["label"] == alone[i + j]["label"]
             assert result["scores"] == pytest.approx(alone[i + j]["scores"], abs=1e-4)
+
+
+def test_client_that_disconnects_while_queued_cancels_its_images(
+    tiny_artifact: TinyArtifact,
+    digits: tuple[np.ndarray, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real uvicorn server (in a thread, so the model can be held): a request waits in the
+    queue behind a held batch, its client hangs up, and its images leave the queue at once."""
+    settings = Settings(
+        model_dir=tiny_artifact.model_dir, default_model=tiny_artifact.name, port=free_port()
+    )
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    held = Held()
+    try:
+        assert spin_until(lambda: server.started and app.state.repository.loaded)
+        detector = app.state.repository.get(tiny_artifact.name)
+        batcher = app.state.plane._batchers[(tiny_artifact.name, 1)]
+        original = detector.run_arrays
+
+        def run(images: np.ndarray) -> dict[str, np.ndarray]:
+            held.entered.set()
+            assert held.gate.wait(30)
+            held.sizes.append(len(images))
+            return original(images)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(detector, "run_arrays", run)
+        png = encode(digits[0][0])
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, f"{url}/v1/predict", content=png, headers=PNG)
+            assert held.entered.wait(30)
+            body = b"".join(encode(image) for image in digits[0][1:2])
+            with socket.create_connection(("127.0.0.1", settings.port), timeout=30) as sock:
+                sock.sendall(
+                    b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                assert spin_until(lambda: batcher._queued == 1)  # waiting behind the gate
+            assert spin_until(lambda: batcher.reserved == 0)  # hung up: the image left
+            held.gate.set()
+            assert first.result(30).status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'route="/v1/predict",status="499"} 1.0' in metrics
+        assert held.sizes == [1]  # the cancelled image never reached the model
+    finally:
+        held.gate.set()
+        server.should_exit = True
+        thread.join(30)
