@@ -28,7 +28,7 @@ from service.dataplane import DataPlane
 from service.detector import Detector
 from service.docs import install_docs
 from service.errors import ClientDisconnected, ServiceError, Unavailable
-from service.guard import Guard, Lifecycle
+from service.guard import Guard
 from service.imaging import configure_pillow
 from service.metrics import Metrics
 from service.repository import ModelRepository
@@ -105,7 +105,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     repository = ModelRepository(settings)
     plane = DataPlane(settings, repository, metrics)
-    lifecycle = Lifecycle()
     access_log = AccessLog(metrics) if settings.access_log else None
 
     def before_ready(detectors: list[Detector]) -> None:
@@ -146,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repository = repository
     app.state.metrics = metrics
     app.state.plane = plane
-    app.state.lifecycle = lifecycle
+    app.state.lifecycle = plane.lifecycle
     app.state.access_log = access_log
     app.include_router(router)
     install_docs(app, settings)
@@ -172,6 +171,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     # --- end of trust and access ---
     app.add_middleware(
-        Guard, metrics=metrics, settings=settings, lifecycle=lifecycle, render=render_error
+        Guard, metrics=metrics, settings=settings, lifecycle=plane.lifecycle, render=render_error
     )
     return app

@@ -1,9 +1,12 @@
 """Dynamic micro-batching for one model version (Triton's dynamic batcher is the reference).
 
 Admission happens before any work: `reserve(count)` counts a request's images against the
-bounded queue (in images) and refuses at once with `QueueFull` when they do not fit, before the
-images are decoded. The reservation holds while the images are decoded and queued; it is given
-back as images go into a batch, or all at once when the request is cancelled, fails or expires.
+bounded queue and refuses at once with `QueueFull` when they do not fit, before the images are
+decoded. The queue is bounded twice: in images (`max_queue_images`) and in expected wait
+(`max_queue_wait`: the queued images divided by the model's measured images per second), so
+accepted requests keep a bounded latency on a fast GPU and on a busy CPU alike. The reservation
+holds while the images are decoded and queued; it is given back as images go into a batch, or
+all at once when the request is cancelled, fails or expires.
 
 One dedicated thread per model runs ONNX Runtime. It takes queued images in arrival order, up to
 `max_batch_size`, possibly a slice of a large request (a request may span batches), and scatters
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -78,6 +82,7 @@ class Batcher:
         max_batch_size: int,
         max_queue_delay: float,
         max_queue_images: int,
+        max_queue_wait: float = 0.0,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
         self.name = name
@@ -85,7 +90,9 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_queue_images = max_queue_images
+        self.max_queue_wait = max_queue_wait
         self._on_batch = on_batch
+        self._rate = 0.0  # images per second of model time, smoothed over recent batches
         self._cond = threading.Condition()
         self._queue: deque[Ticket] = deque()
         self._reserved = 0  # images admitted and not yet taken into a batch
@@ -115,8 +122,20 @@ class Batcher:
                     f"model {self.name} is at capacity ({self._reserved} images queued); "
                     "retry later"
                 )
+            wait = self.expected_wait(count)
+            if wait > self.max_queue_wait > 0 and self._reserved > 0:
+                raise QueueFull(
+                    f"model {self.name} has about {1000 * wait:.0f} ms of work queued "
+                    f"(limit {1000 * self.max_queue_wait:.0f} ms); retry later",
+                    retry_after=max(1, math.ceil(wait)),
+                )
             self._reserved += count
         return Ticket(count, deadline, loop, loop.create_future())
+
+    def expected_wait(self, count: int = 0) -> float:
+        """Seconds of model time for the queued images plus `count` more (0 before any batch
+        ran): the queue is bounded by this, so its wait stays bounded on any hardware."""
+        return (self._reserved + count) / self._rate if self._rate else 0.0
 
     def submit(self, ticket: Ticket, images: np.ndarray) -> None:
         """Queue the decoded images of a reserved ticket (float32 [count, C, H, W])."""
@@ -242,6 +261,8 @@ class Batcher:
                 self._resolve(ticket, error=failure)
             return
         seconds = time.monotonic() - start
+        rate = len(batch) / max(seconds, 1e-6)
+        self._rate = rate if not self._rate else 0.8 * self._rate + 0.2 * rate
         if self._on_batch is not None:
             waits = [start - t.enqueued_at for t, a, _ in slices if a == 0]
             self._on_batch(BatchStats(len(batch), seconds, waits))

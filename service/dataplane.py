@@ -29,16 +29,29 @@ from service.errors import (
     InvalidInput,
     NotReady,
     QueueFull,
+    ServiceError,
     ShuttingDown,
     Unavailable,
 )
-from service.imaging import DecodedImage, decode_image
+from service.guard import Lifecycle
+from service.imaging import (
+    DecodedImage,
+    DecodeLimits,
+    ImageHeader,
+    check_request_pixels,
+    decode_image,
+    probe_image,
+)
 from service.metrics import Metrics
 from service.probers import ProberTracker
 from service.repository import ModelRepository
 from service.settings import Mode, Settings
 
 logger = logging.getLogger(__name__)
+
+# Decoding on the event loop: only this many small images per request, each this small.
+INLINE_MAX_IMAGES = 4
+INLINE_MAX_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -81,8 +94,11 @@ class DataPlane:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics
-        self.draining = False
+        self.lifecycle = Lifecycle()
         self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._limits = DecodeLimits(
+            settings.max_image_side, settings.max_pixels, settings.max_request_pixels
+        )
         self._decode_pool = ThreadPoolExecutor(
             max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
         )
@@ -101,6 +117,7 @@ class DataPlane:
                 max_batch_size=s.max_batch_size,
                 max_queue_delay=s.max_queue_delay,
                 max_queue_images=s.max_queue_images,
+                max_queue_wait=s.max_queue_wait,
                 on_batch=self._batch_observer(detector),
             )
             self._batchers[key] = batcher
@@ -108,12 +125,16 @@ class DataPlane:
             gauge.set_function(functools.partial(getattr, batcher, "reserved"))
 
     def drain(self) -> None:
-        """Refuse new work from now on (SIGTERM); what was admitted still finishes."""
-        self.draining = True
+        """Refuse new requests from now on (SIGTERM); those already in flight still finish."""
+        self.lifecycle.draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self.lifecycle.draining
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work, then stop the inference threads and the decode pool."""
-        self.draining = True
+        self.lifecycle.draining = True
         deadline = None if timeout is None else time.monotonic() + timeout
         for batcher in self._batchers.values():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -127,10 +148,15 @@ class DataPlane:
 
     # -- admission -----------------------------------------------------------------------
 
-    def model(self, name: str | None = None, version: int | None = None) -> Detector:
-        """The model a request names (None: the default model); refuses while draining."""
+    def check_open(self) -> None:
+        """Refuse a NEW request while draining (adapters call this first; HTTP's guard does)."""
         if self.draining:
-            raise ShuttingDown("the service is shutting down; retry on another instance")
+            raise self.refused(
+                ShuttingDown("the service is shutting down; retry on another instance")
+            )
+
+    def model(self, name: str | None = None, version: int | None = None) -> Detector:
+        """The model a request names (None: the default model)."""
         return self.repository.get(name or self.settings.default_model, version)
 
     def _batcher(self, detector: Detector) -> Batcher:
@@ -141,8 +167,6 @@ class DataPlane:
 
     def check_capacity(self, detector: Detector) -> None:
         """Refuse at once, before the body is read, when the model's queue is already full."""
-        if self.draining:
-            raise ShuttingDown("the service is shutting down; retry on another instance")
         batcher = self._batcher(detector)
         if batcher.reserved >= batcher.max_queue_images:
             raise self.refused(QueueFull(f"model {batcher.name} is at capacity; retry later"))
@@ -156,8 +180,6 @@ class DataPlane:
         return arrival + self.settings.request_timeout
 
     def _reserve(self, detector: Detector, count: int, deadline: float) -> Ticket:
-        if self.draining:
-            raise self.refused(ShuttingDown("the service is shutting down"))
         if time.monotonic() >= deadline:
             raise self.refused(DeadlineExceeded("the request's deadline passed before admission"))
         try:
@@ -206,17 +228,32 @@ class DataPlane:
     async def _decode(
         self, images: Sequence[EncodedImage], shape: tuple[int, int, int], deadline: float
     ) -> list[DecodedImage]:
+        """Decode in the bounded pool. Every header is checked first (sizes, modes, the
+        request's pixel budget), so a request over its budget costs no decoding at all."""
         loop = asyncio.get_running_loop()
-        max_pixels = self.settings.max_pixels
+        limits = self._limits
+
+        def probe_all() -> None:
+            headers = [probe_image(image.data, image.what, limits) for image in images]
+            check_request_pixels(headers, limits)
 
         def one(image: EncodedImage) -> DecodedImage:
             if time.monotonic() >= deadline:  # waited too long for a decode thread
                 raise DeadlineExceeded("the request's deadline passed before decoding")
             start = time.perf_counter()
-            decoded = decode_image(image.data, shape, max_pixels, image.what)
+            decoded = decode_image(image.data, shape, limits, image.what)
             self.metrics.decode_duration.observe(time.perf_counter() - start)
             return decoded
 
+        headers = self._inline_headers(images)
+        if headers is not None:
+            # Thumbnails decode in less time than a hop to a pool thread and back costs.
+            check_request_pixels(headers, limits)
+            return [one(image) for image in images]
+        # One image within the per-image limits is within the request's budget too, and
+        # decode_image checks its own header: the separate pass is needed only for several.
+        if len(images) > 1 or limits.max_request_pixels < limits.max_pixels:
+            await loop.run_in_executor(self._decode_pool, probe_all)
         jobs = [loop.run_in_executor(self._decode_pool, one, image) for image in images]
         try:
             return list(await asyncio.gather(*jobs))
@@ -225,6 +262,20 @@ class DataPlane:
         finally:
             for job in jobs:  # on the first failure, the rest need not start
                 job.cancel()
+
+    def _inline_headers(self, images: Sequence[EncodedImage]) -> list[ImageHeader] | None:
+        """The headers when every image is small enough, in bytes and in declared pixels, to
+        decode on the event loop (at most `inline_decode_pixels` each); else None."""
+        most = self.settings.inline_decode_pixels
+        if not most or len(images) > INLINE_MAX_IMAGES:
+            return None
+        if any(len(image.data) > INLINE_MAX_BYTES for image in images):
+            return None
+        try:
+            headers = [probe_image(image.data, image.what, self._limits) for image in images]
+        except ServiceError:
+            return None  # the pool gives the same error; no shortcut for bad input
+        return headers if all(header.pixels <= most for header in headers) else None
 
     async def _infer(self, batcher: Batcher, ticket: Ticket, images: np.ndarray) -> Outputs:
         batcher.submit(ticket, images)

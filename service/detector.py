@@ -196,12 +196,31 @@ def session_options(
     return options
 
 
+_preloaded = False
+
+
+def preload_cuda() -> None:
+    """Load the CUDA/cuDNN libraries that `onnxruntime-gpu[cuda,cudnn]` installed from PyPI
+    (onnxruntime >= 1.21 has `preload_dlls`); without it ORT looks only on the system path."""
+    global _preloaded
+    preload = getattr(ort, "preload_dlls", None)
+    if _preloaded or preload is None:
+        return
+    _preloaded = True
+    try:
+        preload()
+    except Exception as exc:  # missing libraries: ORT then falls back to CPU, checked below
+        logger.warning("onnxruntime.preload_dlls() failed: %s", exc)
+
+
 def create_session(
     model: bytes, providers: Providers, options: ort.SessionOptions
 ) -> ort.InferenceSession:
     """An ORT session on the requested providers. `auto` takes CUDA only when it really loads:
     ORT silently falls back to CPU when the CUDA libraries are missing, so check what it uses."""
     available = ort.get_available_providers()
+    if providers != "cpu" and CUDA in available:
+        preload_cuda()
     if providers == "cuda" and CUDA not in available:
         raise ModelLoadError(f"providers=cuda but this onnxruntime offers only {available}")
     wanted = [CUDA, CPU] if providers != "cpu" and CUDA in available else [CPU]

@@ -67,10 +67,24 @@ class TooManyImages(ServiceError):
 
 
 class ImageTooLarge(ServiceError):
-    """Over the pixel limit, judged from the header before any pixel data is decoded."""
+    """Over the per-image side or pixel limit, judged from the header before decoding."""
 
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     code = "image_too_large"
+
+
+class TooManyPixels(ServiceError):
+    """The request's images declare more pixels in all than its budget; none was decoded."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "too_many_pixels"
+
+
+class UnsupportedImageMode(ServiceError):
+    """A decodable image whose pixel mode a classifier does not take (e.g. 32-bit float)."""
+
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    code = "unsupported_image_mode"
 
 
 class UnsupportedMediaType(ServiceError):

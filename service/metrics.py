@@ -128,11 +128,6 @@ class Metrics:
         )
         for reason in REFUSAL_REASONS:
             self.refused.labels(reason)
-        self.disconnects = Counter(
-            "rcegate_client_disconnects",
-            "Requests whose client went away before the answer (logged as status 499).",
-            registry=r,
-        )
         self.detection_score: Histogram | None = None
         # --- Trust and access (issue 12) ---
         self.flagged_clients = Gauge(

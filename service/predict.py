@@ -12,6 +12,7 @@ import dataclasses
 import time
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from models.manifest import METRICS
 from service.dataplane import DataPlane, EncodedImage, Prediction, PredictOptions
@@ -23,7 +24,9 @@ from service.schemas import DecisionInfo, ImageResult, ImageSize, PredictRespons
 
 async def predict(
     plane: DataPlane, detector: Detector, options: PredictOptions, request: Request
-) -> PredictResponse:
+) -> Response:
+    """Answer a v1 predict request. The body is serialised once here (the route's
+    `response_model` documents it), not validated again by the framework."""
     arrival = time.monotonic()
     options = dataclasses.replace(options, client=request.scope.get("state", {}).get("client"))
     detector.decision(options.target_fpr)  # an invalid target_fpr fails before the body
@@ -33,7 +36,8 @@ async def predict(
     images = [EncodedImage(u.data, u.describe(i)) for i, u in enumerate(uploads)]
     async with cancel_on_disconnect(request.receive):
         prediction = await plane.predict_encoded(detector, images, options, plane.deadline(arrival))
-    return response(prediction, uploads, s.withhold_rejected)
+    body = response(prediction, uploads, s.withhold_rejected).model_dump_json()
+    return Response(body, media_type="application/json")
 
 
 def response(

@@ -81,7 +81,7 @@ _PREDICT: dict[str, Any] = {
 )
 async def predict_named(
     detector: NamedDetectorDep, options: OptionsDep, plane: PlaneDep, request: Request
-) -> PredictResponse:
+) -> Response:
     return await predict(plane, detector, options, request)
 
 
@@ -90,14 +90,14 @@ async def predict_named(
 )
 async def predict_versioned(
     detector: VersionedDetectorDep, options: OptionsDep, plane: PlaneDep, request: Request
-) -> PredictResponse:
+) -> Response:
     return await predict(plane, detector, options, request)
 
 
 @router.post("/v1/predict", summary="Predict with the default model", **_PREDICT)
 async def predict_default(
     detector: DefaultDetectorDep, options: OptionsDep, plane: PlaneDep, request: Request
-) -> PredictResponse:
+) -> Response:
     return await predict(plane, detector, options, request)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.dataplane import DataPlane
@@ -72,7 +73,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
         super().__init__(config)
         self._plane: DataPlane = app.state.plane
-        self._lifecycle: Lifecycle = app.state.lifecycle
+        self._lifecycle: Lifecycle = self._plane.lifecycle
         self._drain_seconds = drain_seconds
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,7 +87,6 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # a second signal: exit now
             self.force_exit = True
             return
-        self._lifecycle.draining = True
         self._plane.drain()
         logger.info(
             "signal %d: draining (ready is 503, new requests refused) for at most %g s",
@@ -110,10 +110,10 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
-    """Run the app with the service's connection limits and graceful drain."""
+def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """uvicorn as `rcegate serve` runs it (the benchmark's echo floor uses the same)."""
     GuardedH11Protocol.header_timeout = settings.header_timeout
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -126,4 +126,8 @@ def serve(app: FastAPI, settings: Settings) -> None:
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=1,  # the drain already waited for the requests in flight
     )
-    DrainingServer(config, app, settings.drain_seconds).run()
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Run the app with the service's connection limits and graceful drain."""
+    DrainingServer(uvicorn_config(app, settings), app, settings.drain_seconds).run()

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import models
@@ -59,8 +59,20 @@ class Settings(BaseSettings):
         gt=0,
         description="Images admitted per model (being decoded or queued); beyond that, 503.",
     )
+    max_queue_wait: float = Field(
+        0.1,
+        ge=0,
+        description="Seconds of model work that may be queued per model (queued images / "
+        "measured images per second); a request beyond it gets 503. 0 = no such bound.",
+    )
     request_timeout: float = Field(
         10.0, gt=0, description="Deadline of one request in seconds, from its arrival."
+    )
+    inline_decode_pixels: int = Field(
+        4096,
+        ge=0,
+        description="Images declaring at most this many pixels (and of at most 16 KiB, at "
+        "most 4 per request) decode on the event loop instead of the pool; 0 = never.",
     )
     decode_workers: int = Field(
         2, gt=0, le=64, description="Threads that decode images (bounds decode CPU and memory)."
@@ -99,8 +111,23 @@ class Settings(BaseSettings):
         20 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes."
     )
     max_images: int = Field(64, gt=0, description="Most images in one request.")
+    # Decoding limits, all judged from image headers before any pixel is decoded. Defaults sized
+    # for a classifier whose inputs are at most a few hundred pixels a side: 2048 x 2048 is a
+    # 1080p or 1440p frame with room to spare, and its decoded samples take at most 16 MiB
+    # (RGBA/CMYK, 4 bytes a pixel). The request budget is four such images (64 MiB of samples if
+    # a pool held them all at once; ours decodes one image at a time per worker).
     max_pixels: int = Field(
-        4096 * 4096, gt=0, description="Most pixels (width x height) in one decoded image."
+        2048 * 2048,
+        gt=0,
+        description="Most pixels (width x height) one image may declare; also Pillow's limit.",
+    )
+    max_image_side: int = Field(
+        4096, gt=0, description="Most pixels one image may declare in width or in height."
+    )
+    max_request_pixels: int = Field(
+        4 * 2048 * 2048,
+        gt=0,
+        description="Most pixels all images of one request may declare together.",
     )
     target_fpr: float | None = Field(
         None,
@@ -184,3 +211,13 @@ class Settings(BaseSettings):
         return keys
 
     # --- end of trust and access ---
+
+    @model_validator(mode="after")
+    def _request_fits_the_queue(self) -> Settings:
+        # A request larger than the queue could never be admitted: refuse such a setup.
+        if self.max_images > self.max_queue_images:
+            raise ValueError(
+                f"max_images ({self.max_images}) must not exceed max_queue_images "
+                f"({self.max_queue_images})"
+            )
+        return self

@@ -20,6 +20,7 @@ HISTOGRAMS = {
     "rcegate_inference_duration_seconds",
     "rcegate_batch_size",
     "rcegate_http_request_duration_seconds",
+    "rcegate_queue_wait_seconds",
 }
 METRICS = HISTOGRAMS | {
     "rcegate_images_total",
@@ -28,6 +29,12 @@ METRICS = HISTOGRAMS | {
     "rcegate_model_info",
     "rcegate_http_requests_total",
     "rcegate_requests_in_flight",
+    "rcegate_queue_images",
+    "rcegate_requests_refused_total",
+    # trust and access (issue 12)
+    "rcegate_flagged_clients",
+    "rcegate_prober_flags_total",
+    "rcegate_access_log_dropped_total",
 }
 # Series names that PromQL may use: histograms expose _bucket, _sum and _count.
 SERIES = (METRICS - HISTOGRAMS) | {

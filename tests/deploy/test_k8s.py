@@ -141,3 +141,22 @@ def test_prometheus_can_find_the_pods() -> None:
 def test_manifests_parse_as_single_documents() -> None:
     for path in sorted(K8S.rglob("*.yaml")):
         assert len(load_yaml_documents(Path(path))) == 1, path
+
+
+def _seconds(value: str) -> float:
+    return float(value.removesuffix("s"))
+
+
+def test_the_drain_ends_before_the_orchestrators_kill() -> None:
+    """rcegate drains for at most RCEGATE_DRAIN_SECONDS after SIGTERM; Kubernetes and compose
+    send SIGKILL after their grace period, so the drain must end well before it."""
+    from service.settings import Settings
+
+    deployment = load_yaml(DEPLOY / "k8s" / "deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    drain = float(env.get("RCEGATE_DRAIN_SECONDS", Settings().drain_seconds))
+    assert drain + 5 <= pod["terminationGracePeriodSeconds"]
+    service = load_yaml(ROOT / "docker-compose.yml")["services"]["rcegate"]
+    compose_drain = float(service["environment"].get("RCEGATE_DRAIN_SECONDS", drain))
+    assert compose_drain + 5 <= _seconds(service["stop_grace_period"])

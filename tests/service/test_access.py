@@ -220,3 +220,20 @@ def test_openapi_schema_states_the_limits(make_client: Callable[..., TestClient]
     assert "401" in predict["responses"]
     assert "401" not in schema["paths"]["/health/live"]["get"]["responses"]
     assert "head" in schema["paths"]["/health/live"]
+
+
+def test_api_keys_come_from_the_environment_as_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    monkeypatch.setenv("RCEGATE_API_KEYS", json.dumps(KEYS))
+    monkeypatch.setenv("RCEGATE_METRICS_REQUIRE_KEY", "true")
+    settings = Settings()
+    assert settings.api_keys == KEYS and settings.metrics_require_key
+    monkeypatch.setenv("RCEGATE_API_KEYS", json.dumps({"ci": KEY}))  # the key, not its hash
+    with pytest.raises(ValidationError, match="give the sha256 of the key"):
+        Settings()
+    monkeypatch.setenv("RCEGATE_API_KEYS", json.dumps({"bad id": KEYS["ci"]}))
+    with pytest.raises(ValidationError, match="api key id 'bad id'"):
+        Settings()

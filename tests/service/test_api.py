@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -243,3 +244,22 @@ def test_inference_runs_off_the_event_loop(
         finally:
             release.set()
         assert prediction.result(timeout=30).status_code == 200
+
+
+def test_small_images_decode_the_same_on_the_event_loop_and_in_the_pool(
+    make_client: Callable[..., TestClient], digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    pngs = [encode(image) for image in digits[0][:3]]
+    files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)]
+    inline = make_client()  # 28x28 digits are under the inline limit of 4096 pixels
+    pooled = make_client(inline_decode_pixels=0)
+    answers = [c.post("/v1/predict", files=files).json()["predictions"] for c in (inline, pooled)]
+    assert len(answers[0]) == 3
+    assert answers[0] == answers[1]
+    decoded = [
+        c.get("/metrics").text.count("rcegate_decode_duration_seconds_count 3.0")
+        for c in (inline, pooled)
+    ]
+    assert decoded == [1, 1]  # both paths decode and time every image
+    pools = [c.app.state.plane._decode_pool._threads for c in (inline, pooled)]  # type: ignore[attr-defined]
+    assert [len(p) > 0 for p in pools] == [False, True]  # the pool started only when used

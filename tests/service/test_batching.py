@@ -265,3 +265,24 @@ def test_closing_finishes_queued_work_and_refuses_new_tickets() -> None:
         await asyncio.to_thread(closer.join, 30)
 
     run(scenario)
+
+
+def test_queue_is_bounded_by_expected_wait_but_never_refuses_into_an_empty_queue() -> None:
+    model = Model()
+    batcher = make(model, max_queue_wait=1e-9)  # any queued work is over this bound
+
+    async def scenario() -> None:
+        assert batcher.expected_wait(1) == 0.0  # no batch ran yet: no estimate, no refusal
+        warm = batcher.reserve(2, time.monotonic() + FAR)
+        batcher.submit(warm, images([1, 2]))
+        await warm.future
+        assert batcher.expected_wait(1) > 0  # the model's speed is now measured
+        model.gate.clear()
+        first = batcher.reserve(3, time.monotonic() + FAR)  # empty queue: always admitted
+        with pytest.raises(QueueFull, match="ms of work queued") as refused:
+            batcher.reserve(1, time.monotonic() + FAR)
+        assert refused.value.headers["Retry-After"] == "1"
+        batcher.cancel(first)
+        batcher.reserve(1, time.monotonic() + FAR)
+
+    run(scenario)

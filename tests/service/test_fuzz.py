@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import struct
-import subprocess
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -19,8 +17,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
 
-from tests.conftest import ROOT, TinyArtifact
-from tests.service.test_server import RCEGATE, free_port, wait_ready
+from tests.conftest import TinyArtifact
+from tests.service.live import live_server
 
 logger = logging.getLogger(__name__)
 SEED = 20261128
@@ -31,34 +29,14 @@ ALLOWED = {200, 400, 404, 405, 408, 413, 415, 422}
 @pytest.fixture(scope="module")
 def live(tiny_artifact: TinyArtifact, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`rcegate serve` over the tiny artifact on a free loopback port."""
-    port = free_port()
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
-    env |= {
-        "RCEGATE_MODEL_DIR": str(tiny_artifact.model_dir),
-        "RCEGATE_DEFAULT_MODEL": tiny_artifact.name,
-        "RCEGATE_MAX_IMAGES": "8",
-        "RCEGATE_MAX_PIXELS": str(2048 * 2048),
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(RCEGATE), "serve", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, log)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with live_server(
+        log,
+        model_dir=str(tiny_artifact.model_dir),
+        default_model=tiny_artifact.name,
+        max_images="8",
+    ) as server:
+        yield server.url
     assert "Traceback" not in log.read_text(), log.read_text()[-5000:]
 
 

@@ -27,6 +27,26 @@ def test_defaults_serve_the_project_models_on_loopback(monkeypatch: pytest.Monke
     assert (settings.providers, settings.mode, settings.target_fpr) == ("auto", "annotate", None)
 
 
+def test_decoding_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RCEGATE_MAX_PIXELS", "1000000")
+    monkeypatch.setenv("RCEGATE_MAX_IMAGE_SIDE", "2000")
+    monkeypatch.setenv("RCEGATE_MAX_REQUEST_PIXELS", "3000000")
+    settings = Settings()
+    assert (settings.max_pixels, settings.max_image_side, settings.max_request_pixels) == (
+        1_000_000,
+        2000,
+        3_000_000,
+    )
+    for name in ("MAX_PIXELS", "MAX_IMAGE_SIDE", "MAX_REQUEST_PIXELS"):
+        monkeypatch.delenv(f"RCEGATE_{name}")
+    settings = Settings()
+    assert (settings.max_pixels, settings.max_image_side, settings.max_request_pixels) == (
+        2048 * 2048,
+        4096,
+        4 * 2048 * 2048,
+    )
+
+
 def test_factory_without_arguments_reads_the_environment(
     monkeypatch: pytest.MonkeyPatch, tiny_artifact: TinyArtifact
 ) -> None:
@@ -41,7 +61,14 @@ def test_factory_without_arguments_reads_the_environment(
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("PROVIDERS", "tpu"), ("MODE", "strict"), ("TARGET_FPR", "1.5"), ("MAX_IMAGES", "0")],
+    [
+        ("PROVIDERS", "tpu"),
+        ("MODE", "strict"),
+        ("TARGET_FPR", "1.5"),
+        ("MAX_IMAGES", "0"),
+        ("MAX_IMAGE_SIDE", "0"),
+        ("MAX_REQUEST_PIXELS", "-1"),
+    ],
 )
 def test_invalid_environment_value_fails_at_start(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
