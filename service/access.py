@@ -37,8 +37,9 @@ from service.guard import RenderError
 from service.metrics import Metrics
 from service.settings import Settings
 
-# Always open: probes must work without credentials.
-HEALTH_PREFIXES = ("/health/", "/v2/health/")
+# Always open: probes must work without credentials. Exact paths, not prefixes, so no other
+# path can ever fall under them.
+HEALTH_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
 METRICS_PATH = "/metrics"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _MAX_LOGGED_PATH = 256
@@ -177,7 +178,7 @@ class AccessLayer:
         return f"{self._prefix}{next(self._counter):016x}"
 
     def needs_key(self, path: str) -> bool:
-        if not self.keys.enabled or path.startswith(HEALTH_PREFIXES):
+        if not self.keys.enabled or path in HEALTH_PATHS:
             return False
         return not (path == METRICS_PATH and self.metrics_open)
 

@@ -64,6 +64,8 @@ def test_keys_guard_v1_and_docs_but_not_health(
         ("GET", "/openapi.json"),
         ("GET", "/docs"),
         ("GET", "/nowhere"),  # no key, no way to tell which paths exist
+        ("GET", "/health/live/../../v1/models"),  # not a health path, whatever it resolves to
+        ("GET", "/health/other"),
         ("POST", "/v2/models/tiny/infer"),
     ):
         response = client.request(method, path)
