@@ -28,6 +28,8 @@ from service.errors import ClientDisconnected, ServiceError, Unavailable
 from service.guard import Guard, Lifecycle
 from service.imaging import configure_pillow
 from service.metrics import Metrics
+from service.oip.rest import oip_errors, oip_render
+from service.oip.rest import router as oip_router
 from service.repository import ModelRepository
 from service.routes import router
 from service.schemas import ErrorBody, ErrorDetail
@@ -135,10 +137,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.plane = plane
     app.state.lifecycle = lifecycle
     app.include_router(router)
+    app.include_router(oip_router)  # Open Inference Protocol v2 over REST (service/oip)
     handled = (ServiceError, RequestValidationError, HTTPException, ClientDisconnect, Exception)
     for exc_class in handled:
-        app.add_exception_handler(exc_class, handle_error)
+        # /v2 answers errors in the protocol's shape `{"error": "..."}`; v1 is unchanged.
+        app.add_exception_handler(exc_class, oip_errors(handle_error))
     app.add_middleware(
-        Guard, metrics=metrics, settings=settings, lifecycle=lifecycle, render=render_error
+        Guard,
+        metrics=metrics,
+        settings=settings,
+        lifecycle=lifecycle,
+        render=oip_render(render_error),
     )
     return app
