@@ -149,6 +149,7 @@ def served(model_dir: Path, name: str, pngs: list[bytes]) -> Iterator[dict[str, 
     url = f"http://127.0.0.1:{port}"
     rcegate = Path(sys.executable).with_name("rcegate")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
+    env["RCEGATE_GRPC_PORT"] = "0"  # v1 only: never collide on the default gRPC port
     command = [str(rcegate), "serve", "--port", str(port), "--model-dir", str(model_dir)]
     command += ["--default-model", name]
     with tempfile.TemporaryFile() as log:

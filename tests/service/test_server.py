@@ -51,6 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
+    env["RCEGATE_GRPC_PORT"] = "0"  # v1 only: never collide on the default gRPC port
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(RCEGATE), "serve", "--port", str(port)],
