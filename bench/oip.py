@@ -7,8 +7,9 @@ own process:
 
 - Triton's `perf_analyzer` (scripts/perf-analyzer) over OIP REST (binary tensor data, its
   default) and OIP gRPC, synchronous requests at each concurrency;
-- a Python asyncio + httpx client for v1 (perf_analyzer cannot speak v1), and the same client
-  posting OIP binary requests, so v1 and OIP are also compared with the same client cost.
+- a minimal asyncio HTTP/1.1 client sending prebuilt requests, for v1 (perf_analyzer cannot
+  speak v1) and for OIP binary requests, so v1 and OIP are also compared with the same client,
+  one cheap enough (no HTTP library) that the server, not the client, sets the pace.
 
 Configurations run interleaved in `--rounds` rounds (each round in another order) because the
 2 shared cores are noisy; the table shows the median images/s per configuration and
@@ -65,9 +66,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the server process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def images_answered(url: str) -> float:
+    """rcegate_images_total summed over its labels: the images the server answered."""
+    text = httpx.get(f"http://{url}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("rcegate_images_total{")
+    )
+
+
 @contextmanager
-def served() -> Iterator[tuple[str, str]]:
-    """`rcegate serve` with OIP gRPC: ("127.0.0.1:http", "127.0.0.1:grpc")."""
+def served() -> Iterator[tuple[str, str, int]]:
+    """`rcegate serve` with OIP gRPC: ("127.0.0.1:http", "127.0.0.1:grpc", pid)."""
     http_port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
     env["RCEGATE_GRPC_PORT"] = str(grpc_port)
@@ -92,7 +109,7 @@ def served() -> Iterator[tuple[str, str]]:
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)  # polling for readiness, not timing anything
-            yield f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+            yield f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", process.pid
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -120,30 +137,47 @@ def perf_analyzer(
     return float(row["Inferences/Second"])
 
 
-def python_client(
+def raw_client(
     url: str, bodies: list[tuple[str, bytes, dict[str, str]]], concurrency: int, seconds: float
 ) -> float:
-    """Images/s of `concurrency` asyncio workers posting one-image bodies for `seconds`."""
+    """Images/s of `concurrency` keep-alive connections posting prebuilt one-image requests for
+    `seconds` (asyncio streams, HTTP/1.1 by hand: far cheaper per request than an HTTP client
+    library, so the figure is the server's, not the client's)."""
+    host, port = url.split(":")
+    requests = []
+    for path, body, headers in bodies:
+        head = f"POST {path} HTTP/1.1\r\nhost: {url}\r\ncontent-length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        requests.append(head.encode() + b"\r\n" + body)
 
     async def run() -> float:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(base_url=f"http://{url}", limits=limits, timeout=60) as c:
-            done = 0
-            stop = time.perf_counter() + seconds
+        done = 0
+        stop = time.perf_counter() + seconds
 
-            async def worker(offset: int) -> None:
-                nonlocal done
-                i = offset
+        async def worker(offset: int) -> None:
+            nonlocal done
+            reader, writer = await asyncio.open_connection(host, int(port))
+            i = offset
+            try:
                 while time.perf_counter() < stop:
-                    path, body, headers = bodies[i % len(bodies)]
-                    response = await c.post(path, content=body, headers=headers)
-                    response.raise_for_status()
+                    writer.write(requests[i % len(requests)])
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    if not head.startswith(b"HTTP/1.1 200"):
+                        raise SystemExit(f"refused: {head.decode(errors='replace')}")
+                    length = next(
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    )
+                    await reader.readexactly(length)
                     done += 1
                     i += concurrency
+            finally:
+                writer.close()
 
-            start = time.perf_counter()
-            await asyncio.gather(*(worker(k) for k in range(concurrency)))
-            return done / (time.perf_counter() - start)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        return done / (time.perf_counter() - start)
 
     return asyncio.run(run())
 
@@ -183,7 +217,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     pngs, tensors = digits(64)
-    with tempfile.TemporaryDirectory() as tmp, served() as (http_url, grpc_url):
+    with tempfile.TemporaryDirectory() as tmp, served() as (http_url, grpc_url, pid):
         data = Path(tmp) / "digits.json"
         rows = [
             {"images": {"content": t.ravel().tolist(), "shape": list(t.shape)}} for t in tensors
@@ -191,8 +225,10 @@ def main() -> None:
         data.write_text(json.dumps({"data": rows}))
         out = Path(tmp) / "perf.csv"
         configs: dict[str, Callable[[int], float]] = {
-            "v1 PNG (httpx)": lambda c: python_client(http_url, v1_bodies(pngs), c, args.seconds),
-            "OIP REST binary (httpx)": lambda c: python_client(
+            "v1 PNG (raw HTTP client)": lambda c: raw_client(
+                http_url, v1_bodies(pngs), c, args.seconds
+            ),
+            "OIP REST binary (raw HTTP client)": lambda c: raw_client(
                 http_url, oip_bodies(tensors), c, args.seconds
             ),
             "OIP REST binary (perf_analyzer)": lambda c: perf_analyzer(
@@ -202,8 +238,11 @@ def main() -> None:
                 grpc_url, "grpc", data, c, args.seconds, out
             ),
         }
-        python_client(http_url, v1_bodies(pngs), 4, 1.0)  # warm-up
+        raw_client(http_url, v1_bodies(pngs), 4, 1.0)  # warm-up
         figures: dict[str, dict[int, list[float]]] = {
+            name: {c: [] for c in args.concurrency} for name in configs
+        }
+        cpu: dict[str, dict[int, list[float]]] = {
             name: {c: [] for c in args.concurrency} for name in configs
         }
         names = list(configs)
@@ -211,26 +250,38 @@ def main() -> None:
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
             for concurrency in args.concurrency:
                 for name in order:
+                    cpu_before, images_before = server_cpu_seconds(pid), images_answered(http_url)
                     rate = configs[name](concurrency)
+                    images = images_answered(http_url) - images_before
+                    per_image = 1000 * (server_cpu_seconds(pid) - cpu_before) / max(images, 1)
                     figures[name][concurrency].append(rate)
-                    print(f"round {round_ + 1} c={concurrency:<3d} {name:34s} {rate:8.1f} images/s")
+                    cpu[name][concurrency].append(per_image)
+                    print(
+                        f"round {round_ + 1} c={concurrency:<3d} {name:36s} {rate:8.1f} images/s"
+                        f" {per_image:6.2f} server CPU ms/image",
+                        flush=True,
+                    )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"\n{MODEL}, one image per request, {args.rounds} interleaved rounds of "
         f"{args.seconds:g} s, {os.cpu_count()} CPUs, load average now {load}"
     )
-    print("median images/s (min-max over rounds)")
-    header = " | ".join(f"concurrency {c}" for c in args.concurrency)
-    print(f"| configuration | {header} |")
-    print("|---|" + "---|" * len(args.concurrency))
-    for name in names:
-        cells = []
-        for c in args.concurrency:
-            values = figures[name][c]
-            cells.append(f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})")
-        print(f"| {name} | {' | '.join(cells)} |")
+    for title, table, digits_ in (
+        ("images/s", figures, 0),
+        ("server CPU ms per image (user + system, all threads)", cpu, 2),
+    ):
+        print(f"\nmedian {title} (min-max over rounds)")
+        header = " | ".join(f"concurrency {c}" for c in args.concurrency)
+        print(f"| configuration | {header} |")
+        print("|---|" + "---|" * len(args.concurrency))
+        for name in names:
+            cells = []
+            for c in args.concurrency:
+                v, d = table[name][c], digits_
+                cells.append(f"{statistics.median(v):.{d}f} ({min(v):.{d}f}-{max(v):.{d}f})")
+            print(f"| {name} | {' | '.join(cells)} |")
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        args.json.write_text(json.dumps({"images_per_s": figures, "cpu_ms": cpu}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,13 @@ from service.dataplane import Prediction, PredictOptions
 from service.errors import InvalidInput, TooManyImages
 
 INPUT_DATATYPE = "FP32"
-# OIP datatype names of the numpy dtypes the graph produces (and of its one input).
-DATATYPES: dict[str, str] = {"float32": "FP32", "int64": "INT64", "bool": "BOOL"}
+# OIP datatype names of the numpy dtypes the graph produces (and of its one input); keyed by
+# dtype, not `dtype.name`, which numpy computes in Python on every access.
+DATATYPES: dict[np.dtype[Any], str] = {
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.bool_): "BOOL",
+}
 # Bytes per element of every OIP datatype, for messages about a datatype we do not take.
 _ITEMSIZE = {
     "BOOL": 1,
@@ -212,7 +217,7 @@ def response_parameters(prediction: Prediction) -> dict[str, Any]:
 
 
 def datatype_of(array: np.ndarray) -> str:
-    return DATATYPES[array.dtype.name]
+    return DATATYPES[array.dtype]
 
 
 def little_endian_bytes(array: np.ndarray) -> bytes:
