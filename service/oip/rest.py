@@ -88,34 +88,52 @@ def _detector(plane: DataPlane, name: str, version: str | None) -> Detector:
 
 
 @router.get("/models/{name}", summary="Model metadata (newest version)")
+async def get_model(name: str, plane: PlaneDep, repository: RepositoryDep) -> dict[str, Any]:
+    return model_metadata(_detector(plane, name, None), repository)
+
+
 @router.get("/models/{name}/versions/{version}", summary="Model metadata")
-async def get_model(
-    name: str, plane: PlaneDep, repository: RepositoryDep, version: str | None = None
+async def get_model_version(
+    name: str, version: str, plane: PlaneDep, repository: RepositoryDep
 ) -> dict[str, Any]:
     return model_metadata(_detector(plane, name, version), repository)
 
 
-@router.get("/models/{name}/ready", summary="Model readiness")
+@router.get("/models/{name}/ready", summary="Model readiness (newest version)")
+async def model_ready(name: str, plane: PlaneDep) -> dict[str, Any]:
+    return {"name": _detector(plane, name, None).name, "ready": True}
+
+
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version readiness")
-async def model_ready(name: str, plane: PlaneDep, version: str | None = None) -> dict[str, Any]:
-    detector = _detector(plane, name, version)
-    return {"name": detector.name, "ready": True}
+async def model_version_ready(name: str, version: str, plane: PlaneDep) -> dict[str, Any]:
+    return {"name": _detector(plane, name, version).name, "ready": True}
 
 
-@router.get("/models/{name}/config", summary="Triton-style model configuration")
-@router.get("/models/{name}/versions/{version}/config", summary="Triton-style model configuration")
-async def get_config(
-    name: str, plane: PlaneDep, settings: SettingsDep, version: str | None = None
+@router.get("/models/{name}/config", summary="Triton model configuration (newest version)")
+async def get_config(name: str, plane: PlaneDep, settings: SettingsDep) -> dict[str, Any]:
+    return model_config(_detector(plane, name, None), settings)
+
+
+@router.get("/models/{name}/versions/{version}/config", summary="Triton model configuration")
+async def get_version_config(
+    name: str, version: str, plane: PlaneDep, settings: SettingsDep
 ) -> dict[str, Any]:
     return model_config(_detector(plane, name, version), settings)
 
 
-@router.get("/models/{name}/stats", summary="Inference statistics (see /metrics)")
-@router.get("/models/{name}/versions/{version}/stats", summary="Inference statistics")
-async def get_stats(name: str, plane: PlaneDep, version: str | None = None) -> dict[str, Any]:
-    detector = _detector(plane, name, version)
-    # rcegate's statistics are its Prometheus metrics; Triton's clients accept an empty list.
+def _stats(detector: Detector) -> dict[str, Any]:
+    # rcegate's statistics are its Prometheus metrics; Triton's clients accept an empty entry.
     return {"model_stats": [{"name": detector.name, "version": str(detector.version)}]}
+
+
+@router.get("/models/{name}/stats", summary="Inference statistics (see /metrics)")
+async def get_stats(name: str, plane: PlaneDep) -> dict[str, Any]:
+    return _stats(_detector(plane, name, None))
+
+
+@router.get("/models/{name}/versions/{version}/stats", summary="Inference statistics")
+async def get_version_stats(name: str, version: str, plane: PlaneDep) -> dict[str, Any]:
+    return _stats(_detector(plane, name, version))
 
 
 _INFER: dict[str, Any] = {
@@ -134,10 +152,18 @@ _INFER: dict[str, Any] = {
 
 
 @router.post("/models/{name}/infer", summary="Inference (newest version)", **_INFER)
+async def post_infer(name: str, plane: PlaneDep, request: Request) -> Response:
+    return await _counted(plane, name, None, request)
+
+
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference", **_INFER)
-async def post_infer(
-    name: str, plane: PlaneDep, request: Request, version: str | None = None
+async def post_version_infer(
+    name: str, version: str, plane: PlaneDep, request: Request
 ) -> Response:
+    return await _counted(plane, name, version, request)
+
+
+async def _counted(plane: DataPlane, name: str, version: str | None, request: Request) -> Response:
     error: BaseException | None = None
     try:
         return await _infer(plane, name, version, request)
