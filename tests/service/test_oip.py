@@ -486,6 +486,29 @@ def test_grpc_refusals(oip_server: tuple[str, str]) -> None:
     assert ("retry-after", "1") in (error.trailing_metadata() or ())  # type: ignore[attr-defined]
 
 
+def test_grpc_fp32_contents_answer_as_raw_input(
+    oip_server: tuple[str, str], pngs: list[bytes]
+) -> None:
+    images = decode_pngs(pngs[:3])
+    request = service_pb2.ModelInferRequest(model_name=MODEL, id="typed")
+    tensor_ = request.inputs.add(name="images", datatype="FP32", shape=list(images.shape))
+    tensor_.contents.fp32_contents.extend(images.ravel().tolist())
+    request.outputs.add(name="label")
+    with grpc.insecure_channel(oip_server[1]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(request, timeout=30)
+        tensor_.contents.ClearField("fp32_contents")
+        tensor_.contents.fp64_contents.extend([0.5] * images.size)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=30)
+    assert response.id == "typed"
+    assert [o.name for o in response.outputs] == ["label", "accepted", "log_kd"]
+    label = np.frombuffer(response.raw_output_contents[0], "<i8")
+    np.testing.assert_array_equal(label, grpc_infer(oip_server[1], images).as_numpy("label"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must use fp32_contents, not fp64_contents" in str(caught.value.details())
+
+
 def test_metrics_count_requests_by_protocol(oip_server: tuple[str, str]) -> None:
     ok = np.full((1, 1, 28, 28), 0.1, np.float32)
     http_infer(oip_server[0], ok)
