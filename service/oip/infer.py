@@ -8,6 +8,7 @@ before admission, admission before any inference.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,8 @@ def count(metrics: Metrics, protocol: str, error: BaseException | None) -> None:
     """One inference request by protocol and outcome (`ok` or the error's stable code)."""
     if error is None:
         status = "ok"
+    elif isinstance(error, asyncio.CancelledError):  # a gRPC client cancelled or went away
+        status = "client_disconnected"
     elif isinstance(error, ServiceError):
         status = error.code
     else:
