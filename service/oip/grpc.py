@@ -293,8 +293,9 @@ def _instrumented(method: str, rpc: Rpc, metrics: Metrics) -> Rpc:
                 await context.abort(code, "internal server error")
             await context.abort(code, exc.message, trailing_metadata=trailing)
             raise  # abort raised already; this line only tells mypy
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client cancelled or went away: its images are freed
             code = grpc.StatusCode.CANCELLED
+            metrics.disconnects.inc()
             raise
         except aio.AbortError:
             raise
