@@ -181,7 +181,8 @@ async def _infer(plane: DataPlane, name: str, version: str | None, request: Requ
     s = plane.settings
     body = await read_body(request, s.max_body_bytes)
     header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-    decoded = decode_request(header, binary, detector, s.max_images)
+    framed = HEADER_LENGTH in request.headers
+    decoded = decode_request(header, binary, detector, s.max_images, framed)
     async with cancel_on_disconnect(request.receive):
         answer = await infer(plane, detector, decoded.request, plane.deadline(arrival))
     return encode_response(answer, decoded.binary_outputs)
@@ -253,12 +254,13 @@ def _flag(parameters: dict[str, Any], key: str, what: str) -> bool | None:
 
 
 def decode_request(
-    header: bytes, binary: memoryview, detector: Detector, max_images: int
+    header: bytes, binary: memoryview, detector: Detector, max_images: int, framed: bool = True
 ) -> DecodedRest:
     try:
         document = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"the inference request is not valid JSON: {exc}") from None
+        hint = "" if framed else " (binary tensor data needs Inference-Header-Content-Length)"
+        raise InvalidInput(f"the inference request is not valid JSON: {exc}{hint}") from None
     body = _object(document, "the inference request")
     request_id = body.get("id", "")
     if not isinstance(request_id, str):

@@ -393,6 +393,9 @@ def test_rest_refusals_of_the_framing(oip_server: tuple[str, str]) -> None:
     response = httpx.post(url, content=b"{not json")
     assert response.status_code == 400
     assert response.json()["error"].startswith("the inference request is not valid JSON")
+    assert response.json()["error"].endswith(
+        "(binary tensor data needs Inference-Header-Content-Length)"
+    )
     response = httpx.post(url, content=b"{}", headers={"Inference-Header-Content-Length": "9"})
     assert response.json() == {
         "error": "Inference-Header-Content-Length 9 does not fit a body of 2 bytes"
