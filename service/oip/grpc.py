@@ -31,7 +31,13 @@ from grpc import aio
 
 from service.dataplane import DataPlane
 from service.detector import Detector
-from service.errors import InvalidInput, ServiceError, TooManyRequests, Unavailable
+from service.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ServiceError,
+    TooManyRequests,
+    Unavailable,
+)
 from service.guard import Lifecycle
 from service.metrics import Metrics
 from service.oip import oip_pb2 as pb
@@ -195,7 +201,10 @@ class InferenceService:
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> Message:  # noqa: N802
         if self.lifecycle.draining or not self.repository.ready:
             return pb.ModelReadyResponse(ready=False)
-        self._model(request.name, request.version)  # NOT_FOUND for an unknown model
+        try:
+            self._model(request.name, request.version)
+        except ModelNotFound:  # not ready, as tritonclient.http reports a 404 here
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> Message:  # noqa: N802

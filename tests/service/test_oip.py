@@ -165,7 +165,10 @@ def test_unknown_model_and_version(oip_server: tuple[str, str]) -> None:
     http = thttp.InferenceServerClient(oip_server[0])
     with pytest.raises(InferenceServerException, match="'nope' is not loaded"):
         http.get_model_metadata("nope")
-    assert not http.is_model_ready(MODEL, "7")
+    grpc_client = tgrpc.InferenceServerClient(oip_server[1])
+    for client in (http, grpc_client):
+        assert not client.is_model_ready(MODEL, "7")
+        assert not client.is_model_ready("nope")
     with pytest.raises(InferenceServerException, match="no loaded version 7"):
         http.get_model_metadata(MODEL, "7")
     with pytest.raises(InferenceServerException, match="'nope' is not loaded") as caught:
