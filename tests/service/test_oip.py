@@ -27,8 +27,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from models.manifest import OUTPUT_NAMES, Manifest
+from service.errors import ShuttingDown
 from service.oip import oip_pb2
-from service.oip.grpc import InferenceService
+from service.oip.grpc import InferenceService, status_code
 from service.settings import Settings
 from tests.conftest import DEFAULT_MODEL_DIR, ROOT
 from tests.service.conftest import encode, started, wait_loaded
@@ -553,6 +554,9 @@ def test_v2_readiness_turns_503_when_draining(client: TestClient) -> None:
     )
     ready = asyncio.run(service.ServerReady(oip_pb2.ServerReadyRequest(), None))
     assert ready == oip_pb2.ServerReadyResponse(ready=False)
+    with pytest.raises(ShuttingDown) as refused:
+        asyncio.run(service.ModelInfer(oip_pb2.ModelInferRequest(model_name=MODEL), None))
+    assert status_code(refused.value) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_the_server_fails_to_start_when_the_grpc_port_is_taken(tmp_path: Path) -> None:
