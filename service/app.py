@@ -28,6 +28,8 @@ from service.errors import ClientDisconnected, ServiceError, Unavailable
 from service.guard import Guard
 from service.imaging import configure_pillow
 from service.metrics import Metrics
+from service.oip.rest import oip_errors, oip_render
+from service.oip.rest import router as oip_router
 from service.repository import ModelRepository
 from service.routes import router
 from service.schemas import ErrorBody, ErrorDetail
@@ -62,6 +64,8 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     """The one error handler: every failure becomes `{"error": {status, code, message}}`."""
     if isinstance(exc, ClientDisconnect):
         exc = ClientDisconnected("the client disconnected")
+    if isinstance(exc, ClientDisconnected):
+        request.app.state.metrics.disconnects.inc()
     headers: dict[str, str] = {}
     if isinstance(exc, ServiceError):
         status, code, message, headers = int(exc.status), exc.code, exc.message, exc.headers
@@ -134,10 +138,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.plane = plane
     app.state.lifecycle = plane.lifecycle
     app.include_router(router)
+    app.include_router(oip_router)  # Open Inference Protocol v2 over REST (service/oip)
     handled = (ServiceError, RequestValidationError, HTTPException, ClientDisconnect, Exception)
     for exc_class in handled:
-        app.add_exception_handler(exc_class, handle_error)
+        # /v2 answers errors in the protocol's shape `{"error": "..."}`; v1 is unchanged.
+        app.add_exception_handler(exc_class, oip_errors(handle_error))
     app.add_middleware(
-        Guard, metrics=metrics, settings=settings, lifecycle=plane.lifecycle, render=render_error
+        Guard,
+        metrics=metrics,
+        settings=settings,
+        lifecycle=plane.lifecycle,
+        render=oip_render(render_error),
     )
     return app

@@ -21,6 +21,7 @@ HISTOGRAMS = {
     "rcegate_batch_size",
     "rcegate_http_request_duration_seconds",
     "rcegate_queue_wait_seconds",
+    "rcegate_grpc_request_duration_seconds",
 }
 METRICS = HISTOGRAMS | {
     "rcegate_images_total",
@@ -31,6 +32,9 @@ METRICS = HISTOGRAMS | {
     "rcegate_requests_in_flight",
     "rcegate_queue_images",
     "rcegate_requests_refused_total",
+    "rcegate_client_disconnects_total",
+    "rcegate_inference_requests_total",
+    "rcegate_grpc_requests_total",
 }
 # Series names that PromQL may use: histograms expose _bucket, _sum and _count.
 SERIES = (METRICS - HISTOGRAMS) | {
