@@ -31,6 +31,8 @@ from service.errors import ClientDisconnected, ServiceError, Unavailable
 from service.guard import Guard
 from service.imaging import configure_pillow
 from service.metrics import Metrics
+from service.oip.rest import oip_errors, oip_render
+from service.oip.rest import router as oip_router
 from service.repository import ModelRepository
 from service.routes import router
 from service.schemas import ErrorBody, ErrorDetail
@@ -65,6 +67,8 @@ async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     """The one error handler: every failure becomes `{"error": {status, code, message}}`."""
     if isinstance(exc, ClientDisconnect):
         exc = ClientDisconnected("the client disconnected")
+    if isinstance(exc, ClientDisconnected):
+        request.app.state.metrics.disconnects.inc()
     headers: dict[str, str] = {}
     if isinstance(exc, ServiceError):
         status, code, message, headers = int(exc.status), exc.code, exc.message, exc.headers
@@ -148,17 +152,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.lifecycle = plane.lifecycle
     app.state.access_log = access_log
     app.include_router(router)
+    app.include_router(oip_router)  # Open Inference Protocol v2 over REST (service/oip)
     install_docs(app, settings)
     handled = (ServiceError, RequestValidationError, HTTPException, ClientDisconnect, Exception)
     for exc_class in handled:
-        app.add_exception_handler(exc_class, handle_error)
+        # /v2 answers errors in the protocol's shape `{"error": "..."}`; v1 is unchanged.
+        app.add_exception_handler(exc_class, oip_errors(handle_error))
     # --- Trust and access (issue 12): request ids, API keys and the access log, just inside
     # the Guard; CORS (only if configured) between the two, so preflights need no key.
     app.add_middleware(
         AccessLayer,
         settings=settings,
         keys=ApiKeys(settings.api_keys),
-        render=render_error,
+        render=oip_render(render_error),
         log=access_log,
     )
     if settings.cors_origins:
@@ -171,6 +177,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     # --- end of trust and access ---
     app.add_middleware(
-        Guard, metrics=metrics, settings=settings, lifecycle=plane.lifecycle, render=render_error
+        Guard,
+        metrics=metrics,
+        settings=settings,
+        lifecycle=plane.lifecycle,
+        render=oip_render(render_error),
     )
     return app

@@ -41,6 +41,9 @@ def serve(
         str | None, typer.Option(help="annotate | enforce. " + _FROM_ENV.format("MODE"))
     ] = None,
     log_level: Annotated[str | None, typer.Option(help=_FROM_ENV.format("LOG_LEVEL"))] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="OIP gRPC port, 0 = off. " + _FROM_ENV.format("GRPC_PORT"))
+    ] = None,
 ) -> None:
     """Serve every model version under the model repository over HTTP (see /docs)."""
     from pydantic import ValidationError
@@ -57,6 +60,7 @@ def serve(
         "providers": providers,
         "mode": mode,
         "log_level": log_level,
+        "grpc_port": grpc_port,
     }
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})

@@ -128,6 +128,35 @@ class Metrics:
         )
         for reason in REFUSAL_REASONS:
             self.refused.labels(reason)
+        self.disconnects = Counter(
+            "rcegate_client_disconnects",
+            "Requests whose client went away before the answer (HTTP: status 499; gRPC: a "
+            "cancelled call), never counted as server errors.",
+            registry=r,
+        )
+        # -- Open Inference Protocol (service/oip): REST and gRPC ------------------------------
+        self.inference_requests = Counter(
+            "rcegate_inference_requests",
+            "OIP inference requests by protocol (oip_rest, oip_grpc) and status (ok, or the "
+            "error's code: invalid_input, model_not_found, overloaded, ...).",
+            ["protocol", "status"],
+            registry=r,
+        )
+        for protocol in ("oip_rest", "oip_grpc"):
+            self.inference_requests.labels(protocol, "ok")
+        self.grpc_requests = Counter(
+            "rcegate_grpc_requests",
+            "gRPC calls by method (inference.GRPCInferenceService RPC) and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_duration = Histogram(
+            "rcegate_grpc_request_duration_seconds",
+            "gRPC call latency by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.detection_score: Histogram | None = None
         # --- Trust and access (issue 12) ---
         self.flagged_clients = Gauge(

@@ -9,6 +9,11 @@ Drain (SIGTERM or SIGINT): `/health/ready` turns 503 at once and new requests ge
 `shutting_down` while the listener stays open, so a load balancer sees the instance leave
 instead of a refused connection; requests already accepted or queued finish; the process exits
 when nothing is in flight, or after `drain_seconds` at most. A second signal exits at once.
+
+gRPC (the Open Inference Protocol, service/oip/grpc.py) starts after the HTTP listener on
+`grpc_port` (0: off) and shares the drain: it refuses new work with UNAVAILABLE once draining,
+and stops (letting its calls finish) before the data plane closes. A gRPC port that cannot be
+bound fails the start-up, as an HTTP port does.
 """
 
 from __future__ import annotations
@@ -21,11 +26,14 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from grpc import aio
 from starlette.types import ASGIApp
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.dataplane import DataPlane
 from service.guard import Lifecycle
+from service.oip.grpc import start_server as start_grpc
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -72,15 +80,37 @@ class GuardedH11Protocol(H11Protocol):
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
         super().__init__(config)
+        self._app = app
         self._plane: DataPlane = app.state.plane
         self._lifecycle: Lifecycle = self._plane.lifecycle
         self._drain_seconds = drain_seconds
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._grpc: aio.Server | None = None
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        settings: Settings = self._app.state.settings
+        if self.should_exit or not settings.grpc_port:
+            return
+        state = self._app.state
+        try:
+            self._grpc = await start_grpc(
+                state.plane, state.repository, state.lifecycle, state.metrics, settings
+            )
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            logger.error("cannot serve gRPC on port %d: %s", settings.grpc_port, exc)
+            for server in self.servers:
+                server.close()
+            await self.lifespan.shutdown()
+            raise SystemExit(STARTUP_FAILURE) from None
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        if self._grpc is not None:
+            # The drain already waited for the calls in flight; a short grace for stragglers.
+            await self._grpc.stop(grace=1.0)
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._lifecycle.draining or self._loop is None:

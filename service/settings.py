@@ -211,6 +211,14 @@ class Settings(BaseSettings):
         return keys
 
     # --- end of trust and access ---
+    # -- Open Inference Protocol (service/oip) -------------------------------------------------
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the OIP gRPC service (inference.GRPCInferenceService) started by "
+        "`rcegate serve` on `host`; 0 turns gRPC off. REST OIP (/v2) is always on `port`.",
+    )
 
     @model_validator(mode="after")
     def _request_fits_the_queue(self) -> Settings:

@@ -21,6 +21,7 @@ HISTOGRAMS = {
     "rcegate_batch_size",
     "rcegate_http_request_duration_seconds",
     "rcegate_queue_wait_seconds",
+    "rcegate_grpc_request_duration_seconds",
 }
 METRICS = HISTOGRAMS | {
     "rcegate_images_total",
@@ -35,6 +36,9 @@ METRICS = HISTOGRAMS | {
     "rcegate_flagged_clients",
     "rcegate_prober_flags_total",
     "rcegate_access_log_dropped_total",
+    "rcegate_client_disconnects_total",
+    "rcegate_inference_requests_total",
+    "rcegate_grpc_requests_total",
 }
 # Series names that PromQL may use: histograms expose _bucket, _sum and _count.
 SERIES = (METRICS - HISTOGRAMS) | {

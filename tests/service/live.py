@@ -72,6 +72,7 @@ def live_server(log: Path, *args: str, **env: str) -> Iterator[Live]:
     """Start `rcegate serve` with extra CLI args and RCEGATE_* settings; stop it afterwards."""
     port = free_port()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
+    clean["RCEGATE_GRPC_PORT"] = "0"  # unless a test asks: never collide on the default port
     clean.update({f"RCEGATE_{k.upper()}": v for k, v in env.items()})
     with log.open("wb") as out:
         process = subprocess.Popen(
