@@ -102,8 +102,11 @@ def test_pods_run_non_root_on_a_read_only_root_filesystem() -> None:
 
 def test_probes_hit_the_health_endpoints_on_the_image_port() -> None:
     (container,) = _by_kind("Deployment")["spec"]["template"]["spec"]["containers"]
-    (port,) = container["ports"]
-    assert f"EXPOSE {port['containerPort']}" in (ROOT / "Dockerfile").read_text()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001}
+    exposed = re.search(r"^EXPOSE (.+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert exposed and set(exposed.group(1).split()) == {"8000", "8001"}
+    port = {"name": "http"}
     assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert container["startupProbe"]["httpGet"]["path"] == "/health/live"
