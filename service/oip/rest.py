@@ -26,6 +26,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.dataplane import DataPlane
@@ -55,7 +56,27 @@ PREFIX = "/v2"
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_SIZE = "binary_data_size"
 
-router = APIRouter(prefix=PREFIX, tags=["open inference protocol (v2)"])
+
+class OipError(BaseModel):
+    """The protocol's error body."""
+
+    error: str
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OipError, "description": text}
+    for status, text in {
+        400: "A malformed request: JSON, tensor datatype or shape, byte counts, values.",
+        401: "An API key is required (when keys are configured).",
+        404: "Unknown model or version.",
+        405: "Wrong method.",
+        408: "The body did not arrive within the body timeout.",
+        413: "Body over the byte limit, or too many images.",
+        429: "This client is throttled as a prober.",
+        503: "Loading, overloaded, deadline passed or shutting down: retry after Retry-After.",
+    }.items()
+}
+router = APIRouter(prefix=PREFIX, tags=["open inference protocol (v2)"], responses=_ERRORS)
 
 
 # -- server ------------------------------------------------------------------------------------
