@@ -12,6 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+import service.app
+
 PNG = {"content-type": "image/png"}
 
 
@@ -107,6 +109,16 @@ def test_metrics_label_unmatched_paths_and_count_500s(
     assert counts[("unmatched", "GET", "404")] == 1
     assert counts[("unmatched", "POST", "404")] == 1
     assert not any("nope" in route or "/no/" in route for route, _, _ in counts)
-    # The error handler answered 500 outside the guard: the guard still counts it as a 500.
+    # The error handler rendered the 500 inside the guard, which saw it go out.
     assert counts[("/v1/predict", "POST", "500")] == 1
     assert ("/v1/predict", "POST", "200") not in counts
+
+    # Rendering the error fails too: the exception escapes the guard before any response
+    # started, and the guard still counts a 500 (its default), not a missing series.
+    def unrenderable(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the error handler itself failed")
+
+    monkeypatch.setattr(service.app, "error_response", unrenderable)
+    assert client.post("/v1/predict", content=digit_png, headers=PNG).status_code == 500
+    monkeypatch.undo()  # /metrics renders normally again
+    assert http_requests(client)[("/v1/predict", "POST", "500")] == 2
