@@ -287,9 +287,13 @@ def prometheus(
     base = f"http://127.0.0.1:{port}"
 
     def last_scrape(after: float = 0.0) -> float | None:
-        """The time of the newest successful scrape, if it is later than `after`."""
-        found = _prometheus_query(base, 'timestamp(up{job="rcegate"} == 1)')
-        newest = float(found[0]["value"][1]) if found else 0.0
+        """The time of the newest successful scrape, if it is later than `after`. (timestamp()
+        of a bare selector is the sample's time; of any other expression, the query's.)"""
+        up = _prometheus_query(base, 'up{job="rcegate"}')
+        if not up or up[0]["value"][1] != "1":
+            return None
+        (found,) = _prometheus_query(base, 'timestamp(up{job="rcegate"})')
+        newest = float(found["value"][1])
         return newest if newest > after else None
 
     try:
@@ -306,10 +310,15 @@ def prometheus(
                 log_path,
             )
 
+        # That scrape is in the database now (it answered the query above). A rule evaluation
+        # that *started* after this moment sees it; one that started between the scrape's
+        # timestamp and its append would not. Same host, same clock as Prometheus.
+        stored = time.time()
+
         def evaluated_since_scrape() -> bool:
             groups = _rule_groups(base)
             times = [_unix(g["lastEvaluation"]) for g in groups if "lastEvaluation" in g]
-            return len(groups) == 2 and len(times) == 2 and min(times) > scraped
+            return len(groups) == 2 and len(times) == 2 and min(times) > stored
 
         _until(
             evaluated_since_scrape, "evaluated its rules after the last scrape", process, log_path
