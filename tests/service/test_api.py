@@ -36,6 +36,8 @@ def test_predict_multipart_matches_onnx_runtime(
     assert (body["model"], body["version"], body["mode"]) == ("tiny", 1, "annotate")
     expected = run_onnx(tiny_artifact, images)
     manifest = Manifest.load(tiny_artifact.path)
+    # One answer per posted image, in order: a dropped or extra prediction fails here.
+    assert [r["index"] for r in body["predictions"]] == list(range(len(images))) == list(range(8))
     for i, result in enumerate(body["predictions"]):
         assert (result["index"], result["filename"]) == (i, f"{i}.png")
         assert result["label"] == int(expected["label"][i])

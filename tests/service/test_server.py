@@ -1,5 +1,6 @@
-"""The real thing: `rcegate serve` in its own process, real MNIST digits as PNG over HTTP, checked
-against the artifact run directly in ONNX Runtime; and proof that the service never loads torch."""
+"""The real thing: `rcegate serve` in its own process, held-out MNIST digits as PNG over HTTP,
+checked against the artifact run directly in ONNX Runtime; and proof that the service never
+loads torch."""
 
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ def run_onnx(model_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_served_mnist_digits_match_onnx_runtime(
-    server: tuple[str, Path], digits: tuple[np.ndarray, np.ndarray]
+    server: tuple[str, Path], default_test_digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     url, log = server
-    images, labels = digits[0][:48], digits[1][:48]
+    # Digits of the artifact's own test split: never trained or calibrated on.
+    images, labels = default_test_digits[0][:48], default_test_digits[1][:48]
     expected = run_onnx(DEFAULT_MODEL_DIR, images)
     manifest = Manifest.load(DEFAULT_MODEL_DIR)
     with httpx.Client(base_url=url, timeout=30) as http:
@@ -69,9 +71,9 @@ def test_served_mnist_digits_match_onnx_runtime(
     np.testing.assert_allclose(
         [r["scores"]["log_kd"] for r in results], expected["log_kd"], atol=1e-3
     )
-    # Sanity: real digits are mostly classified right and mostly accepted by the default model.
+    # Held-out digits are classified and accepted about as the manifest says (98.2% and 97%).
     assert (got == labels).mean() >= 0.9
-    assert np.mean([r["accepted"] for r in results]) >= 0.5
+    assert np.mean([r["accepted"] for r in results]) >= 0.85
     assert info["providers"][-1] == "CPUExecutionProvider"
     text = log.read_text()
     assert f"loaded model {manifest.name}/{manifest.version}" in text
