@@ -23,6 +23,7 @@ from service.detector import CPU, CUDA, ModelLoadError, create_session, session_
 from service.settings import Settings
 from tests.conftest import TinyArtifact
 from tests.service.conftest import copy_model, started, wait_loaded
+from training.stamp import restamp
 
 
 def edit_manifest(directory: Path, edit: Callable[[dict], None]) -> None:
@@ -136,6 +137,7 @@ def test_self_test_refuses_a_manifest_threshold_the_graph_does_not_apply(broken:
     # A manifest threshold that decides the opposite (scores are finite, far inside +-1e30).
     claimed = 1e30 if accepted[0] else -1e30
     edit_manifest(broken, lambda data: data["detection"]["thresholds"].update(log_kd=claimed))
+    restamp(broken, force=True)  # a graph bound to that manifest: only the self-test can tell
     assert refusal(broken.parent.parent)["broken/1"] == (
         "self-test: the graph's `accepted` disagrees with the manifest threshold"
     )
@@ -143,6 +145,7 @@ def test_self_test_refuses_a_manifest_threshold_the_graph_does_not_apply(broken:
 
 def test_self_test_refuses_a_graph_with_another_number_of_classes(broken: Path) -> None:
     edit_manifest(broken, lambda data: data["dataset"]["class_names"].append("extra"))
+    restamp(broken, force=True)  # a graph bound to that manifest: only the self-test can tell
     assert refusal(broken.parent.parent)["broken/1"] == "self-test: probabilities shape (2, 10)"
 
 
