@@ -115,13 +115,17 @@ def test_cli_export_exits_2_on_a_near_chance_model(
     assert (tmp_path / "weak" / "1" / "manifest.json").is_file()
 
 
-def test_checkpoint_stores_its_config_and_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "budget", [{"recipe": "legacy", "epochs": 2}, {"recipe": "official", "steps": 4}]
+)
+def test_checkpoint_stores_its_config_and_resumes(tmp_path: Path, budget: dict) -> None:
     checkpoint = tmp_path / "run.pt"
-    config = TrainConfig(depth=8, epochs=2, train_limit=256, dry_run=True)
+    config = TrainConfig(depth=8, train_limit=256, dry_run=True, **budget)
     train(config, checkpoint)
     payload = load_checkpoint(checkpoint)
     assert payload["config"]["depth"] == 8 and payload["epoch"] == 1
-    resumed = train(TrainConfig(depth=8, epochs=2, train_limit=256), checkpoint, resume=True)
+    # 256 images, batch 128: two steps per epoch, so both budgets end after the second epoch.
+    resumed = train(TrainConfig(depth=8, train_limit=256, **budget), checkpoint, resume=True)
     assert resumed["epoch"] == 2 and len(resumed["history"]) == 2
 
 
