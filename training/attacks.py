@@ -78,7 +78,7 @@ class AttackSettings:
     batch_size: int = 100
     attack_loss: AttackLoss = "both"
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
 
 
