@@ -65,7 +65,8 @@ LABEL org.opencontainers.image.title="rcegate" \
       org.opencontainers.image.licenses="Apache-2.0"
 WORKDIR /tmp
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP (v1, OIP REST under /v2, metrics); 8001: OIP gRPC (RCEGATE_GRPC_PORT, 0 = off)
+EXPOSE 8000 8001
 # No curl in the image: ask /health/ready with the interpreter that is already there.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('RCEGATE_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health/ready', timeout=4).status == 200 else 1)"]

@@ -5,22 +5,38 @@ The manifest says what the graph expects and computes, how its detection thresho
 calibrated (Pang et al., "Towards Robust Detection of Adversarial Examples", NeurIPS 2018:
 accept iff score >= threshold, threshold = the target-FPR quantile of clean scores), and the
 sha256 of `model.onnx`, which loaders check before use. Only pydantic and numpy are imported.
+
+Every field is bounded (string lengths, list and dict sizes): a manifest is read from disk by
+the service and echoed by `GET /v1/models`. The fields that move a decision or what a client is
+told (the `Binding`: objective, class names, input, the whole detection section with its
+calibration table) are also carried by the graph itself, in its ONNX metadata under
+`BINDING_KEY`, so editing the manifest alone cannot move any decision: loaders compare the two.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
+SIGNATURE_FILE = "manifest.json.sig"  # detached Ed25519 signature over manifest.json's bytes
 SCHEMA_VERSION = 1
+# ONNX metadata key of the graph's copy of the manifest's decision constants (see `Binding`).
+BINDING_KEY = "rcegate.binding"
+
+# Field bounds: generous for any real artifact, small enough that a manifest stays small.
+MAX_CLASSES = 10_000
+MAX_LEVELS = 10_000  # calibration table rows
+Text = Annotated[str, StringConstraints(max_length=256)]
+Key = Annotated[str, StringConstraints(max_length=64)]
 
 Metric = Literal["confidence", "non_me", "log_kd"]
 METRICS: tuple[Metric, ...] = ("confidence", "non_me", "log_kd")
@@ -52,18 +68,18 @@ class SplitInfo(_Strict):
 
 
 class DatasetInfo(_Strict):
-    name: str
-    class_names: list[str] = Field(min_length=2)
+    name: Text
+    class_names: list[Text] = Field(min_length=2, max_length=MAX_CLASSES)
     split: SplitInfo
 
 
 class InputSpec(_Strict):
     """The graph input `images`: float32 [N, C, H, W] with pixel values in `value_range`."""
 
-    name: str = INPUT_NAME
+    name: Literal["images"] = "images"
     channels: Literal[1, 3]
-    height: int = Field(gt=0)
-    width: int = Field(gt=0)
+    height: int = Field(gt=0, le=65_536)
+    width: int = Field(gt=0, le=65_536)
     value_range: tuple[float, float] = (0.0, 1.0)
     dtype: Literal["float32"] = "float32"
 
@@ -73,9 +89,9 @@ class InputSpec(_Strict):
 
 
 class ArchitectureInfo(_Strict):
-    name: str
+    name: Text
     depth: int = Field(gt=0)
-    widths: list[int]
+    widths: list[int] = Field(max_length=64)
     feature_dim: int = Field(gt=0)
     parameters: int = Field(ge=0)
 
@@ -83,7 +99,7 @@ class ArchitectureInfo(_Strict):
 class CalibrationTable(_Strict):
     """Clean-score quantiles: `thresholds[metric][i]` rejects about `fpr[i]` of clean inputs."""
 
-    fpr: list[float] = Field(min_length=2)
+    fpr: list[float] = Field(min_length=2, max_length=MAX_LEVELS)
     thresholds: dict[Metric, list[float]]
 
     @model_validator(mode="after")
@@ -117,7 +133,7 @@ class CalibrationTable(_Strict):
 class DetectionInfo(_Strict):
     default_metric: Metric = "log_kd"
     sigma2: float = Field(gt=0)
-    bank_size_per_class: list[int]
+    bank_size_per_class: list[int] = Field(max_length=MAX_CLASSES)
     target_fpr: float = Field(gt=0, lt=1)
     thresholds: dict[Metric, float]
     calibration_size: int = Field(gt=0)
@@ -132,22 +148,24 @@ class Manifest(_Strict):
     """Everything a host needs to know about one exported model version."""
 
     schema_version: int = SCHEMA_VERSION
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    version: int = Field(ge=1)
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=128)
+    version: int = Field(ge=1, le=1_000_000_000)
     created_at: datetime
-    source_commit: str | None = None
+    source_commit: Key | None = None
     dataset: DatasetInfo
     input: InputSpec
-    outputs: list[str] = Field(default_factory=lambda: list(OUTPUT_NAMES))
+    outputs: list[Key] = Field(default_factory=lambda: list(OUTPUT_NAMES), max_length=16)
     objective: Objective
     architecture: ArchitectureInfo
     clean_test_accuracy: float = Field(ge=0, le=1)
     detection: DetectionInfo
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     opset: int
-    library_versions: dict[str, str] = Field(default_factory=dict)
-    training: dict[str, str | int | float | bool | list[int] | list[float] | None] = Field(
-        default_factory=dict, description="The training config the checkpoint was made with."
+    library_versions: dict[Key, Key] = Field(default_factory=dict, max_length=64)
+    training: dict[Key, Text | int | float | bool | list[int] | list[float] | None] = Field(
+        default_factory=dict,
+        max_length=256,
+        description="The training config the checkpoint was made with.",
     )
 
     @property
@@ -164,12 +182,59 @@ class Manifest(_Strict):
             return self.detection.thresholds[metric]
         return self.detection.calibration_table.threshold(metric, target_fpr)
 
+    def binding(self) -> Binding:
+        """The decision constants, as the graph's metadata must carry them."""
+        return Binding(
+            objective=self.objective,
+            class_names=self.dataset.class_names,
+            input=self.input,
+            detection=self.detection,
+        )
+
     @classmethod
     def load(cls, directory: Path) -> Manifest:
         return cls.model_validate_json((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
 
     def dump(self, directory: Path) -> None:
         (directory / MANIFEST_FILE).write_text(self.model_dump_json(indent=2) + "\n", "utf-8")
+
+
+class Binding(_Strict):
+    """Every manifest field that moves a decision or what a client is told about an image.
+
+    The export writes `to_json()` into the graph's ONNX metadata under `BINDING_KEY` (and the
+    manifest's sha256 covers the graph), so a loader that finds the manifest's binding unequal
+    to the graph's refuses the version: editing a threshold, a calibration level, the default
+    metric or a class name in manifest.json alone is caught.
+    """
+
+    objective: Objective
+    class_names: list[Text] = Field(min_length=2, max_length=MAX_CLASSES)
+    input: InputSpec
+    detection: DetectionInfo
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces, shortest float repr): reproducible bytes."""
+        return json.dumps(
+            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), allow_nan=False
+        )
+
+    def differences(self, other: Binding) -> list[str]:
+        """Dotted names of the fields that differ (`detection.calibration_table`, ...)."""
+        names = []
+        for field in type(self).model_fields:
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine == theirs:
+                continue
+            if isinstance(mine, BaseModel):
+                names += [
+                    f"{field}.{sub}"
+                    for sub in type(mine).model_fields
+                    if getattr(mine, sub) != getattr(theirs, sub)
+                ]
+            else:
+                names.append(field)
+        return names
 
 
 def sha256_file(path: Path) -> str:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from service.signing import register as _register_signing
 from service.triton import register as _register_triton
 
 app = typer.Typer(help="rcegate: image classification that says whether to trust each answer.")
@@ -20,6 +21,7 @@ except ModuleNotFoundError:  # a service-only install (the container image)
 else:
     _register_training(app)
 _register_triton(app)
+_register_signing(app)
 
 _FROM_ENV = "Default: RCEGATE_{} or its built-in default."
 
@@ -39,12 +41,15 @@ def serve(
         str | None, typer.Option(help="annotate | enforce. " + _FROM_ENV.format("MODE"))
     ] = None,
     log_level: Annotated[str | None, typer.Option(help=_FROM_ENV.format("LOG_LEVEL"))] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="OIP gRPC port, 0 = off. " + _FROM_ENV.format("GRPC_PORT"))
+    ] = None,
 ) -> None:
     """Serve every model version under the model repository over HTTP (see /docs)."""
-    import uvicorn
     from pydantic import ValidationError
 
     from service.app import create_app
+    from service.server import serve as serve_app
     from service.settings import Settings
 
     given: dict[str, Any] = {
@@ -55,6 +60,7 @@ def serve(
         "providers": providers,
         "mode": mode,
         "log_level": log_level,
+        "grpc_port": grpc_port,
     }
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
@@ -62,13 +68,7 @@ def serve(
         typer.echo(f"invalid settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
     logging.getLogger().setLevel(settings.log_level.upper())
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # keep the one logging configuration made in main()
-    )
+    serve_app(create_app(settings), settings)
 
 
 def main() -> None:

@@ -9,10 +9,10 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 
+from service.dataplane import DataPlane, PredictOptions
 from service.detector import Detector
+from service.guard import Lifecycle
 from service.metrics import Metrics
-from service.payload import Upload, read_uploads
-from service.predict import PredictOptions
 from service.repository import ModelRepository
 from service.settings import Mode, Settings
 
@@ -32,7 +32,19 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
+async def get_plane(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.plane
+    return plane
+
+
+async def get_lifecycle(request: Request) -> Lifecycle:
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    return lifecycle
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+PlaneDep = Annotated[DataPlane, Depends(get_plane)]
+LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
 RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
@@ -62,7 +74,6 @@ DefaultDetectorDep = Annotated[Detector, Depends(get_default_detector)]
 
 
 async def get_options(
-    settings: SettingsDep,
     target_fpr: Annotated[
         float | None,
         Query(
@@ -77,20 +88,12 @@ async def get_options(
         Mode | None,
         Query(
             description="annotate: return everything; enforce: withhold the label, class "
-            "name and probabilities of rejected images. Default: RCEGATE_MODE."
+            "name and probabilities of rejected images (and, with RCEGATE_WITHHOLD_REJECTED, "
+            "the default, their scores and threshold). Default: RCEGATE_MODE."
         ),
     ] = None,
 ) -> PredictOptions:
-    return PredictOptions(
-        target_fpr=settings.target_fpr if target_fpr is None else target_fpr,
-        mode=mode or settings.mode,
-        max_pixels=settings.max_pixels,
-    )
-
-
-async def get_uploads(request: Request, settings: SettingsDep) -> list[Upload]:
-    return await read_uploads(request, settings.max_body_bytes, settings.max_images)
+    return PredictOptions(target_fpr=target_fpr, mode=mode)
 
 
 OptionsDep = Annotated[PredictOptions, Depends(get_options)]
-UploadsDep = Annotated[list[Upload], Depends(get_uploads)]

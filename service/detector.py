@@ -6,8 +6,10 @@ chosen metric's score >= the threshold calibrated for the requested target FPR. 
 `accepted` output uses the deployed threshold only; the detector recomputes the decision so any
 calibrated target FPR can be served, and the self-test checks both agree at the deployed one.
 
-Loading refuses a model unless the sha256 of model.onnx matches the manifest, the graph's inputs
-and outputs match the manifest, and a self-test inference succeeds. No web imports here.
+Loading refuses a model unless its files are trusted (`service.trust`: regular files inside the
+repository, bounded sizes, a valid signature when keys are configured), the sha256 of model.onnx
+matches the manifest, the graph's inputs and outputs match the manifest, the graph's bound
+decision constants equal the manifest's, and a self-test inference succeeds. No web imports.
 """
 
 from __future__ import annotations
@@ -19,11 +21,27 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import ValidationError
 
-from models.manifest import INPUT_NAME, METRICS, MODEL_FILE, OUTPUT_NAMES, Manifest, Metric
+from models.manifest import (
+    INPUT_NAME,
+    MANIFEST_FILE,
+    METRICS,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    Manifest,
+    Metric,
+)
 from service.errors import InvalidParameter
 from service.settings import Providers
+from service.trust import (
+    ArtifactPolicy,
+    ModelLoadError,
+    check_binding,
+    check_signature,
+    inside,
+    parse_manifest,
+    read_regular,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +59,35 @@ OUTPUT_DTYPES: dict[str, str] = {
 }
 
 
-class ModelLoadError(Exception):
-    """A model version was refused; the message says why, for the operator's log."""
+__all__ = ["Decision", "Detector", "ModelLoadError", "Outputs", "load_detector"]
 
 
 @dataclass(frozen=True)
 class Outputs:
-    """One ORT run over a batch of N images."""
+    """The graph's outputs for N images (one ORT run, or one request's rows of a batch)."""
 
-    probabilities: np.ndarray  # float32 [N, L]
-    label: np.ndarray  # int64 [N]
-    scores: dict[Metric, np.ndarray]  # float32 [N] per metric; higher = more like clean data
-    graph_accepted: np.ndarray  # bool [N]: default metric vs the deployed threshold
+    arrays: dict[str, np.ndarray]  # every graph output by name, N rows each
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.arrays["logits"]  # float32 [N, L]: the deployed logits (-Z for RCE)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.arrays["probabilities"]  # float32 [N, L]
+
+    @property
+    def label(self) -> np.ndarray:
+        return self.arrays["label"]  # int64 [N]
+
+    @property
+    def scores(self) -> dict[Metric, np.ndarray]:
+        """float32 [N] per metric; higher = more like clean data."""
+        return {m: self.arrays[m] for m in METRICS}
+
+    @property
+    def graph_accepted(self) -> np.ndarray:
+        return self.arrays["accepted"]  # bool [N]: default metric vs the deployed threshold
 
 
 @dataclass(frozen=True)
@@ -114,16 +149,13 @@ class Detector:
         """Every metric's threshold at the served target FPR (for the threshold gauge)."""
         return {m: self.manifest.threshold(m, self.default_target_fpr) for m in METRICS}
 
-    def run(self, images: np.ndarray) -> Outputs:
-        """Run the graph on float32 [N, C, H, W] images with values in [0, 1]."""
+    def run_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the graph on float32 [N, C, H, W] images in [0, 1]: every output by name."""
         raw = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        out = dict(zip(OUTPUT_NAMES, raw, strict=True))
-        return Outputs(
-            probabilities=out["probabilities"],
-            label=out["label"],
-            scores={m: out[m] for m in METRICS},
-            graph_accepted=out["accepted"],
-        )
+        return dict(zip(OUTPUT_NAMES, raw, strict=True))
+
+    def run(self, images: np.ndarray) -> Outputs:
+        return Outputs(self.run_arrays(images))
 
     @staticmethod
     def accept(outputs: Outputs, decision: Decision) -> np.ndarray:
@@ -141,16 +173,44 @@ def discover(model_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.parent.name, int(p.name)))
 
 
-def _session_options(intra_op_threads: int, inter_op_threads: int) -> ort.SessionOptions:
+_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(
+    intra_op_threads: int = 0, inter_op_threads: int = 0, graph_optimization: str = "all"
+) -> ort.SessionOptions:
+    """ORT session options from the service settings (also used by the benchmarks)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = _OPTIMIZATION[graph_optimization]
     options.log_severity_level = 3  # ORT's own errors still show; its info chatter does not
     # Idle ORT threads otherwise spin, taking CPU from the event loop and the decode threads.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
+
+
+_preloaded = False
+
+
+def preload_cuda() -> None:
+    """Load the CUDA/cuDNN libraries that `onnxruntime-gpu[cuda,cudnn]` installed from PyPI
+    (onnxruntime >= 1.21 has `preload_dlls`); without it ORT looks only on the system path."""
+    global _preloaded
+    preload = getattr(ort, "preload_dlls", None)
+    if _preloaded or preload is None:
+        return
+    _preloaded = True
+    try:
+        preload()
+    except Exception as exc:  # missing libraries: ORT then falls back to CPU, checked below
+        logger.warning("onnxruntime.preload_dlls() failed: %s", exc)
 
 
 def create_session(
@@ -159,6 +219,8 @@ def create_session(
     """An ORT session on the requested providers. `auto` takes CUDA only when it really loads:
     ORT silently falls back to CPU when the CUDA libraries are missing, so check what it uses."""
     available = ort.get_available_providers()
+    if providers != "cpu" and CUDA in available:
+        preload_cuda()
     if providers == "cuda" and CUDA not in available:
         raise ModelLoadError(f"providers=cuda but this onnxruntime offers only {available}")
     wanted = [CUDA, CPU] if providers != "cpu" and CUDA in available else [CPU]
@@ -234,14 +296,22 @@ def load_detector(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     target_fpr: float | None = None,
+    graph_optimization: str = "all",
+    policy: ArtifactPolicy | None = None,
 ) -> Detector:
     """Load and verify `<name>/<version>/`; raise ModelLoadError with the reason if refused."""
+    policy = policy or ArtifactPolicy()
+    root = policy.root or directory.parent.parent
+    inside(directory, root, f"{directory.parent.name}/{directory.name}")
     try:
-        manifest = Manifest.load(directory)
+        raw = read_regular(directory / MANIFEST_FILE, root, policy.max_manifest_bytes)
     except FileNotFoundError:
         raise ModelLoadError("manifest.json is missing") from None
-    except (ValidationError, ValueError) as exc:
-        raise ModelLoadError(f"manifest.json is invalid: {exc}") from None
+    if policy.trusted_keys:
+        # The signature covers these exact bytes, before the JSON parser sees them.
+        signer = check_signature(directory, root, raw, policy)
+        logger.debug("%s: manifest signed by key %s", directory, signer)
+    manifest = parse_manifest(raw)
     if (manifest.name, str(manifest.version)) != (directory.parent.name, directory.name):
         raise ModelLoadError(
             f"manifest says {manifest.name}/{manifest.version}, directory is "
@@ -249,7 +319,7 @@ def load_detector(
         )
     try:
         # Hash and load the same bytes, so the file cannot change between check and use.
-        model = (directory / MODEL_FILE).read_bytes()
+        model = read_regular(directory / MODEL_FILE, root, policy.max_model_bytes)
     except OSError as exc:
         raise ModelLoadError(f"cannot read {MODEL_FILE}: {exc}") from None
     digest = hashlib.sha256(model).hexdigest()
@@ -258,14 +328,14 @@ def load_detector(
             f"sha256 mismatch: {MODEL_FILE} is {digest}, manifest says {manifest.sha256}"
         )
     try:
-        session = create_session(
-            model, providers, _session_options(intra_op_threads, inter_op_threads)
-        )
+        options = session_options(intra_op_threads, inter_op_threads, graph_optimization)
+        session = create_session(model, providers, options)
     except ModelLoadError:
         raise
     except Exception as exc:  # ORT raises its own exception types for a corrupt graph
         raise ModelLoadError(f"ONNX Runtime cannot load {MODEL_FILE}: {exc}") from exc
     _check_io(session, manifest)
+    check_binding(session.get_modelmeta().custom_metadata_map, manifest)
     detector = Detector(manifest, session, directory, target_fpr)
     try:
         detector.decision()

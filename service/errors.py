@@ -20,6 +20,11 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (e.g. `Retry-After` on a refusal)."""
+        return {}
+
 
 class InvalidImage(ServiceError):
     status = HTTPStatus.BAD_REQUEST
@@ -62,10 +67,24 @@ class TooManyImages(ServiceError):
 
 
 class ImageTooLarge(ServiceError):
-    """Over the pixel limit, judged from the header before any pixel data is decoded."""
+    """Over the per-image side or pixel limit, judged from the header before decoding."""
 
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
     code = "image_too_large"
+
+
+class TooManyPixels(ServiceError):
+    """The request's images declare more pixels in all than its budget; none was decoded."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "too_many_pixels"
+
+
+class UnsupportedImageMode(ServiceError):
+    """A decodable image whose pixel mode a classifier does not take (e.g. 32-bit float)."""
+
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+    code = "unsupported_image_mode"
 
 
 class UnsupportedMediaType(ServiceError):
@@ -81,3 +100,114 @@ class InvalidParameter(ServiceError):
 class NotReady(ServiceError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     code = "not_ready"
+
+
+class InvalidInput(ServiceError):
+    """Decoded arrays that the model cannot take (wrong shape or dtype, non-finite values)."""
+
+    status = HTTPStatus.BAD_REQUEST
+    code = "invalid_input"
+
+
+class BodyTimeout(ServiceError):
+    """The body did not arrive in time (a stalled or lying upload); the connection is closed."""
+
+    status = HTTPStatus.REQUEST_TIMEOUT
+    code = "body_timeout"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+class Unavailable(ServiceError):
+    """Refused without doing the work: the client may retry after `retry_after` seconds.
+
+    `reason` is the bounded label of `rcegate_requests_refused_total`.
+    """
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "unavailable"
+    reason = "unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class QueueFull(Unavailable):
+    code = "overloaded"
+    reason = "queue_full"
+
+
+class TooManyRequests(Unavailable):
+    """More requests in flight than `max_concurrent_requests`."""
+
+    code = "overloaded"
+    reason = "concurrency"
+
+
+class BodyBudgetExceeded(Unavailable):
+    """The request bodies being received together exceed `max_inflight_body_bytes`."""
+
+    code = "overloaded"
+    reason = "body_budget"
+
+
+class DeadlineExceeded(Unavailable):
+    """The request's deadline passed before its images reached the model."""
+
+    code = "deadline_exceeded"
+    reason = "deadline"
+
+
+class ShuttingDown(Unavailable):
+    """Draining after SIGTERM: requests already accepted finish, new ones go elsewhere."""
+
+    code = "shutting_down"
+    reason = "draining"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after), "Connection": "close"}
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away; recorded as 499 (nginx's convention), never as a server error."""
+
+    status = 499
+    code = "client_disconnected"
+
+
+# --- Trust and access (issue 12) ---
+class Unauthorized(ServiceError):
+    """No valid API key; the client is told how to authenticate (RFC 6750)."""
+
+    status = HTTPStatus.UNAUTHORIZED
+    code = "unauthorized"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="rcegate"'}
+
+
+class Throttled(ServiceError):
+    """A client flagged as probing the detector (rejection rate far above target_fpr)."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    code = "throttled"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+# --- end of trust and access ---

@@ -28,6 +28,7 @@ COARSE_BUCKETS = (
 )
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+REFUSAL_REASONS = ("queue_full", "deadline", "concurrency", "body_budget", "draining")
 
 
 def score_buckets(detectors: Iterable[Detector]) -> list[float]:
@@ -71,7 +72,7 @@ class Metrics:
         )
         self.inference_duration = Histogram(
             "rcegate_inference_duration_seconds",
-            "Time of one ONNX Runtime run (one batch).",
+            "Time of one ONNX Runtime run (one batch, possibly of several requests).",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -105,7 +106,76 @@ class Metrics:
         self.in_flight = Gauge(
             "rcegate_requests_in_flight", "HTTP requests being served.", registry=r
         )
+        self.queue_images = Gauge(
+            "rcegate_queue_images",
+            "Images admitted and not yet run (being decoded or queued), per model version.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "rcegate_queue_wait_seconds",
+            "Time a request's images waited in the queue before their first batch ran.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.refused = Counter(
+            "rcegate_requests_refused",
+            "Requests refused without doing the work (503), by reason: queue_full, deadline, "
+            "concurrency, body_budget, draining.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason)
+        self.disconnects = Counter(
+            "rcegate_client_disconnects",
+            "Requests whose client went away before the answer (HTTP: status 499; gRPC: a "
+            "cancelled call), never counted as server errors.",
+            registry=r,
+        )
+        # -- Open Inference Protocol (service/oip): REST and gRPC ------------------------------
+        self.inference_requests = Counter(
+            "rcegate_inference_requests",
+            "OIP inference requests by protocol (oip_rest, oip_grpc) and status (ok, or the "
+            "error's code: invalid_input, model_not_found, overloaded, ...).",
+            ["protocol", "status"],
+            registry=r,
+        )
+        for protocol in ("oip_rest", "oip_grpc"):
+            self.inference_requests.labels(protocol, "ok")
+        self.grpc_requests = Counter(
+            "rcegate_grpc_requests",
+            "gRPC calls by method (inference.GRPCInferenceService RPC) and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_duration = Histogram(
+            "rcegate_grpc_request_duration_seconds",
+            "gRPC call latency by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.detection_score: Histogram | None = None
+        # --- Trust and access (issue 12) ---
+        self.flagged_clients = Gauge(
+            "rcegate_flagged_clients",
+            "Clients currently flagged as probing the detector (rejection rate far above "
+            "target_fpr over the prober window).",
+            registry=r,
+        )
+        self.prober_flags = Counter(
+            "rcegate_prober_flags",
+            "Times a client was flagged as probing the detector.",
+            registry=r,
+        )
+        self.access_log_dropped = Counter(
+            "rcegate_access_log_dropped",
+            "Access-log lines dropped because the writer fell behind (overload).",
+            registry=r,
+        )
+        # --- end of trust and access ---
 
     def describe_models(self, detectors: list[Detector]) -> None:
         """Set the per-model gauges and create the score histogram once the models are loaded."""

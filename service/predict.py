@@ -1,126 +1,79 @@
-"""One prediction request: decode and one ORT run per request in a worker thread (never on the
-event loop), then the decision, the metrics and the response body. Routes call `predict`."""
+"""The v1 predict adapter: HTTP in, the data plane's verdicts out as the v1 response body.
+
+Order of work, cheapest refusal first: the model and the query (404, 422), the model's queue
+(503 before the body is read), the body (413/415/400 while it streams), admission of its images
+(503 before any is decoded), then decoding and inference in the data plane. While the answer is
+computed, a client that disconnects cancels its queued images (recorded as 499).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
 
-import anyio.to_thread
-import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
 
 from models.manifest import METRICS
-from service.detector import Decision, Detector, Outputs
-from service.imaging import DecodedImage, decode_image
-from service.metrics import Metrics
-from service.payload import Upload
-from service.schemas import (
-    DecisionInfo,
-    ImageResult,
-    ImageSize,
-    PredictResponse,
-    Scores,
-)
-from service.settings import Mode
+from service.dataplane import DataPlane, EncodedImage, Prediction, PredictOptions
+from service.detector import Detector
+from service.guard import cancel_on_disconnect
+from service.payload import Upload, read_uploads
+from service.schemas import DecisionInfo, ImageResult, ImageSize, PredictResponse, Scores
 
 
-@dataclass(frozen=True)
-class PredictOptions:
-    target_fpr: float | None
-    mode: Mode
-    max_pixels: int
+async def predict(
+    plane: DataPlane, detector: Detector, options: PredictOptions, request: Request
+) -> Response:
+    """Answer a v1 predict request. The body is serialised once here (the route's
+    `response_model` documents it), not validated again by the framework."""
+    arrival = time.monotonic()
+    options = dataclasses.replace(options, client=request.scope.get("state", {}).get("client"))
+    detector.decision(options.target_fpr)  # an invalid target_fpr fails before the body
+    plane.check_capacity(detector)
+    s = plane.settings
+    uploads = await read_uploads(request, s.max_body_bytes, s.max_images)
+    images = [EncodedImage(u.data, u.describe(i)) for i, u in enumerate(uploads)]
+    async with cancel_on_disconnect(request.receive):
+        prediction = await plane.predict_encoded(detector, images, options, plane.deadline(arrival))
+    body = response(prediction, uploads, s.withhold_rejected).model_dump_json()
+    return Response(body, media_type="application/json")
 
 
-def _decode_all(
-    uploads: list[Upload], shape: tuple[int, int, int], max_pixels: int, metrics: Metrics
-) -> list[DecodedImage]:
-    decoded = []
-    for index, upload in enumerate(uploads):
-        start = time.perf_counter()
-        decoded.append(decode_image(upload.data, shape, max_pixels, upload.describe(index)))
-        metrics.decode_duration.observe(time.perf_counter() - start)
-    return decoded
-
-
-def _run(detector: Detector, images: np.ndarray, metrics: Metrics) -> Outputs:
-    start = time.perf_counter()
-    outputs = detector.run(images)
-    metrics.inference_duration.labels(detector.name).observe(time.perf_counter() - start)
-    metrics.batch_size.labels(detector.name).observe(len(images))
-    return outputs
-
-
-def _decode_and_run(
-    detector: Detector, uploads: list[Upload], max_pixels: int, metrics: Metrics
-) -> tuple[list[DecodedImage], Outputs]:
-    decoded = _decode_all(uploads, detector.input_shape, max_pixels, metrics)
-    return decoded, _run(detector, np.stack([image.pixels for image in decoded]), metrics)
-
-
-def _record(metrics: Metrics, detector: Detector, outputs: Outputs, accepted: np.ndarray) -> None:
-    names = detector.manifest.class_names
-    version = str(detector.version)
-    for label, ok in zip(outputs.label.tolist(), accepted.tolist(), strict=True):
-        decision = "accepted" if ok else "rejected"
-        metrics.images.labels(detector.name, version, decision, names[label]).inc()
-    if metrics.detection_score is not None:
-        for metric in METRICS:
-            histogram = metrics.detection_score.labels(detector.name, metric)
-            for value in outputs.scores[metric].tolist():
-                histogram.observe(value)
-
-
-def _results(
-    detector: Detector,
-    uploads: list[Upload],
-    decoded: list[DecodedImage],
-    outputs: Outputs,
-    decision: Decision,
-    accepted: np.ndarray,
-    mode: Mode,
-) -> list[ImageResult]:
-    names = detector.manifest.class_names
+def response(
+    prediction: Prediction, uploads: list[Upload], withhold_rejected: bool = True
+) -> PredictResponse:
+    """The v1 body. In enforce mode a rejected image shows no label; with `withhold_rejected`
+    (the default) no score, threshold or probability either: the verdict is no score oracle."""
+    p = prediction
+    names = p.detector.manifest.class_names
+    out = p.outputs
     results = []
-    for i, (upload, image) in enumerate(zip(uploads, decoded, strict=True)):
-        ok = bool(accepted[i])
-        label = int(outputs.label[i])
-        shown = ok or mode == "annotate"
-        width, height = image.original_size
+    for i, upload in enumerate(uploads):
+        label = int(out.label[i])
+        shown = p.shown(i)
+        scored = shown or not withhold_rejected
+        image = p.decoded[i] if p.decoded is not None else None
+        width, height = image.original_size if image is not None else (0, 0)
         results.append(
             ImageResult(
                 index=i,
                 filename=upload.filename,
                 label=label if shown else None,
                 class_name=names[label] if shown else None,
-                probabilities=outputs.probabilities[i].tolist() if shown else None,
-                accepted=ok,
+                probabilities=out.probabilities[i].tolist() if shown else None,
+                accepted=bool(p.accepted[i]),
                 decision=DecisionInfo(
-                    metric=decision.metric,
-                    score=float(outputs.scores[decision.metric][i]),
-                    threshold=decision.threshold,
-                    target_fpr=decision.target_fpr,
+                    metric=p.decision.metric,
+                    score=float(out.scores[p.decision.metric][i]) if scored else None,
+                    threshold=p.decision.threshold if scored else None,
+                    target_fpr=p.decision.target_fpr,
                 ),
-                scores=Scores(**{m: float(outputs.scores[m][i]) for m in METRICS}),
+                scores=Scores(**{m: float(out.scores[m][i]) for m in METRICS}) if scored else None,
                 original_size=ImageSize(width=width, height=height),
-                resized=image.resized,
+                resized=bool(image is not None and image.resized),
             )
         )
-    return results
-
-
-async def predict(
-    detector: Detector, uploads: list[Upload], options: PredictOptions, metrics: Metrics
-) -> PredictResponse:
-    decision = detector.decision(options.target_fpr)  # an invalid target_fpr fails before decoding
-    # One worker-thread hop for decode + ORT: the event loop only parses and answers.
-    decoded, outputs = await anyio.to_thread.run_sync(
-        _decode_and_run, detector, uploads, options.max_pixels, metrics
-    )
-    accepted = Detector.accept(outputs, decision)
-    _record(metrics, detector, outputs, accepted)
     return PredictResponse(
-        model=detector.name,
-        version=detector.version,
-        mode=options.mode,
-        predictions=_results(detector, uploads, decoded, outputs, decision, accepted, options.mode),
+        model=p.detector.name, version=p.detector.version, mode=p.mode, predictions=results
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 from service.detector import Detector, ModelLoadError, discover, load_detector
 from service.errors import ModelNotFound, NotReady
 from service.settings import Settings
+from service.trust import ArtifactPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,12 @@ class ModelRepository:
         self.refused: list[Refused] = []
         self._loaded = threading.Event()
         self.error: str | None = None
+        self.policy = ArtifactPolicy(
+            root=settings.model_dir,
+            max_model_bytes=settings.max_model_bytes,
+            max_manifest_bytes=settings.max_manifest_bytes,
+            trusted_keys=tuple(settings.trusted_keys),
+        )
 
     @property
     def ready(self) -> bool:
@@ -58,6 +65,11 @@ class ModelRepository:
             directories = discover(s.model_dir) if s.model_dir.is_dir() else []
             if not s.model_dir.is_dir():
                 logger.error("model directory %s does not exist", s.model_dir)
+            if not s.trusted_keys:
+                logger.warning(
+                    "no trusted keys: model versions are checked for consistency, not for "
+                    "who made them (set RCEGATE_TRUSTED_KEYS to require signatures)"
+                )
             for directory in directories:
                 self._load_one(directory)
             if not self._detectors:
@@ -81,7 +93,13 @@ class ModelRepository:
         name, version = directory.parent.name, directory.name
         try:
             detector = load_detector(
-                directory, s.providers, s.intra_op_threads, s.inter_op_threads, s.target_fpr
+                directory,
+                s.providers,
+                s.intra_op_threads,
+                s.inter_op_threads,
+                s.target_fpr,
+                s.graph_optimization,
+                self.policy,
             )
         except ModelLoadError as exc:
             self.refused.append(Refused(name, version, str(exc)))

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import (
     DefaultDetectorDep,
+    LifecycleDep,
     MetricsDep,
     NamedDetectorDep,
     OptionsDep,
+    PlaneDep,
     RepositoryDep,
     SettingsDep,
-    UploadsDep,
     VersionedDetectorDep,
 )
 from service.detector import Detector
-from service.errors import NotReady
+from service.errors import NotReady, ShuttingDown
 from service.imaging import CONTENT_TYPES
 from service.predict import predict
 from service.schemas import (
@@ -42,7 +43,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body over the byte limit, too many images, or an image over the pixel limit.",
         415: "Unsupported Content-Type.",
         422: "Invalid query value (e.g. target_fpr outside the calibrated range).",
-        503: "Models still loading, or none could be loaded.",
+        503: "Models still loading or none loaded; overloaded (queue full, too many requests, "
+        "deadline passed) or shutting down: retry after the `Retry-After` seconds.",
+        408: "The request body did not arrive within the body timeout.",
     }.items()
 }
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -77,25 +80,25 @@ _PREDICT: dict[str, Any] = {
     "/v1/models/{name}/predict", summary="Predict with a model's newest version", **_PREDICT
 )
 async def predict_named(
-    detector: NamedDetectorDep, options: OptionsDep, uploads: UploadsDep, metrics: MetricsDep
-) -> PredictResponse:
-    return await predict(detector, uploads, options, metrics)
+    detector: NamedDetectorDep, options: OptionsDep, plane: PlaneDep, request: Request
+) -> Response:
+    return await predict(plane, detector, options, request)
 
 
 @router.post(
     "/v1/models/{name}/versions/{version}/predict", summary="Predict with one version", **_PREDICT
 )
 async def predict_versioned(
-    detector: VersionedDetectorDep, options: OptionsDep, uploads: UploadsDep, metrics: MetricsDep
-) -> PredictResponse:
-    return await predict(detector, uploads, options, metrics)
+    detector: VersionedDetectorDep, options: OptionsDep, plane: PlaneDep, request: Request
+) -> Response:
+    return await predict(plane, detector, options, request)
 
 
 @router.post("/v1/predict", summary="Predict with the default model", **_PREDICT)
 async def predict_default(
-    detector: DefaultDetectorDep, options: OptionsDep, uploads: UploadsDep, metrics: MetricsDep
-) -> PredictResponse:
-    return await predict(detector, uploads, options, metrics)
+    detector: DefaultDetectorDep, options: OptionsDep, plane: PlaneDep, request: Request
+) -> Response:
+    return await predict(plane, detector, options, request)
 
 
 def model_info(detector: Detector, default: bool) -> ModelInfo:
@@ -168,13 +171,18 @@ async def get_model_version(
     return model_info(detector, _is_default(repository, settings, detector))
 
 
+# HEAD too: probes and load balancers often send it (issue 12).
+@router.head("/health/live", response_model=Health, tags=["health"])
 @router.get("/health/live", response_model=Health, tags=["health"])
 async def live() -> Health:
     return Health(status="live")
 
 
+@router.head("/health/ready", response_model=Health, tags=["health"], responses=_ERRORS)
 @router.get("/health/ready", response_model=Health, tags=["health"], responses=_ERRORS)
-async def ready(repository: RepositoryDep) -> Health:
+async def ready(repository: RepositoryDep, lifecycle: LifecycleDep) -> Health:
+    if lifecycle.draining:
+        raise ShuttingDown("draining: finishing accepted requests before exit")
     if not repository.loaded:
         raise NotReady("models are still loading")
     if not repository.ready:

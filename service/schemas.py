@@ -20,8 +20,8 @@ class Scores(BaseModel):
 
 class DecisionInfo(BaseModel):
     metric: Metric
-    score: float
-    threshold: float
+    score: float | None = Field(description="null if withheld (a rejected image, enforce mode).")
+    threshold: float | None = Field(description="null if withheld, as `score`.")
     target_fpr: float
 
 
@@ -38,7 +38,7 @@ class ImageResult(BaseModel):
     probabilities: list[float] | None
     accepted: bool = Field(description="score >= threshold for the decision's metric.")
     decision: DecisionInfo
-    scores: Scores
+    scores: Scores | None = Field(description="null if withheld, as `decision.score`.")
     original_size: ImageSize
     resized: bool = Field(description="True when the image was resized to the model's input.")
 

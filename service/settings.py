@@ -6,10 +6,11 @@ value is validated at start-up, so a typo in a deployment fails loudly instead o
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 import models
@@ -17,6 +18,7 @@ import models
 Providers = Literal["auto", "cpu", "cuda"]
 Mode = Literal["annotate", "enforce"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
 # The model repository that ships with the project (`models/<name>/<version>/`).
 DEFAULT_MODEL_DIR = Path(models.__file__).resolve().parent
@@ -38,12 +40,94 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0 = ORT default).")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0 = ORT default).")
+    graph_optimization: GraphOptimization = Field(
+        "all", description="ORT graph optimisation level: disable, basic, extended, all."
+    )
+    # Dynamic batching and admission control (one batcher per model version).
+    max_batch_size: int = Field(
+        64, gt=0, description="Most images in one ONNX Runtime run (batches span requests)."
+    )
+    max_queue_delay: float = Field(
+        0.002,
+        ge=0,
+        le=1,
+        description="Seconds a batch may wait for more images while other requests are still "
+        "being decoded (never when nothing else is coming).",
+    )
+    max_queue_images: int = Field(
+        512,
+        gt=0,
+        description="Images admitted per model (being decoded or queued); beyond that, 503.",
+    )
+    max_queue_wait: float = Field(
+        0.1,
+        ge=0,
+        description="Seconds of model work that may be queued per model (queued images / "
+        "measured images per second); a request beyond it gets 503. 0 = no such bound.",
+    )
+    request_timeout: float = Field(
+        10.0, gt=0, description="Deadline of one request in seconds, from its arrival."
+    )
+    inline_decode_pixels: int = Field(
+        4096,
+        ge=0,
+        description="Images declaring at most this many pixels (and of at most 16 KiB, at "
+        "most 4 per request) decode on the event loop instead of the pool; 0 = never.",
+    )
+    decode_workers: int = Field(
+        2, gt=0, le=64, description="Threads that decode images (bounds decode CPU and memory)."
+    )
+    # Connections and bodies.
+    max_concurrent_requests: int = Field(
+        256, gt=0, description="Requests handled at once (health and metrics excluded); 503 above."
+    )
+    max_connections: int = Field(
+        1024, gt=0, description="Open connections uvicorn accepts before answering 503."
+    )
+    max_inflight_body_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="Bytes of request bodies held at once across all requests; 503 above.",
+    )
+    body_timeout: float = Field(
+        10.0, gt=0, description="Seconds to receive a whole request body; 408 after that."
+    )
+    keep_alive_timeout: int = Field(
+        5, gt=0, description="Seconds an idle keep-alive connection stays open."
+    )
+    header_timeout: float = Field(
+        5.0, gt=0, description="Seconds a connection may take to send a complete request head."
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request head (request line and headers)."
+    )
+    drain_seconds: float = Field(
+        20.0,
+        ge=0,
+        description="On SIGTERM: seconds to finish accepted requests before exiting (keep it "
+        "below the orchestrator's grace period).",
+    )
     max_body_bytes: int = Field(
         20 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes."
     )
     max_images: int = Field(64, gt=0, description="Most images in one request.")
+    # Decoding limits, all judged from image headers before any pixel is decoded. Defaults sized
+    # for a classifier whose inputs are at most a few hundred pixels a side: 2048 x 2048 is a
+    # 1080p or 1440p frame with room to spare, and its decoded samples take at most 16 MiB
+    # (RGBA/CMYK, 4 bytes a pixel). The request budget is four such images (64 MiB of samples if
+    # a pool held them all at once; ours decodes one image at a time per worker).
     max_pixels: int = Field(
-        4096 * 4096, gt=0, description="Most pixels (width x height) in one decoded image."
+        2048 * 2048,
+        gt=0,
+        description="Most pixels (width x height) one image may declare; also Pillow's limit.",
+    )
+    max_image_side: int = Field(
+        4096, gt=0, description="Most pixels one image may declare in width or in height."
+    )
+    max_request_pixels: int = Field(
+        4 * 2048 * 2048,
+        gt=0,
+        description="Most pixels all images of one request may declare together.",
     )
     target_fpr: float | None = Field(
         None,
@@ -53,3 +137,95 @@ class Settings(BaseSettings):
     )
     mode: Mode = Field("annotate", description="Default mode: annotate or enforce.")
     log_level: LogLevel = Field("info", description="Log level of the rcegate loggers.")
+    # --- Trust and access (issue 12; service/trust.py, service/access.py, service/probers.py) ---
+    max_model_bytes: int = Field(
+        1 << 30, gt=0, description="Largest model.onnx loaded, in bytes; larger is refused."
+    )
+    max_manifest_bytes: int = Field(
+        1 << 20, gt=0, description="Largest manifest.json loaded, in bytes; larger is refused."
+    )
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Base64 Ed25519 public keys (`rcegate keygen`); when set, only versions "
+        "whose manifest.json.sig one of them signed are loaded. JSON list in the environment.",
+    )
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=1024,
+        description="Client id -> sha256 (hex) of its API key (`rcegate api-key`); when set, v1, "
+        "v2 and the docs need `Authorization: Bearer <key>` or `x-api-key`. JSON object.",
+    )
+    metrics_require_key: bool = Field(
+        False, description="Also require an API key on /metrics (health stays open)."
+    )
+    withhold_rejected: bool = Field(
+        True,
+        description="Enforce mode: withhold the scores, threshold and probabilities of rejected "
+        "images too (no score oracle); annotate mode keeps full detail.",
+    )
+    docs: bool = Field(True, description="Serve /docs and /openapi.json (assets served locally).")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty: no CORS headers."
+    )
+    access_log: bool = Field(
+        True, description="One JSON line per request on stderr (logger rcegate.access)."
+    )
+    prober_window: float = Field(
+        300.0, gt=0, description="Seconds over which each client's rejection rate is measured."
+    )
+    prober_min_images: int = Field(
+        50, gt=0, description="Images a client must send in the window before it can be flagged."
+    )
+    prober_rejection_rate: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Rejection rate over the window that flags a client as probing (far above "
+        "target_fpr).",
+    )
+    prober_clients: int = Field(
+        10_000, gt=0, description="Clients tracked at once (least recently seen dropped first)."
+    )
+    prober_throttle: bool = Field(
+        False, description="Answer 429 to a flagged client until its rejection rate falls."
+    )
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        from service.trust import decode_key
+
+        for key in keys:
+            decode_key(key)  # ValueError -> a validation error at start-up
+        return keys
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        for ident, digest in keys.items():
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", ident):
+                raise ValueError(f"api key id {ident!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"api key {ident!r}: give the sha256 of the key (64 hex digits)")
+        return keys
+
+    # --- end of trust and access ---
+    # -- Open Inference Protocol (service/oip) -------------------------------------------------
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the OIP gRPC service (inference.GRPCInferenceService) started by "
+        "`rcegate serve` on `host`; 0 turns gRPC off. REST OIP (/v2) is always on `port`.",
+    )
+
+    @model_validator(mode="after")
+    def _request_fits_the_queue(self) -> Settings:
+        # A request larger than the queue could never be admitted: refuse such a setup.
+        if self.max_images > self.max_queue_images:
+            raise ValueError(
+                f"max_images ({self.max_images}) must not exceed max_queue_images "
+                f"({self.max_queue_images})"
+            )
+        return self

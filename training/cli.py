@@ -1,4 +1,5 @@
-"""Training-side subcommands of the `rcegate` CLI: train, calibrate, export, pipeline, evaluate.
+"""Training-side subcommands of the `rcegate` CLI: train, calibrate, export, pipeline, evaluate,
+report, stamp.
 
 torch is imported inside the commands, so `rcegate serve` starts without it and a service-only
 install reports a clear message instead of an ImportError.
@@ -476,8 +477,30 @@ def _pipeline_description(attack_loss: str) -> str:
     )
 
 
+def stamp(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories <name>/<version>.")],
+    force: Annotated[
+        bool, typer.Option(help="Rebind a graph already bound to other values.")
+    ] = False,
+) -> None:
+    """Bind each manifest's decision constants to its graph (ONNX metadata) without retraining;
+    prints the new sha256 of each model.onnx. Re-sign signed artifacts afterwards."""
+    try:
+        from training.stamp import StampError, restamp
+    except ModuleNotFoundError:
+        typer.echo("This command needs the onnx package: pip install 'rcegate[train]'", err=True)
+        raise typer.Exit(2) from None
+    for directory in artifacts:
+        try:
+            digest = restamp(directory, force=force)
+        except (StampError, OSError, ValueError) as exc:
+            typer.echo(f"{directory}: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"{directory}: {digest}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("masking-check")(masking_check)
-    for command in (train, calibrate, export, pipeline, evaluate, report):
+    for command in (train, calibrate, export, pipeline, evaluate, report, stamp):
         app.command()(command)
     logging.getLogger("training").setLevel(logging.INFO)

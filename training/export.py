@@ -2,8 +2,10 @@
 
 Detection lives in the graph (the K-density bank is a constant), so every ONNX host gets the
 same answer. Before anything is written the graph passes the ONNX checker and ONNX Runtime is
-compared against torch on real test images (as timm's export does). The artifact is assembled in
-a temporary directory next to its destination and renamed into place: never half an artifact.
+compared against torch on real test images (as timm's export does). The manifest's decision
+constants are then stamped into the graph's metadata (`training/stamp.py`), so editing the
+manifest alone cannot move a decision. The artifact is assembled in a temporary directory next to
+its destination and renamed into place: never half an artifact.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from models.manifest import (
 from training.calibrate import Calibration, score_split
 from training.data import Dataset
 from training.nets import WIDTHS, ResNet, count_parameters
+from training.stamp import stamp_graph
 from training.train import TrainConfig, to_tensor
 
 logger = logging.getLogger(__name__)
@@ -199,11 +202,15 @@ def export_artifact(
                 calibration_table=calibration.table,
                 clean_acceptance=clean_acceptance,
             ),
-            sha256=sha256_file(onnx_path),
+            sha256="0" * 64,  # set once the graph carries the binding
             opset=OPSET,
             library_versions=_versions(),
             training={k: v for k, v in vars(config).items() if k != "data_dir"},
         )
+        graph = onnx.load(str(onnx_path))
+        stamp_graph(graph, manifest.binding())
+        onnx.save(graph, str(onnx_path))
+        manifest = manifest.model_copy(update={"sha256": sha256_file(onnx_path)})
         manifest.dump(staging)
         staging.chmod(0o755)
         if target.exists():

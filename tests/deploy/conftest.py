@@ -20,6 +20,8 @@ HISTOGRAMS = {
     "rcegate_inference_duration_seconds",
     "rcegate_batch_size",
     "rcegate_http_request_duration_seconds",
+    "rcegate_queue_wait_seconds",
+    "rcegate_grpc_request_duration_seconds",
 }
 METRICS = HISTOGRAMS | {
     "rcegate_images_total",
@@ -28,6 +30,15 @@ METRICS = HISTOGRAMS | {
     "rcegate_model_info",
     "rcegate_http_requests_total",
     "rcegate_requests_in_flight",
+    "rcegate_queue_images",
+    "rcegate_requests_refused_total",
+    # trust and access (issue 12)
+    "rcegate_flagged_clients",
+    "rcegate_prober_flags_total",
+    "rcegate_access_log_dropped_total",
+    "rcegate_client_disconnects_total",
+    "rcegate_inference_requests_total",
+    "rcegate_grpc_requests_total",
 }
 # Series names that PromQL may use: histograms expose _bucket, _sum and _count.
 SERIES = (METRICS - HISTOGRAMS) | {
@@ -53,8 +64,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    """Prometheus' own checker (Debian package `prometheus`; scripts/test installs it)."""
+    """Prometheus' own checker (Debian package `prometheus`; scripts/test installs it). Never
+    skipped: without it the alert rules would go untested while the run stays green."""
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
+        pytest.fail("promtool is not installed (scripts/test installs Debian's `prometheus`)")
     return path

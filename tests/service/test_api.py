@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -35,6 +36,8 @@ def test_predict_multipart_matches_onnx_runtime(
     assert (body["model"], body["version"], body["mode"]) == ("tiny", 1, "annotate")
     expected = run_onnx(tiny_artifact, images)
     manifest = Manifest.load(tiny_artifact.path)
+    # One answer per posted image, in order: a dropped or extra prediction fails here.
+    assert [r["index"] for r in body["predictions"]] == list(range(len(images))) == list(range(8))
     for i, result in enumerate(body["predictions"]):
         assert (result["index"], result["filename"]) == (i, f"{i}.png")
         assert result["label"] == int(expected["label"][i])
@@ -145,16 +148,19 @@ def test_enforce_withholds_label_of_rejected_images_and_annotate_does_not(
     for shown, hidden in zip(annotate["predictions"], enforce["predictions"], strict=True):
         assert shown["accepted"] == hidden["accepted"]
         assert shown["label"] is not None and shown["probabilities"] is not None
-        assert shown["scores"] == hidden["scores"] and shown["decision"] == hidden["decision"]
         if hidden["accepted"]:
             assert hidden["label"] == shown["label"]
             assert hidden["probabilities"] == shown["probabilities"]
+            assert shown["scores"] == hidden["scores"] and shown["decision"] == hidden["decision"]
         else:
             assert (hidden["label"], hidden["class_name"], hidden["probabilities"]) == (
                 None,
                 None,
                 None,
             )
+            # No score oracle (withhold_rejected, the default): only the verdict.
+            assert hidden["scores"] is None
+            assert hidden["decision"] == {**shown["decision"], "score": None, "threshold": None}
 
 
 def test_mode_and_target_fpr_defaults_come_from_settings(make_client, digit_png: bytes) -> None:
@@ -222,14 +228,14 @@ def test_inference_runs_off_the_event_loop(
 ) -> None:
     detector = client.app.state.repository.get("tiny")  # type: ignore[attr-defined]
     running, release = threading.Event(), threading.Event()
-    original = detector.run
+    original = detector.run_arrays
 
     def held(images: np.ndarray) -> object:
         running.set()
         release.wait(30)
         return original(images)
 
-    monkeypatch.setattr(detector, "run", held)
+    monkeypatch.setattr(detector, "run_arrays", held)
     with ThreadPoolExecutor(2) as pool:
         headers = {"content-type": "image/png"}
         prediction = pool.submit(client.post, "/v1/predict", content=digit_png, headers=headers)
@@ -240,3 +246,22 @@ def test_inference_runs_off_the_event_loop(
         finally:
             release.set()
         assert prediction.result(timeout=30).status_code == 200
+
+
+def test_small_images_decode_the_same_on_the_event_loop_and_in_the_pool(
+    make_client: Callable[..., TestClient], digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    pngs = [encode(image) for image in digits[0][:3]]
+    files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs)]
+    inline = make_client()  # 28x28 digits are under the inline limit of 4096 pixels
+    pooled = make_client(inline_decode_pixels=0)
+    answers = [c.post("/v1/predict", files=files).json()["predictions"] for c in (inline, pooled)]
+    assert len(answers[0]) == 3
+    assert answers[0] == answers[1]
+    decoded = [
+        c.get("/metrics").text.count("rcegate_decode_duration_seconds_count 3.0")
+        for c in (inline, pooled)
+    ]
+    assert decoded == [1, 1]  # both paths decode and time every image
+    pools = [c.app.state.plane._decode_pool._threads for c in (inline, pooled)]  # type: ignore[attr-defined]
+    assert [len(p) > 0 for p in pools] == [False, True]  # the pool started only when used

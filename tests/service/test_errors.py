@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterator
 
@@ -67,30 +68,107 @@ def test_predict_names_the_bad_part_among_several(client: TestClient, digit_png:
 def test_predict_rejects_decompression_bomb_before_decoding(client: TestClient) -> None:
     response = client.post("/v1/predict", content=png_claiming_size(60_000, 60_000), headers=PNG)
     assert response.status_code == 413
-    body = response.json()
-    assert body["error"]["code"] == "image_too_large"
-    message = body["error"]["message"]
-    assert message.startswith("request body is over the limit of 16777216 pixels (")
-    assert "decompression bomb" in message and message.endswith("refused before decoding")
+    assert response.json() == error(
+        413,
+        "image_too_large",
+        "request body is over the limit of 4096 pixels per side (60000x60000 declared); "
+        "refused before decoding",
+    )
+
+
+def test_predict_refuses_64_one_row_bombs_in_milliseconds(client: TestClient) -> None:
+    # The attack: 1 x 16,777,216 passed the old 4096² pixel limit and cost 20.5 s of CPU for 64.
+    bomb = png_claiming_size(1, 16_777_216)
+    files = [("files", (f"{i}.png", bomb, "image/png")) for i in range(64)]
+    start = time.process_time()
+    response = client.post("/v1/predict", files=files)
+    assert time.process_time() - start < 1.0  # the whole request, client and server
+    assert response.status_code == 413
+    assert response.json() == error(
+        413,
+        "image_too_large",
+        "files[0] ('0.png') is over the limit of 4096 pixels per side (1x16777216 declared); "
+        "refused before decoding",
+    )
 
 
 def test_predict_rejects_image_over_pixel_limit(make_client: Callable[..., TestClient]) -> None:
     client = make_client(max_pixels=10_000)
-    # 3x the limit: Pillow's own check (set to our limit) refuses it as a bomb.
     big = client.post("/v1/predict", content=encode(np.zeros((150, 200), np.uint8)), headers=PNG)
     assert big.status_code == 413
-    assert big.json()["error"]["code"] == "image_too_large"
-    assert big.json()["error"]["message"].startswith(
-        "request body is over the limit of 10000 pixels"
+    assert big.json() == error(
+        413,
+        "image_too_large",
+        "request body is over the limit of 10000 pixels per image (200x150 = 30000 pixels "
+        "declared); refused before decoding",
     )
-    # Just over: Pillow would only warn; the service refuses it all the same.
+    # 10,100 pixels: just over our limit and under twice it, where Pillow only warns. The full
+    # message (the declared size) is the service's own check, not Pillow's warning.
     files = [("files", ("wide.png", encode(np.zeros((101, 100), np.uint8)), "image/png"))]
     response = client.post("/v1/predict", files=files)
     assert response.status_code == 413
-    assert response.json()["error"]["code"] == "image_too_large"
-    assert response.json()["error"]["message"].startswith(
-        "files[0] ('wide.png') is over the limit of 10000 pixels"
+    assert response.json() == error(
+        413,
+        "image_too_large",
+        "files[0] ('wide.png') is over the limit of 10000 pixels per image (100x101 = 10100 "
+        "pixels declared); refused before decoding",
     )
+
+
+def test_predict_rejects_request_over_pixel_budget_before_decoding(
+    make_client: Callable[..., TestClient], digit_png: bytes
+) -> None:
+    client = make_client(max_request_pixels=3 * 28 * 28)
+    # The third image's header is valid but its pixel data is cut short: decoding anything
+    # before the budget check would answer 400 invalid_image instead.
+    truncated = encode(np.full((28, 28), 7, np.uint8))[:-30]
+    parts = [digit_png, digit_png, truncated, digit_png]
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(parts)]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 413
+    assert response.json() == error(
+        413,
+        "too_many_pixels",
+        "the request's 4 images are over the limit of 2352 pixels per request (3136 pixels "
+        "declared; the largest, files[0] ('0.png'), is 28x28); refused before decoding",
+    )
+    assert client.post("/v1/predict", files=files[:2] + files[3:]).status_code == 200
+    assert client.post("/v1/predict", files=files[:3]).json()["error"]["code"] == "invalid_image"
+
+
+def tiff(array: np.ndarray) -> bytes:
+    return encode(array, "TIFF", compression="tiff_adobe_deflate")
+
+
+@pytest.mark.parametrize(
+    ("array", "mode"),
+    [
+        (np.zeros((4096, 4096), np.float32), "F (32-bit floating point)"),  # 94 KB, 64 MiB
+        (np.full((28, 28), np.nan, np.float32), "F (32-bit floating point)"),
+        (np.full((28, 28), 70_000, np.int32), "I (32-bit signed integer)"),
+    ],
+    ids=["float-4096", "nan", "int32"],
+)
+def test_predict_rejects_32bit_float_and_integer_tiffs(
+    client: TestClient, array: np.ndarray, mode: str
+) -> None:
+    response = client.post(
+        "/v1/predict", content=tiff(array), headers={"content-type": "image/tiff"}
+    )
+    assert response.status_code == 415
+    assert response.json() == error(
+        415,
+        "unsupported_image_mode",
+        f"request body has image mode {mode}, which is not supported (supported: 1-bit, "
+        "8-bit grey (L, LA), palette (P, PA), RGB, RGBA, CMYK, YCbCr, 16-bit grey)",
+    )
+
+
+def test_predict_answers_a_16bit_png(client: TestClient) -> None:
+    array = np.full((28, 28), 40_000, np.uint16)
+    response = client.post("/v1/predict", content=encode(array), headers=PNG)
+    assert response.status_code == 200
+    assert response.json()["predictions"][0]["original_size"] == {"width": 28, "height": 28}
 
 
 def test_predict_rejects_body_over_byte_limit(make_client: Callable[..., TestClient]) -> None:
@@ -255,7 +333,7 @@ def test_internal_error_is_500_without_traceback(
     def broken(images: np.ndarray) -> None:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(detector, "run", broken)
+    monkeypatch.setattr(detector, "run_arrays", broken)
     response = client.post("/v1/predict", content=digit_png, headers=PNG)
     assert response.status_code == 500
     assert response.json() == error(500, "internal_error", "internal server error")
@@ -271,8 +349,9 @@ def test_server_keeps_serving_after_bad_requests(client: TestClient, digit_png: 
         client.post("/v1/predict", content=os.urandom(100), headers=PNG),
         client.post("/v1/predict", content=png_claiming_size(60_000, 60_000), headers=PNG),
         client.post("/v1/predict", content=b"x", headers={"content-type": "text/plain"}),
+        client.post("/v1/predict", content=tiff(np.zeros((8, 8), np.float32)), headers=PNG),
         client.post("/v1/predict?target_fpr=2", content=digit_png, headers=PNG),
     ]
-    assert [r.status_code for r in bad] == [400, 413, 415, 422]
+    assert [r.status_code for r in bad] == [400, 413, 415, 415, 422]
     assert client.post("/v1/predict", content=digit_png, headers=PNG).status_code == 200
     assert client.get("/health/ready").status_code == 200

@@ -9,7 +9,6 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.manifest import Manifest
-from service.metrics import score_buckets
 from tests.conftest import TinyArtifact
 from tests.service.conftest import encode
 
@@ -87,13 +86,32 @@ def test_metrics_count_images_requests_and_batches(
     assert value(data, "rcegate_requests_in_flight") == 1
 
 
-def test_score_buckets_put_an_edge_on_every_calibrated_threshold(
-    tiny_artifact: TinyArtifact, client: TestClient
+def test_served_score_histogram_has_an_edge_on_every_calibrated_threshold(
+    tiny_artifact: TinyArtifact, client: TestClient, digit_png: bytes
 ) -> None:
-    detector = client.app.state.repository.get("tiny")  # type: ignore[attr-defined]
-    buckets = score_buckets([detector])
-    assert buckets == sorted(set(buckets))
-    table = detector.manifest.detection.calibration_table
-    for metric, threshold in detector.thresholds().items():
-        assert float(f"{threshold:.6g}") in buckets
-        assert float(f"{table.threshold(metric, 0.01):.6g}") in buckets
+    """The registered histogram's own buckets, as scraped: `bucket{le=T} / count` reads as the
+    rejection rate at T only if T is an edge."""
+    answer = client.post("/v1/models/tiny/predict", content=digit_png, headers=PNG).json()
+    scores = answer["predictions"][0]["scores"]
+    response = client.get("/metrics")
+    buckets: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            if s.name == "rcegate_detection_score_bucket" and s.labels["model"] == "tiny":
+                buckets.setdefault(s.labels["metric"], {})[float(s.labels["le"])] = s.value
+    manifest = Manifest.load(tiny_artifact.path)
+    table = manifest.detection.calibration_table
+    assert sorted(buckets) == sorted(manifest.detection.thresholds)
+    for metric, threshold in manifest.detection.thresholds.items():
+        edges = buckets[metric]
+        # Edges are rendered from 6 significant digits (equal-looking edges would collide).
+        for fpr_threshold in (
+            threshold,
+            table.threshold(metric, 0.01),
+            table.threshold(metric, 0.1),
+        ):
+            assert float(f"{fpr_threshold:.6g}") in edges, (metric, fpr_threshold, sorted(edges))
+        assert {-1000.0, 0.0, 1.0, float("inf")} <= set(edges)
+        # One observation: every edge at or above its score counts it, every edge below not.
+        for edge, count in edges.items():
+            assert count == (1.0 if scores[metric] <= edge else 0.0), (metric, edge, count)

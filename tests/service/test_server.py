@@ -1,14 +1,12 @@
-"""The real thing: `rcegate serve` in its own process, real MNIST digits as PNG over HTTP, checked
-against the artifact run directly in ONNX Runtime; and proof that the service never loads torch."""
+"""The real thing: `rcegate serve` in its own process, held-out MNIST digits as PNG over HTTP,
+checked against the artifact run directly in ONNX Runtime; and proof that the service never
+loads torch."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,56 +18,14 @@ import pytest
 from models.manifest import MODEL_FILE, OUTPUT_NAMES, Manifest
 from tests.conftest import DEFAULT_MODEL_DIR, ROOT, TinyArtifact
 from tests.service.conftest import encode
-
-STARTUP_TIMEOUT = 60.0
-RCEGATE = Path(sys.executable).with_name("rcegate")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # polling interval, not an assertion
-    pytest.fail(f"server not ready after {STARTUP_TIMEOUT}s:\n{log.read_text()}")
+from tests.service.live import live_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """`rcegate serve` out of the box (default model repository), on a free loopback port."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(RCEGATE), "serve", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process, log)
-        yield url, log
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with live_server(tmp_path_factory.mktemp("server") / "server.log") as live:
+        yield live.url, live.log
 
 
 def run_onnx(model_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -79,10 +35,11 @@ def run_onnx(model_dir: Path, images: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_served_mnist_digits_match_onnx_runtime(
-    server: tuple[str, Path], digits: tuple[np.ndarray, np.ndarray]
+    server: tuple[str, Path], default_test_digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     url, log = server
-    images, labels = digits[0][:48], digits[1][:48]
+    # Digits of the artifact's own test split: never trained or calibrated on.
+    images, labels = default_test_digits[0][:48], default_test_digits[1][:48]
     expected = run_onnx(DEFAULT_MODEL_DIR, images)
     manifest = Manifest.load(DEFAULT_MODEL_DIR)
     with httpx.Client(base_url=url, timeout=30) as http:
@@ -114,9 +71,9 @@ def test_served_mnist_digits_match_onnx_runtime(
     np.testing.assert_allclose(
         [r["scores"]["log_kd"] for r in results], expected["log_kd"], atol=1e-3
     )
-    # Sanity: real digits are mostly classified right and mostly accepted by the default model.
+    # Held-out digits are classified and accepted about as the manifest says (98.2% and 97%).
     assert (got == labels).mean() >= 0.9
-    assert np.mean([r["accepted"] for r in results]) >= 0.5
+    assert np.mean([r["accepted"] for r in results]) >= 0.85
     assert info["providers"][-1] == "CPUExecutionProvider"
     text = log.read_text()
     assert f"loaded model {manifest.name}/{manifest.version}" in text

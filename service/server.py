@@ -1,0 +1,163 @@
+"""`rcegate serve`: uvicorn with the connection limits and the graceful drain of the service.
+
+Connections: at most `max_connections` (uvicorn answers 503 beyond), request heads of at most
+`max_header_bytes`, idle keep-alive connections closed after `keep_alive_timeout`, and a
+connection that has not sent a complete request head within `header_timeout` (slow headers,
+an idle connection that never speaks) is closed.
+
+Drain (SIGTERM or SIGINT): `/health/ready` turns 503 at once and new requests get 503
+`shutting_down` while the listener stays open, so a load balancer sees the instance leave
+instead of a refused connection; requests already accepted or queued finish; the process exits
+when nothing is in flight, or after `drain_seconds` at most. A second signal exits at once.
+
+gRPC (the Open Inference Protocol, service/oip/grpc.py) starts after the HTTP listener on
+`grpc_port` (0: off) and shares the drain: it refuses new work with UNAVAILABLE once draining,
+and stops (letting its calls finish) before the data plane closes. A gRPC port that cannot be
+bound fails the start-up, as an HTTP port does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from grpc import aio
+from starlette.types import ASGIApp
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.dataplane import DataPlane
+from service.guard import Lifecycle
+from service.oip.grpc import start_server as start_grpc
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """h11 with a deadline for each request head: connections that stall before a complete
+    request head (slowloris, idle sockets) are closed after `header_timeout` seconds."""
+
+    header_timeout = 5.0
+
+    def connection_made(self, transport: Any) -> None:  # transport: asyncio.Transport
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_expired)
+
+    def _head_expired(self) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before and self._head_timer is not None:
+            self._head_timer.cancel()  # a full request head arrived
+            self._head_timer = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request head on this keep-alive connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._plane: DataPlane = app.state.plane
+        self._lifecycle: Lifecycle = self._plane.lifecycle
+        self._drain_seconds = drain_seconds
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._grpc: aio.Server | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        settings: Settings = self._app.state.settings
+        if self.should_exit or not settings.grpc_port:
+            return
+        state = self._app.state
+        try:
+            self._grpc = await start_grpc(
+                state.plane, state.repository, state.lifecycle, state.metrics, settings
+            )
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            logger.error("cannot serve gRPC on port %d: %s", settings.grpc_port, exc)
+            for server in self.servers:
+                server.close()
+            await self.lifespan.shutdown()
+            raise SystemExit(STARTUP_FAILURE) from None
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        if self._grpc is not None:
+            # The drain already waited for the calls in flight; a short grace for stragglers.
+            await self._grpc.stop(grace=1.0)
+        await super().shutdown(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._lifecycle.draining or self._loop is None:
+            super().handle_exit(sig, frame)  # a second signal: exit now
+            self.force_exit = True
+            return
+        self._plane.drain()
+        logger.info(
+            "signal %d: draining (ready is 503, new requests refused) for at most %g s",
+            sig,
+            self._drain_seconds,
+        )
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self._drain_seconds
+        while time.monotonic() < deadline and (self._lifecycle.in_flight or self._plane.busy):
+            await asyncio.sleep(0.05)  # polling the in-flight count, not timing anything
+        left = self._lifecycle.in_flight
+        if left:
+            logger.warning("drain time is up with %d request(s) still in flight", left)
+        else:
+            logger.info("drained: no request in flight")
+        self.should_exit = True
+
+
+def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """uvicorn as `rcegate serve` runs it (the benchmark's echo floor uses the same)."""
+    GuardedH11Protocol.header_timeout = settings.header_timeout
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=GuardedH11Protocol,
+        log_level=settings.log_level,
+        log_config=None,  # keep the one logging configuration made by the CLI
+        access_log=False,  # the metrics count every request; no line per request under load
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_graceful_shutdown=1,  # the drain already waited for the requests in flight
+    )
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Run the app with the service's connection limits and graceful drain."""
+    DrainingServer(uvicorn_config(app, settings), app, settings.drain_seconds).run()

@@ -1,0 +1,288 @@
+"""The dynamic batcher: order, batch size, spanning requests, admission, deadlines, cancellation.
+
+The model here is a plain numpy function whose outputs identify their inputs, so every row can
+be traced back to the image it came from; a gate (a threading.Event) holds the inference
+thread where a test needs the queue to fill. No sleeps: every wait is on an event or a future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, BatchFailed, BatchStats
+from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+
+T = TypeVar("T")
+FAR = 3600.0  # a deadline nobody reaches
+
+
+class Model:
+    """Identity-like model: `id` output = the first pixel of each image; records batch sizes."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.sizes: list[int] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        self.entered.set()
+        assert self.gate.wait(30), "test never released the model"
+        self.sizes.append(len(images))
+        return {"id": images[:, 0, 0, 0].copy(), "double": images[:, 0, 0, :] * 2}
+
+
+def images(ids: list[int]) -> np.ndarray:
+    out = np.zeros((len(ids), 1, 2, 2), np.float32)
+    out[:, 0, 0, 0] = ids
+    out[:, 0, 0, 1] = ids
+    return out
+
+
+def run(coro: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(coro())  # type: ignore[arg-type]
+
+
+def make(model: Model, **kwargs: object) -> Batcher:
+    options: dict[str, object] = {
+        "max_batch_size": 4,
+        "max_queue_delay": 0.0,
+        "max_queue_images": 16,
+    }
+    options.update(kwargs)
+    return Batcher("m/1", model, **options)  # type: ignore[arg-type]
+
+
+def test_each_request_gets_its_own_rows_in_order_across_batches() -> None:
+    model = Model(hold=True)
+    batcher = make(model)
+
+    async def scenario() -> list[dict[str, np.ndarray]]:
+        first = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(first, images([100]))
+        await asyncio.to_thread(model.entered.wait, 30)  # the model holds request 0
+        tickets = []
+        for start in (0, 10, 20):  # three requests of 3 images queue up meanwhile
+            ticket = batcher.reserve(3, time.monotonic() + FAR)
+            batcher.submit(ticket, images([start, start + 1, start + 2]))
+            tickets.append(ticket)
+        model.gate.set()
+        return [await t.future for t in [first, *tickets]]
+
+    results = run(scenario)
+    batcher.close(5)
+    assert [r["id"].tolist() for r in results] == [
+        [100],
+        [0, 1, 2],
+        [10, 11, 12],
+        [20, 21, 22],
+    ]
+    np.testing.assert_array_equal(results[2]["double"], images([10, 11, 12])[:, 0, 0, :] * 2)
+    # 9 queued images in batches of at most 4: the second request spans two batches.
+    assert model.sizes == [1, 4, 4, 1]
+
+
+def test_batches_never_exceed_max_batch_size_even_for_one_large_request() -> None:
+    model = Model()
+    batcher = make(model, max_batch_size=3)
+
+    async def scenario() -> dict[str, np.ndarray]:
+        ticket = batcher.reserve(8, time.monotonic() + FAR)
+        batcher.submit(ticket, images(list(range(8))))
+        return await ticket.future
+
+    result = run(scenario)
+    batcher.close(5)
+    assert result["id"].tolist() == list(range(8))
+    assert model.sizes == [3, 3, 2]
+
+
+def test_full_queue_refuses_at_once_and_frees_capacity_when_answered() -> None:
+    model = Model(hold=True)
+    batcher = make(model, max_queue_images=5)
+
+    async def scenario() -> None:
+        running = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(running, images([1]))
+        await asyncio.to_thread(model.entered.wait, 30)
+        held = batcher.reserve(4, time.monotonic() + FAR)  # 1 running + 4 = the bound
+        assert batcher.reserved == 4
+        with pytest.raises(QueueFull) as refused:
+            batcher.reserve(2, time.monotonic() + FAR)
+        assert refused.value.status == 503
+        assert refused.value.headers == {"Retry-After": "1"}
+        with pytest.raises(QueueFull, match="exceed the queue of 5 images"):
+            batcher.reserve(6, time.monotonic() + FAR)
+        batcher.submit(held, images([1, 2, 3, 4]))
+        model.gate.set()
+        await held.future
+        assert batcher.reserved == 0
+        batcher.reserve(5, time.monotonic() + FAR)  # all capacity is back
+
+    run(scenario)
+
+
+def test_expired_request_never_reaches_the_model() -> None:
+    model = Model(hold=True)
+    batcher = make(model)
+
+    async def scenario() -> None:
+        running = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(running, images([1]))
+        await asyncio.to_thread(model.entered.wait, 30)
+        late = batcher.reserve(2, time.monotonic())  # its deadline has already passed
+        batcher.submit(late, images([7, 8]))
+        model.gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await late.future
+        assert (await running.future)["id"].tolist() == [1]
+        assert batcher.reserved == 0
+
+    run(scenario)
+    batcher.close(5)
+    assert model.sizes == [1]  # images 7 and 8 were never run
+
+
+def test_cancelled_request_gives_back_its_images_and_is_not_run() -> None:
+    model = Model(hold=True)
+    batcher = make(model)
+
+    async def scenario() -> None:
+        running = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(running, images([1]))
+        await asyncio.to_thread(model.entered.wait, 30)
+        gone = batcher.reserve(3, time.monotonic() + FAR)
+        batcher.submit(gone, images([4, 5, 6]))
+        kept = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(kept, images([9]))
+        assert batcher.reserved == 4
+        batcher.cancel(gone)  # the client went away
+        assert batcher.reserved == 1
+        model.gate.set()
+        assert (await kept.future)["id"].tolist() == [9]
+        assert not gone.future.done()
+
+    run(scenario)
+    batcher.close(5)
+    assert model.sizes == [1, 1]
+
+
+def test_a_reservation_given_back_before_submit_frees_the_queue() -> None:
+    batcher = make(Model(), max_queue_images=2)
+
+    async def scenario() -> None:
+        ticket = batcher.reserve(2, time.monotonic() + FAR)
+        with pytest.raises(QueueFull):
+            batcher.reserve(1, time.monotonic() + FAR)
+        batcher.cancel(ticket)  # e.g. one of its images could not be decoded
+        batcher.reserve(2, time.monotonic() + FAR)
+
+    run(scenario)
+
+
+def test_waits_for_images_still_being_decoded_up_to_the_queue_delay() -> None:
+    model = Model()
+    seen: list[BatchStats] = []
+    batcher = make(model, max_queue_delay=30.0, on_batch=seen.append)
+
+    async def scenario() -> list[list[float]]:
+        first = batcher.reserve(1, time.monotonic() + FAR)
+        second = batcher.reserve(1, time.monotonic() + FAR)  # admitted, still "decoding"
+        batcher.submit(first, images([1]))
+        batcher.submit(second, images([2]))  # arrives within the delay: same batch
+        return [(await t.future)["id"].tolist() for t in (first, second)]
+
+    assert run(scenario) == [[1], [2]]
+    batcher.close(5)
+    assert model.sizes == [2]
+    assert seen[0].size == 2 and len(seen[0].queue_waits) == 2
+
+
+def test_a_lone_request_does_not_wait_for_the_queue_delay() -> None:
+    model = Model()
+    batcher = make(model, max_queue_delay=30.0)
+
+    async def scenario() -> list[float]:
+        ticket = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(ticket, images([3]))
+        # Nothing else is admitted, so the batch runs now, not after 30 s.
+        return (await asyncio.wait_for(ticket.future, 10))["id"].tolist()  # type: ignore[no-any-return]
+
+    assert run(scenario) == [3]
+    batcher.close(5)
+
+
+def test_a_failing_model_fails_the_batch_and_keeps_serving() -> None:
+    calls = 0
+
+    def flaky(batch: np.ndarray) -> dict[str, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return {"id": batch[:, 0, 0, 0].copy()}
+
+    batcher = Batcher("m/1", flaky, max_batch_size=4, max_queue_delay=0, max_queue_images=8)
+
+    async def scenario() -> list[float]:
+        bad = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(bad, images([1]))
+        with pytest.raises(BatchFailed) as failed:
+            await bad.future
+        assert failed.value.status == 500 and "boom" not in failed.value.message
+        good = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(good, images([2]))
+        return (await good.future)["id"].tolist()  # type: ignore[no-any-return]
+
+    assert run(scenario) == [2]
+    batcher.close(5)
+
+
+def test_closing_finishes_queued_work_and_refuses_new_tickets() -> None:
+    model = Model(hold=True)
+    batcher = make(model)
+
+    async def scenario() -> None:
+        queued = batcher.reserve(2, time.monotonic() + FAR)
+        batcher.submit(queued, images([5, 6]))
+        await asyncio.to_thread(model.entered.wait, 30)
+        closer = threading.Thread(target=batcher.close, args=(30,))
+        closer.start()
+        while not batcher._closing:  # close() sets it under the lock, at once
+            await asyncio.sleep(0)
+        with pytest.raises(ShuttingDown):
+            batcher.reserve(1, time.monotonic() + FAR)
+        model.gate.set()
+        assert (await queued.future)["id"].tolist() == [5, 6]
+        await asyncio.to_thread(closer.join, 30)
+
+    run(scenario)
+
+
+def test_queue_is_bounded_by_expected_wait_but_never_refuses_into_an_empty_queue() -> None:
+    model = Model()
+    batcher = make(model, max_queue_wait=1e-9)  # any queued work is over this bound
+
+    async def scenario() -> None:
+        assert batcher.expected_wait(1) == 0.0  # no batch ran yet: no estimate, no refusal
+        warm = batcher.reserve(2, time.monotonic() + FAR)
+        batcher.submit(warm, images([1, 2]))
+        await warm.future
+        assert batcher.expected_wait(1) > 0  # the model's speed is now measured
+        model.gate.clear()
+        first = batcher.reserve(3, time.monotonic() + FAR)  # empty queue: always admitted
+        with pytest.raises(QueueFull, match="ms of work queued") as refused:
+            batcher.reserve(1, time.monotonic() + FAR)
+        assert refused.value.headers["Retry-After"] == "1"
+        batcher.cancel(first)
+        batcher.reserve(1, time.monotonic() + FAR)
+
+    run(scenario)
