@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,6 +42,12 @@ from training.losses import Objective, deployed_logits
 from training.scores import log_kernel_density
 
 _MASKED = -1.0e4
+# The loss ART's gradient attacks (FGSM, BIM, ILLCM, PGD) follow. "ce" alone is masked on models
+# with a saturated softmax (see `training.robustness`); "both" runs the attack with each loss and
+# keeps, per image, the cross-entropy result where it succeeds and the margin result otherwise.
+AttackLoss = Literal["ce", "margin", "both"]
+ATTACK_LOSSES: tuple[AttackLoss, ...] = ("both", "ce", "margin")
+GRADIENT_ATTACKS = ("fgsm", "bim", "illcm", "pgd")
 
 OBLIVIOUS_ATTACKS = ("fgsm", "bim", "illcm", "jsma", "cw-l2", "cw-hc", "pgd")
 ADAPTIVE_ATTACKS = ("pgd-adaptive", "cw-wb")
@@ -70,8 +76,9 @@ class AttackSettings:
     adaptive_weight: float = 1.0
     adaptive_margin: float = 0.5
     batch_size: int = 100
+    attack_loss: AttackLoss = "both"
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
 
 
@@ -88,13 +95,36 @@ class DeployedLogits(nn.Module):
         return deployed_logits(self.objective, logits)
 
 
-def art_classifier(detector: DeployedModel, shape: tuple[int, int, int], classes: int) -> Any:
+def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-example logit margin max_{i != y} Z_i - Z_y (Carlini & Wagner 2017, f6 without the
+    kappa clip): positive iff the image is misclassified. Unlike cross-entropy it does not
+    saturate, and its gradient sign does not change when the logits are scaled."""
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -math.inf)
+    return others.amax(dim=1) - logits.gather(1, labels[:, None]).squeeze(1)
+
+
+class MarginLoss(nn.Module):
+    """`margin_loss` summed over the batch, as ART's loss: ART ascends it for untargeted attacks
+    (towards any other class) and descends it for targeted ones (towards the target)."""
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        # ART reduces one-hot labels to indices for its known losses only.
+        indices = labels.argmax(dim=1) if labels.ndim == 2 else labels.long()
+        return margin_loss(logits, indices).sum()
+
+
+def art_classifier(
+    detector: DeployedModel,
+    shape: tuple[int, int, int],
+    classes: int,
+    loss: Literal["ce", "margin"] = "ce",
+) -> Any:
     """ART's PyTorchClassifier over the deployed logits of `detector`'s network."""
     from art.estimators.classification import PyTorchClassifier
 
     return PyTorchClassifier(
         model=DeployedLogits(detector.network, detector.objective),
-        loss=nn.CrossEntropyLoss(),
+        loss=nn.CrossEntropyLoss() if loss == "ce" else MarginLoss(),
         input_shape=shape,
         nb_classes=classes,
         clip_values=(0.0, 1.0),
@@ -298,6 +328,92 @@ def _pgd_batch(
     return best.detach()
 
 
+def _gradient_params(name: str, s: AttackSettings) -> dict[str, float | int | str]:
+    loss = {"both": "cross-entropy, then margin where it failed", "ce": "cross-entropy",
+            "margin": "logit margin (C&W f6)"}[s.attack_loss]  # fmt: skip
+    if name == "fgsm":
+        params: dict[str, float | int | str] = {
+            "eps": s.eps, "label": "clean prediction", "implementation": "ART FastGradientMethod"
+        }  # fmt: skip
+    elif name == "pgd":
+        params = {
+            "eps": s.pgd_eps, "eps_step": s.pgd_step, "steps": s.pgd_steps,
+            "implementation": "ART ProjectedGradientDescent (no random start)",
+        }  # fmt: skip
+    else:
+        params = {
+            "eps": s.eps, "eps_step": s.eps / s.bim_steps, "steps": s.bim_steps,
+            "implementation": "ART BasicIterativeMethod",
+        }  # fmt: skip
+        if name == "illcm":
+            params["target"] = "least likely"
+    params["loss"] = loss
+    return params
+
+
+def _art_gradient_attack(
+    name: str, classifier: Any, images: np.ndarray, y: np.ndarray, s: AttackSettings
+) -> np.ndarray:
+    from art.attacks.evasion import (
+        BasicIterativeMethod,
+        FastGradientMethod,
+        ProjectedGradientDescent,
+    )
+
+    if name == "fgsm":
+        attack: Any = FastGradientMethod(classifier, eps=s.eps, batch_size=s.batch_size)
+    elif name == "pgd":
+        attack = ProjectedGradientDescent(
+            classifier, eps=s.pgd_eps, eps_step=s.pgd_step, max_iter=s.pgd_steps,
+            num_random_init=0, batch_size=s.batch_size,
+        )  # fmt: skip
+    else:
+        attack = BasicIterativeMethod(
+            classifier, s.eps, s.eps / s.bim_steps, s.bim_steps, name == "illcm", s.batch_size
+        )
+    adversarial: np.ndarray = attack.generate(images, y=_one_hot(y, classifier.nb_classes))
+    return adversarial
+
+
+@torch.no_grad()
+def _deployed_labels(detector: DeployedModel, images: np.ndarray) -> np.ndarray:
+    logits = DeployedLogits(detector.network, detector.objective)(torch.from_numpy(images))
+    return np.asarray(logits.argmax(1).numpy())
+
+
+def gradient_attack(
+    name: str, detector: DeployedModel, images: np.ndarray, y: np.ndarray, s: AttackSettings
+) -> np.ndarray:
+    """FGSM, BIM, ILLCM (targeted at `y`) or PGD from ART, following `s.attack_loss`.
+
+    Cross-entropy through a saturated softmax gives a CE model vanishing or sign-noisy input
+    gradients (gradient masking, `training.robustness`); the logit margin does not saturate.
+    With "both", images the cross-entropy run did not fool (untargeted) or did not send to the
+    target (ILLCM) are attacked again with the margin loss: never weaker than either alone.
+    """
+    if name not in GRADIENT_ATTACKS:
+        raise ValueError(f"{name!r} is not one of {GRADIENT_ATTACKS}")
+    classes = _num_classes(detector)
+    shape = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
+    losses: tuple[Literal["ce", "margin"], ...] = (
+        ("ce", "margin") if s.attack_loss == "both" else (s.attack_loss,)
+    )
+    result: np.ndarray | None = None
+    for loss in losses:
+        classifier = art_classifier(detector, shape, classes, loss)
+        if result is None:
+            result = _art_gradient_attack(name, classifier, images, y, s)
+            continue
+        predicted = _deployed_labels(detector, result)
+        done = predicted == y if name == "illcm" else predicted != y
+        if done.all():
+            break
+        retry = np.flatnonzero(~done)
+        result[retry] = _art_gradient_attack(name, classifier, images[retry], y[retry], s)
+    assert result is not None
+    return result
+
+
 @dataclass(frozen=True)
 class AttackOutput:
     adversarial: np.ndarray
@@ -318,12 +434,7 @@ def run_attack(
     seed: int,
 ) -> AttackOutput:
     """Run one attack on float images in [0, 1]; `labels` are the true labels."""
-    from art.attacks.evasion import (
-        BasicIterativeMethod,
-        FastGradientMethod,
-        ProjectedGradientDescent,
-        SaliencyMapMethod,
-    )
+    from art.attacks.evasion import SaliencyMapMethod
 
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
@@ -338,26 +449,13 @@ def run_attack(
     targets: np.ndarray | None = None
     metric: Metric = detector.default_metric
     started = time.perf_counter()
-    if name == "fgsm":
-        params: dict[str, float | int | str] = {
-            "eps": s.eps, "label": "clean prediction", "implementation": "ART FastGradientMethod"
-        }  # fmt: skip
-        attack = FastGradientMethod(classifier, eps=s.eps, batch_size=s.batch_size)
-        adversarial = attack.generate(images, y=_one_hot(predictions, classes))
-    elif name in ("bim", "illcm"):
+    if name in GRADIENT_ATTACKS:
         targeted = name == "illcm"
         targets = least_likely if targeted else None
-        params = {
-            "eps": s.eps, "eps_step": s.eps / s.bim_steps, "steps": s.bim_steps,
-            "implementation": "ART BasicIterativeMethod",
-        }  # fmt: skip
-        if targeted:
-            params["target"] = "least likely"
-        attack = BasicIterativeMethod(
-            classifier, s.eps, s.eps / s.bim_steps, s.bim_steps, targeted, s.batch_size
-        )
-        y = _one_hot(least_likely if targeted else predictions, classes)
-        adversarial = attack.generate(images, y=y)
+        params = _gradient_params(name, s)
+        # FGSM and BIM follow the clean prediction (no label leaking), PGD the true label.
+        y = least_likely if targeted else labels if name == "pgd" else predictions
+        adversarial = gradient_attack(name, detector, images, y, s)
     elif name == "jsma":
         targets = least_likely
         params = {
@@ -378,16 +476,6 @@ def run_attack(
             detector, torch.from_numpy(images), torch.from_numpy(targets), 0.0, metric, s,
             kappa=kappa, detector_term=False, desc=name,
         ).numpy()  # fmt: skip
-    elif name == "pgd":
-        params = {
-            "eps": s.pgd_eps, "eps_step": s.pgd_step, "steps": s.pgd_steps,
-            "implementation": "ART ProjectedGradientDescent (no random start)",
-        }  # fmt: skip
-        attack = ProjectedGradientDescent(
-            classifier, eps=s.pgd_eps, eps_step=s.pgd_step, max_iter=s.pgd_steps,
-            num_random_init=0, batch_size=s.batch_size,
-        )  # fmt: skip
-        adversarial = attack.generate(images, y=_one_hot(labels, classes))
     elif name == "pgd-adaptive":
         params = {
             "eps": s.pgd_eps, "eps_step": s.pgd_step, "steps": s.pgd_steps,

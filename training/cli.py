@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from training.calibrate import Calibration
+    from training.data import Dataset as LoadedDataset
+    from training.nets import ResNet
     from training.train import TrainConfig
 
 RUNS = Path("runs")
@@ -25,6 +28,33 @@ Objective = Annotated[str, typer.Option(help="rce (reverse cross-entropy) or ce 
 Checkpoint = Annotated[Path, typer.Option(help="Checkpoint file (.pt).")]
 CalibrationFile = Annotated[Path, typer.Option(help="Calibration file written by `calibrate`.")]
 ModelDir = Annotated[Path, typer.Option(help="Model repository directory.")]
+AttackLossOption = Annotated[
+    str,
+    typer.Option(
+        help="Loss of FGSM / BIM / ILLCM / PGD: both (cross-entropy, then the logit margin where "
+        "it failed; not masked), ce (masked on saturated models), margin."
+    ),
+]
+RecipeOption = Annotated[
+    str,
+    typer.Option(
+        help="official: the official code's recipe scaled to --steps (lr x0.1 at 50% and 75% of "
+        "the steps, weight decay on conv/FC weights only, FC uniform unit scaling, BN eps 1e-3); "
+        "legacy: --epochs with decays at 50%/75% of the epochs, decay on every parameter, "
+        "PyTorch's FC init, BN eps 1e-5 (the committed v1 models)."
+    ),
+]
+StepsOption = Annotated[
+    int, typer.Option(help="SGD steps of the official recipe (official MNIST run: 20000).")
+]
+EpochsOption = Annotated[int, typer.Option(help="Epochs of the legacy recipe.")]
+Force = Annotated[
+    bool,
+    typer.Option(
+        help="Export even when clean test accuracy is near chance (below chance + 25% of the "
+        "way to 100%; 32.5% for 10 balanced classes)."
+    ),
+]
 
 
 def _require_torch() -> None:
@@ -46,12 +76,20 @@ def _train_config(
     seed: int,
     train_limit: int | None,
     dry_run: bool,
+    recipe: str,
+    steps: int,
 ) -> TrainConfig:
-    from training.train import TrainConfig
+    from training.train import RECIPES, TrainConfig
 
     if objective not in ("rce", "ce"):
         raise typer.BadParameter("must be rce or ce", param_hint="--objective")
+    if recipe not in RECIPES:
+        raise typer.BadParameter(f"must be one of {', '.join(RECIPES)}", param_hint="--recipe")
+    if steps < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--steps")
     return TrainConfig(
+        recipe=recipe,
+        steps=steps,
         dataset=dataset,
         data_dir=str(data_dir) if data_dir else None,
         objective=objective,  # type: ignore[arg-type]
@@ -71,7 +109,9 @@ def train(
     data_dir: DataDir = None,
     objective: Objective = "rce",
     depth: Annotated[int, typer.Option(help="ResNet depth 6n+2 (20, 32, 56).")] = 32,
-    epochs: int = 30,
+    recipe: RecipeOption = "official",
+    steps: StepsOption = 20_000,
+    epochs: EpochsOption = 30,
     batch_size: int = 128,
     lr: float = 0.1,
     seed: int = 0,
@@ -85,8 +125,9 @@ def train(
     from training.train import train as run_training
 
     config = _train_config(
-        dataset, data_dir, objective, depth, epochs, batch_size, lr, seed, train_limit, dry_run
-    )
+        dataset, data_dir, objective, depth, epochs, batch_size, lr, seed, train_limit, dry_run,
+        recipe, steps,
+    )  # fmt: skip
     try:
         payload = run_training(config, checkpoint, resume=resume)
     except DatasetError as error:
@@ -129,18 +170,44 @@ def export(
     version: int = 1,
     model_dir: ModelDir = Path("models"),
     overwrite: bool = False,
+    force: Force = False,
 ) -> None:
-    """Export model.onnx + manifest.json into MODEL_DIR/NAME/VERSION (validated, atomic)."""
+    """Export model.onnx + manifest.json into MODEL_DIR/NAME/VERSION (validated, atomic).
+
+    Refuses (exit 2) a model whose clean accuracy on its own test split is near chance."""
     _require_torch()
     from training.calibrate import Calibration
-    from training.export import export_artifact
     from training.train import load_trained_model
 
     model, config, data = load_trained_model(checkpoint)
-    target = export_artifact(
-        model, config, data, Calibration.load(calibration), model_dir, name, version, overwrite
+    calibration_result = Calibration.load(calibration)
+    target = _export(
+        model, config, data, calibration_result, model_dir, name, version, overwrite, force
     )
     typer.echo(_summary(target))
+
+
+def _export(
+    model: ResNet,
+    config: TrainConfig,
+    data: LoadedDataset,
+    calibration: Calibration,
+    model_dir: Path,
+    name: str,
+    version: int,
+    overwrite: bool,
+    force: bool,
+) -> Path:
+    """`export_artifact`, turning a near-chance refusal into exit code 2 with its message."""
+    from training.export import NearChanceError, export_artifact
+
+    try:
+        return export_artifact(
+            model, config, data, calibration, model_dir, name, version, overwrite, force
+        )
+    except NearChanceError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def pipeline(
@@ -150,7 +217,9 @@ def pipeline(
     data_dir: DataDir = None,
     objective: Objective = "rce",
     depth: int = 32,
-    epochs: int = 30,
+    recipe: RecipeOption = "official",
+    steps: StepsOption = 20_000,
+    epochs: EpochsOption = 30,
     batch_size: int = 128,
     lr: float = 0.1,
     seed: int = 0,
@@ -161,17 +230,18 @@ def pipeline(
     work_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = RUNS,
     overwrite: bool = False,
     dry_run: bool = False,
+    force: Force = False,
 ) -> None:
     """train -> calibrate -> export in one command."""
     _require_torch()
     from training.calibrate import calibrate as run_calibration
-    from training.export import export_artifact
     from training.train import load_trained_model
     from training.train import train as run_training
 
     config = _train_config(
-        dataset, data_dir, objective, depth, epochs, batch_size, lr, seed, train_limit, dry_run
-    )
+        dataset, data_dir, objective, depth, epochs, batch_size, lr, seed, train_limit, dry_run,
+        recipe, steps,
+    )  # fmt: skip
     checkpoint = work_dir / f"{name}-v{version}.pt"
     run_training(config, checkpoint)
     model, config, data = load_trained_model(checkpoint)
@@ -179,7 +249,7 @@ def pipeline(
         model, config.objective, data, target_fpr, bank_per_class, seed=config.seed
     )
     result.save(checkpoint.with_suffix(".calibration.pt"))
-    target = export_artifact(model, config, data, result, model_dir, name, version, overwrite)
+    target = _export(model, config, data, result, model_dir, name, version, overwrite, force)
     typer.echo(_summary(target))
 
 
@@ -224,6 +294,7 @@ def evaluate(
     cw_max_iter: Annotated[int, typer.Option(help="C&W iterations per step.")] = 100,
     pgd_eps: float = 0.1,
     pgd_steps: int = 40,
+    attack_loss: AttackLossOption = "both",
     seed: int = 0,
     cost_repeats: Annotated[
         int, typer.Option(help="RCE-vs-CE training epochs timed per objective (0 = skip).")
@@ -241,10 +312,12 @@ def evaluate(
 
     if len(artifact) != len(checkpoint) or (calibration and len(calibration) != len(artifact)):
         raise typer.BadParameter("give one --checkpoint (and --calibration) per --artifact")
+    _check_attack_loss(attack_loss)
     seed_everything(seed)
     settings = AttackSettings(
         eps=eps, cw_binary_steps=cw_binary_steps, cw_max_iter=cw_max_iter, pgd_eps=pgd_eps,
         pgd_steps=pgd_steps, pgd_step=pgd_eps / 10,
+        attack_loss=attack_loss,  # type: ignore[arg-type]
     )  # fmt: skip
     try:
         models = [
@@ -298,6 +371,112 @@ def report(
     typer.echo(str(write_report(evaluation, results.parent)))
 
 
+def masking_check(
+    checkpoint: Annotated[
+        list[Path] | None, typer.Option(help="Checkpoint of a model (repeat; one per objective).")
+    ] = None,
+    artifact: Annotated[
+        list[Path] | None,
+        typer.Option(help="Exported model directory whose network is rebuilt from model.onnx."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/mnist-5k/masking"),
+    images: Annotated[int, typer.Option(help="Test images attacked per eps.")] = 500,
+    eps: Annotated[str, typer.Option(help="Comma-separated L-inf budgets ([0,1] scale).")] = (
+        "0,0.02,0.05,0.1,0.15,0.2,0.25,0.3"
+    ),
+    bim_steps: Annotated[int, typer.Option(help="BIM steps (each eps / steps).")] = 10,
+    attack_loss: AttackLossOption = "both",
+    seed: int = 0,
+) -> None:
+    """Gradient-masking checks: FGSM / BIM success vs eps, thresholding disabled, CE vs RCE.
+
+    Runs the evaluation's own FGSM and BIM next to independent CE-loss and margin-loss versions,
+    applies the checks of Carlini et al. 2019 and writes results.json, report.md and
+    robustness.png. Exit code 1 when a check fails."""
+    _require_torch()
+    import numpy as np
+    import torch
+
+    from training.attacks import AttackSettings
+    from training.calibrate import DeployedModel
+    from training.export import _source_commit
+    from training.recover import load_artifact_network
+    from training.robustness import (
+        PLOT_FILE,
+        MaskingResults,
+        all_passed,
+        created_now,
+        plot_robustness,
+        robustness,
+        write_report,
+        write_results,
+    )
+    from training.train import load_trained_model, seed_everything
+
+    _check_attack_loss(attack_loss)
+    sources = [*(checkpoint or []), *(artifact or [])]
+    if not sources:
+        raise typer.BadParameter("give at least one --checkpoint or --artifact")
+    grid = tuple(sorted({float(e) for e in eps.split(",") if e.strip()}))
+    settings = AttackSettings(bim_steps=bim_steps, attack_loss=attack_loss)  # type: ignore[arg-type]
+    models = {}
+    names = set()
+    for path in sources:
+        seed_everything(seed)
+        if path in (checkpoint or []):
+            network, config, dataset = load_trained_model(path)
+            objective = config.objective
+        else:
+            network, manifest, dataset = load_artifact_network(path)
+            objective = manifest.objective
+        network.requires_grad_(False)
+        names.add(dataset.name)
+        # Thresholding is disabled: the detector only carries the network and its objective.
+        classes, dim = dataset.num_classes, network.feature_dim
+        detector = DeployedModel(
+            network, objective, np.zeros((classes, 1, dim), np.float32),
+            np.ones((classes, 1), np.float32), 1.0,
+        )  # fmt: skip
+        if objective in models:
+            raise typer.BadParameter(f"two {objective} models; give one per objective")
+        models[objective] = robustness(detector, dataset, str(path), images, grid, settings, seed)
+    if len(names) != 1:
+        raise typer.BadParameter(f"models come from different datasets: {sorted(names)}")
+    results = MaskingResults(
+        dataset=names.pop(),
+        created_at=created_now(),
+        source_commit=_source_commit(),
+        seed=seed,
+        eps=list(grid),
+        bim_steps=bim_steps,
+        torch_threads=torch.get_num_threads(),
+        pipeline=_pipeline_description(attack_loss),
+        models=models,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [write_results(results, out), write_report(results, out)]
+    paths.append(plot_robustness(results, out / PLOT_FILE))
+    typer.echo(json.dumps({"written": [str(p) for p in paths], "passed": all_passed(results)}))
+    if not all_passed(results):
+        raise typer.Exit(1)
+
+
+def _check_attack_loss(value: str) -> None:
+    from training.attacks import ATTACK_LOSSES
+
+    if value not in ATTACK_LOSSES:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(ATTACK_LOSSES)}", param_hint="--attack-loss"
+        )
+
+
+def _pipeline_description(attack_loss: str) -> str:
+    return (
+        "`training.attacks.run_attack` (ART FastGradientMethod / BasicIterativeMethod over "
+        f"`PyTorchClassifier`) with attack_loss={attack_loss}"
+    )
+
+
 def stamp(
     artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories <name>/<version>.")],
     force: Annotated[
@@ -321,6 +500,7 @@ def stamp(
 
 
 def register(app: typer.Typer) -> None:
+    app.command("masking-check")(masking_check)
     for command in (train, calibrate, export, pipeline, evaluate, report, stamp):
         app.command()(command)
     logging.getLogger("training").setLevel(logging.INFO)

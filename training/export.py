@@ -47,10 +47,23 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 CHECK_IMAGES = 64
 ATOL = {"probabilities": 1e-4, "confidence": 1e-4, "non_me": 1e-3, "log_kd": 1e-2}
+# A model must beat chance (the share of the test split's most frequent class, what a constant
+# answer scores) by this fraction of the way to 100%: 32.5% for 10 balanced classes.
+MIN_GAIN_OVER_CHANCE = 0.25
 
 
 class ExportError(Exception):
     """The exported graph failed validation; nothing was written."""
+
+
+class NearChanceError(ExportError):
+    """The model's clean accuracy on its own test split is near chance; nothing was written."""
+
+
+def minimum_accuracy(labels: np.ndarray) -> tuple[float, float]:
+    """(chance, the least clean accuracy export accepts) for a test split's labels."""
+    chance = float(np.bincount(labels).max() / max(len(labels), 1))
+    return chance, chance + MIN_GAIN_OVER_CHANCE * (1.0 - chance)
 
 
 def export_onnx(model: torch.nn.Module, shape: tuple[int, int, int], path: Path) -> None:
@@ -122,14 +135,27 @@ def export_artifact(
     name: str,
     version: int,
     overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
-    """Write `model_dir/name/version/` atomically and return its path."""
+    """Write `model_dir/name/version/` atomically and return its path.
+
+    Refuses (NearChanceError) a model whose clean test accuracy is below `minimum_accuracy`
+    unless `force`: a barely trained network must not ship silently as a detector."""
     target = model_dir / name / str(version)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite to replace it")
     deployed = calibration.deployed(network).eval()
     test_scores = score_split(deployed, dataset.test)
     accuracy = float((test_scores["label"] == dataset.test.labels).mean())
+    chance, least = minimum_accuracy(dataset.test.labels)
+    if accuracy < least:
+        message = (
+            f"clean test accuracy {accuracy:.1%} is near chance ({chance:.1%}, the most frequent "
+            f"class); export needs at least {least:.1%} (pass --force to export anyway)"
+        )
+        if not force:
+            raise NearChanceError(message)
+        logger.warning("exporting anyway: %s", message)
     clean_acceptance = {
         m: float((test_scores[m] >= calibration.thresholds[m]).mean()) for m in METRICS
     }

@@ -3,10 +3,15 @@
 Depth 6n+2 (20/32/56), stage widths 16/32/64, batch norm, leaky-ReLU 0.1, and a 64-d final hidden
 vector z(x) from global average pooling that feeds the last linear layer. Inputs arrive in [0, 1]
 and are normalised in the model (x/255 - 0.5 on the 0..255 scale, i.e. x - 0.5 here), so the ONNX
-graph takes raw pixel fractions. `forward` returns (logits Z, features z).
+graph takes raw pixel fractions. `forward` returns (logits Z, features z). `bn_eps` and
+`fc_init="unit-uniform"` give the official code's BatchNorm epsilon (1e-3) and TF's
+uniform_unit_scaling_initializer(1.0) for the last layer (U(+-sqrt(3 / fan_in)), zero bias).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +22,13 @@ SLOPE = 0.1
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, bn_eps: float = 1e-5
+    ) -> None:
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.bn1 = nn.BatchNorm2d(in_channels, eps=bn_eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels, eps=bn_eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
@@ -38,7 +45,14 @@ class PreActBlock(nn.Module):
 class ResNet(nn.Module):
     """Pre-activation ResNet-(6n+2) returning (logits, 64-d features)."""
 
-    def __init__(self, depth: int = 32, in_channels: int = 1, num_classes: int = 10) -> None:
+    def __init__(
+        self,
+        depth: int = 32,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        bn_eps: float = 1e-5,
+        fc_init: Literal["default", "unit-uniform"] = "default",
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"ResNet depth must be 6n+2 (20, 32, 56, ...), got {depth}")
@@ -50,15 +64,19 @@ class ResNet(nn.Module):
         for stage, width in enumerate(WIDTHS):
             for block in range(n):
                 stride = 2 if stage > 0 and block == 0 else 1
-                layers.append(PreActBlock(channels, width, stride))
+                layers.append(PreActBlock(channels, width, stride, bn_eps))
                 channels = width
         self.blocks = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(channels)
+        self.bn = nn.BatchNorm2d(channels, eps=bn_eps)
         self.fc = nn.Linear(channels, num_classes)
         self.feature_dim = channels
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
+        if fc_init == "unit-uniform":
+            bound = math.sqrt(3.0 / channels)
+            nn.init.uniform_(self.fc.weight, -bound, bound)
+            nn.init.zeros_(self.fc.bias)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         out = self.blocks(self.conv(images - 0.5))

@@ -135,7 +135,7 @@ class EvaluationResults(_Strict):
     images_fast: int = Field(description="Test images per attack for the fast attacks.")
     images_slow: int = Field(description="Test images per attack for `slow_attacks`.")
     slow_attacks: list[str]
-    settings: dict[str, float | int]
+    settings: dict[str, float | int | str]
     torch_threads: int
     models: dict[str, ModelResult] = Field(description="Keyed by objective: ce, rce.")
     training_cost: TrainingCost | None = Field(

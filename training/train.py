@@ -1,7 +1,17 @@
 """The training loop: plain functions, a config dataclass saved in every checkpoint, resumable.
 
 SGD (momentum 0.9, weight decay 2e-4), lr 0.1 with step decays, batch 128, seeded. The objective
-(`rce` or `ce`) is the only difference between the paper's two runs. Data-parallel training runs
+(`rce` or `ce`) is the only difference between the paper's two runs. Two recipes:
+
+- `official` (the default): the official code's (github.com/P2333/Reverse-Cross-Entropy) MNIST
+  run, scaled to a step budget: `steps` SGD steps (official: 20,000), lr x0.1 at 50% and 75% of
+  them (10k, 15k), weight decay on conv and FC weights only (the code decays variables named DW),
+  FC weights uniform unit scaling (+-sqrt(3 / fan_in)) with zero bias, BatchNorm eps 1e-3 and
+  momentum 0.1 (TF decay 0.9).
+- `legacy`: what rcegate trained before (and the committed v1 models): `epochs` epochs with the
+  decays at 50% / 75% of the epochs, weight decay on every parameter, PyTorch's default FC
+  init, BatchNorm eps 1e-5. Checkpoints that predate the recipe field load as legacy.
+ Data-parallel training runs
 under `torchrun` (DistributedDataParallel, gloo on CPU, nccl on GPU): each process takes its own
 shard of every epoch's permutation and rank 0 writes the checkpoint. `dry_run` stops after a few
 batches so tests exercise this exact code.
@@ -14,10 +24,10 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +42,9 @@ from training.nets import ResNet
 
 logger = logging.getLogger(__name__)
 DRY_RUN_BATCHES = 3
+Recipe = Literal["official", "legacy"]
+RECIPES: tuple[Recipe, ...] = ("official", "legacy")
+OFFICIAL_STEPS = 20_000
 
 
 @dataclass
@@ -51,14 +64,26 @@ class TrainConfig:
     augment: bool | None = None
     train_limit: int | None = None
     dry_run: bool = False
+    recipe: Recipe = "official"
+    steps: int = OFFICIAL_STEPS
 
     @property
     def use_augmentation(self) -> bool:
         return self.augment if self.augment is not None else self.dataset == "cifar10"
 
+    @property
+    def official(self) -> bool:
+        return self.recipe == "official"
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """SGD steps of the whole run: `steps` (official) or `epochs` full epochs (legacy)."""
+        return self.steps if self.official else self.epochs * steps_per_epoch
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        # Checkpoints and manifests written before recipes existed were trained the legacy way.
+        values = {"recipe": "legacy", **values}
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
@@ -69,7 +94,26 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: TrainConfig, dataset: Dataset) -> ResNet:
+    if config.official:
+        return ResNet(
+            config.depth, dataset.shape[0], dataset.num_classes, bn_eps=1e-3, fc_init="unit-uniform"
+        )
     return ResNet(config.depth, dataset.shape[0], dataset.num_classes)
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """Official: weight decay on conv and FC weights only; legacy: on every parameter."""
+    if not config.official:
+        return [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
+    decayed = [
+        module.weight for module in model.modules() if isinstance(module, nn.Conv2d | nn.Linear)
+    ]
+    ids = {id(p) for p in decayed}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [
+        {"params": decayed, "weight_decay": config.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
 
 
 def to_tensor(images: np.ndarray) -> Tensor:
@@ -103,7 +147,14 @@ def batches(
 
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
+    """Legacy schedule: decays at fractions of the epochs."""
     decays = sum(epoch >= max(1, round(m * config.epochs)) for m in config.lr_milestones)
+    return config.lr * config.lr_gamma**decays
+
+
+def lr_at_step(config: TrainConfig, step: int) -> float:
+    """Official schedule: decays at fractions of the step budget (10k and 15k of 20k)."""
+    decays = sum(step >= round(m * config.steps) for m in config.lr_milestones)
     return config.lr * config.lr_gamma**decays
 
 
@@ -170,8 +221,11 @@ def train(config: TrainConfig, checkpoint: Path, resume: bool = False) -> dict[s
     train_split = dataset.train.head(config.train_limit) if config.train_limit else dataset.train
     model = build_model(config, dataset)
     optimizer = torch.optim.SGD(
-        model.parameters(), config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        parameter_groups(model, config), config.lr, momentum=config.momentum
     )
+    steps_per_epoch = -(-len(train_split) // (config.batch_size * world))
+    total_steps = config.total_steps(steps_per_epoch)
+    epochs = -(-total_steps // steps_per_epoch)
     start_epoch, history = 0, []
     if resume and checkpoint.is_file():
         payload = load_checkpoint(checkpoint)
@@ -182,19 +236,25 @@ def train(config: TrainConfig, checkpoint: Path, resume: bool = False) -> dict[s
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     generator = torch.Generator().manual_seed(config.seed + rank)
     payload = {}
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, epochs):
+        first = epoch * steps_per_epoch
+        schedule: Callable[[int], float] | None = None
+        if config.official:
+            schedule = lambda step, first=first: lr_at_step(config, first + step)  # noqa: E731
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(config, epoch)
+            group["lr"] = lr_at_step(config, first) if config.official else lr_at(config, epoch)
         started = time.perf_counter()
         loss, correct, seen = _train_epoch(
-            net, optimizer, config, train_split, epoch, rank, world, generator
-        )
+            net, optimizer, config, train_split, epoch, rank, world, generator,
+            schedule, min(steps_per_epoch, total_steps - first),
+        )  # fmt: skip
         record = {
             "epoch": epoch + 1,
             "loss": loss,
             "train_accuracy": correct / max(seen, 1),
             "seconds": time.perf_counter() - started,
-            "lr": lr_at(config, epoch),
+            "lr": optimizer.param_groups[0]["lr"],
+            "steps": min(first + steps_per_epoch, total_steps),
         }
         if rank == 0:
             record["test_accuracy"] = accuracy(model, config.objective, dataset.test)
@@ -225,18 +285,27 @@ def _train_epoch(
     rank: int,
     world: int,
     generator: torch.Generator,
+    schedule: Callable[[int], float] | None = None,
+    max_steps: int | None = None,
 ) -> tuple[float, int, int]:
+    """One epoch (at most `max_steps` steps); `schedule` gives the lr of each step, if any."""
     net.train()
     total_loss, correct, seen = 0.0, 0, 0
     steps = -(-len(split) // (config.batch_size * world))
+    steps = min(steps, max_steps) if max_steps is not None else steps
     progress = tqdm(
         batches(split, config.batch_size, epoch, config.seed, rank, world),
         total=min(steps, DRY_RUN_BATCHES) if config.dry_run else steps,
-        desc=f"epoch {epoch + 1}/{config.epochs} [{config.objective}]",
+        desc=f"epoch {epoch + 1} [{config.objective}, {config.recipe}]",
         disable=rank != 0,
         leave=False,
     )
     for step, (images, labels) in enumerate(progress):
+        if step >= steps:
+            break
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(step)
         if config.use_augmentation:
             images = pad_crop_flip(images, generator)
         logits, _ = net(images)

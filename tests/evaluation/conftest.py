@@ -24,7 +24,9 @@ def build_small_model(root: Path, objective: str) -> SmallModel:
     from training.train import TrainConfig, load_trained_model, train
 
     checkpoint = root / "runs" / f"small-{objective}.pt"
-    config = TrainConfig(dataset="mnist-5k", objective=objective, depth=8, epochs=2, batch_size=64)
+    config = TrainConfig(
+        dataset="mnist-5k", objective=objective, depth=8, epochs=2, batch_size=64, recipe="legacy"
+    )
     train(config, checkpoint)
     model, config, dataset = load_trained_model(checkpoint)
     result = calibrate(model, config.objective, dataset, target_fpr=0.05, bank_per_class=100)

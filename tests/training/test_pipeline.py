@@ -20,7 +20,7 @@ from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact
 from training import export as export_module
 from training.calibrate import Calibration
 from training.data import load_mnist_5k
-from training.export import ExportError, export_artifact
+from training.export import ExportError, NearChanceError, export_artifact, minimum_accuracy
 from training.train import TrainConfig, load_checkpoint, load_trained_model, to_tensor, train
 
 
@@ -78,18 +78,54 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial_artifact(
         raise ExportError("ONNX Runtime and torch disagree on labels")
 
     monkeypatch.setattr(export_module, "check_against_torch", disagree)
-    with pytest.raises(ExportError):
-        export_artifact(model, config, dataset, calibration, tmp_path, "broken", 1)
+    with pytest.raises(ExportError, match="disagree"):
+        export_artifact(model, config, dataset, calibration, tmp_path, "broken", 1, force=True)
     assert list((tmp_path / "broken").iterdir()) == []
 
 
-def test_checkpoint_stores_its_config_and_resumes(tmp_path: Path) -> None:
+def test_export_refuses_a_near_chance_model_unless_forced(
+    tiny_artifact: TinyArtifact, tmp_path: Path
+) -> None:
+    model, config, dataset = load_trained_model(tiny_artifact.checkpoint)
+    calibration = Calibration.load(tiny_artifact.calibration)
+    chance, least = minimum_accuracy(dataset.test.labels)
+    assert chance == pytest.approx(0.1, abs=0.03) and least == pytest.approx(
+        chance + 0.25 * (1 - chance)
+    )
+    assert Manifest.load(tiny_artifact.path).clean_test_accuracy < least
+    with pytest.raises(NearChanceError, match=r"near chance .* needs at least"):
+        export_artifact(model, config, dataset, calibration, tmp_path, "weak", 1)
+    assert not (tmp_path / "weak").exists()
+    forced = export_artifact(model, config, dataset, calibration, tmp_path, "weak", 1, force=True)
+    assert Manifest.load(forced).name == "weak"
+
+
+def test_cli_export_exits_2_on_a_near_chance_model(
+    tiny_artifact: TinyArtifact, tmp_path: Path
+) -> None:
+    args = [
+        "export", "--checkpoint", str(tiny_artifact.checkpoint), "--calibration",
+        str(tiny_artifact.calibration), "--name", "weak", "--model-dir", str(tmp_path),
+    ]  # fmt: skip
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2
+    assert "near chance" in refused.output and "--force" in refused.output
+    assert not (tmp_path / "weak" / "1").exists()
+    assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0
+    assert (tmp_path / "weak" / "1" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "budget", [{"recipe": "legacy", "epochs": 2}, {"recipe": "official", "steps": 4}]
+)
+def test_checkpoint_stores_its_config_and_resumes(tmp_path: Path, budget: dict) -> None:
     checkpoint = tmp_path / "run.pt"
-    config = TrainConfig(depth=8, epochs=2, train_limit=256, dry_run=True)
+    config = TrainConfig(depth=8, train_limit=256, dry_run=True, **budget)
     train(config, checkpoint)
     payload = load_checkpoint(checkpoint)
     assert payload["config"]["depth"] == 8 and payload["epoch"] == 1
-    resumed = train(TrainConfig(depth=8, epochs=2, train_limit=256), checkpoint, resume=True)
+    # 256 images, batch 128: two steps per epoch, so both budgets end after the second epoch.
+    resumed = train(TrainConfig(depth=8, train_limit=256, **budget), checkpoint, resume=True)
     assert resumed["epoch"] == 2 and len(resumed["history"]) == 2
 
 
@@ -113,6 +149,7 @@ def test_cli_pipeline_writes_an_artifact_and_reports_it(tmp_path: Path) -> None:
             str(tmp_path / "models"),
             "--work-dir",
             str(tmp_path / "runs"),
+            "--force",
         ],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
