@@ -235,8 +235,10 @@ def robustness(
     eps_grid: tuple[float, ...],
     settings: AttackSettings,
     seed: int,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> ModelRobustness:
-    """Curves and checks for one model on a seeded sample of its test split."""
+    """Curves and checks for one model on a seeded sample of its test split; `variants` picks
+    which of the three ways each attack runs (the ablation runs only the pipeline's)."""
     network, objective = detector.network, detector.objective
 
     def logits_of(batch: Tensor) -> Tensor:
@@ -254,7 +256,7 @@ def robustness(
     probabilities = F.softmax(logits, dim=1)
     top2 = logits.topk(2, dim=1).values
     curves: dict[str, list[CurvePoint]] = {}
-    jobs = [(a, v) for a in MASKING_ATTACKS for v in VARIANTS]
+    jobs = [(a, v) for a in MASKING_ATTACKS for v in variants]
     for attack, variant in tqdm(jobs, desc=f"masking check [{objective}]"):
         points = []
         for eps in eps_grid:

@@ -11,6 +11,9 @@ SGD (momentum 0.9, weight decay 2e-4), lr 0.1 with step decays, batch 128, seede
 - `legacy`: what rcegate trained before (and the committed v1 models): `epochs` epochs with the
   decays at 50% / 75% of the epochs, weight decay on every parameter, PyTorch's default FC
   init, BatchNorm eps 1e-5. Checkpoints that predate the recipe field load as legacy.
+
+`revert` names parts of the official recipe done the legacy way instead ("bn-eps", "fc-init",
+"decay-scope"): one run per part is the ablation of `rcegate ablation`.
  Data-parallel training runs
 under `torchrun` (DistributedDataParallel, gloo on CPU, nccl on GPU): each process takes its own
 shard of every epoch's permutation and rank 0 writes the checkpoint. `dry_run` stops after a few
@@ -44,6 +47,8 @@ logger = logging.getLogger(__name__)
 DRY_RUN_BATCHES = 3
 Recipe = Literal["official", "legacy"]
 RECIPES: tuple[Recipe, ...] = ("official", "legacy")
+RecipePart = Literal["bn-eps", "fc-init", "decay-scope"]
+RECIPE_PARTS: tuple[RecipePart, ...] = ("bn-eps", "fc-init", "decay-scope")
 OFFICIAL_STEPS = 20_000
 
 
@@ -66,6 +71,16 @@ class TrainConfig:
     dry_run: bool = False
     recipe: Recipe = "official"
     steps: int = OFFICIAL_STEPS
+    revert: list[RecipePart] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.revert) - set(RECIPE_PARTS)
+        if unknown:
+            raise ValueError(f"unknown recipe parts {sorted(unknown)}; expected {RECIPE_PARTS}")
+
+    def uses(self, part: RecipePart) -> bool:
+        """Whether the official recipe's `part` is in force (official and not reverted)."""
+        return self.official and part not in self.revert
 
     @property
     def use_augmentation(self) -> bool:
@@ -94,16 +109,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: TrainConfig, dataset: Dataset) -> ResNet:
-    if config.official:
-        return ResNet(
-            config.depth, dataset.shape[0], dataset.num_classes, bn_eps=1e-3, fc_init="unit-uniform"
-        )
-    return ResNet(config.depth, dataset.shape[0], dataset.num_classes)
+    return ResNet(
+        config.depth,
+        dataset.shape[0],
+        dataset.num_classes,
+        bn_eps=1e-3 if config.uses("bn-eps") else 1e-5,
+        fc_init="unit-uniform" if config.uses("fc-init") else "default",
+    )
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     """Official: weight decay on conv and FC weights only; legacy: on every parameter."""
-    if not config.official:
+    if not config.uses("decay-scope"):
         return [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
     decayed = [
         module.weight for module in model.modules() if isinstance(module, nn.Conv2d | nn.Linear)

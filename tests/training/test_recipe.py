@@ -81,3 +81,29 @@ def test_official_training_runs_exactly_its_step_budget(tmp_path: Path) -> None:
     assert [h["steps"] for h in history] == [4, 6]
     assert history[-1]["lr"] == pytest.approx(lr_at_step(config, 5))
     assert load_checkpoint(checkpoint)["config"]["recipe"] == "official"
+
+
+def _norm_eps(model: nn.Module) -> set[float]:
+    return {m.eps for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def test_each_reverted_part_is_done_the_legacy_way_and_only_that_part() -> None:
+    torch.manual_seed(0)
+    bn = build_model(TrainConfig(depth=8, revert=["bn-eps"]), MNIST_LIKE)  # type: ignore[arg-type]
+    assert _norm_eps(bn) == {1e-5}
+    assert torch.equal(bn.fc.bias, torch.zeros(10))  # FC init still official
+    fc = build_model(TrainConfig(depth=8, revert=["fc-init"]), MNIST_LIKE)  # type: ignore[arg-type]
+    assert _norm_eps(fc) == {1e-3} and fc.fc.bias.abs().sum() > 0
+    config = TrainConfig(depth=8, revert=["decay-scope"])
+    model = build_model(config, MNIST_LIKE)  # type: ignore[arg-type]
+    (everything,) = parameter_groups(model, config)
+    assert len(everything["params"]) == len(list(model.parameters()))
+    assert _norm_eps(model) == {1e-3}
+    # A revert means nothing under the legacy recipe, which is legacy throughout.
+    legacy = TrainConfig(depth=8, recipe="legacy", revert=["bn-eps"])
+    assert not any(legacy.uses(part) for part in ("bn-eps", "fc-init", "decay-scope"))
+
+
+def test_an_unknown_recipe_part_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown recipe parts"):
+        TrainConfig(revert=["bn-momentum"])  # type: ignore[list-item]
