@@ -1,6 +1,6 @@
 """Serving benchmark: rcegate against raw ONNX Runtime and an HTTP echo floor, in one run.
 
-Side by side, on the same artifact (default `models/mnist-rce/1`):
+Side by side, on the same artifact (default `models/mnist-rce/2`):
 - raw ONNX Runtime in this process at batch 1 and batch 64, with the service's session options
   (the session comes from the service's own `load_detector`, settings from `RCEGATE_*`);
 - the echo floor: bench/echo.py, a bare ASGI app under uvicorn run as `rcegate serve` runs it,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = ROOT / "models" / "mnist-rce" / "1"
+DEFAULT_MODEL_DIR = ROOT / "models" / "mnist-rce" / "2"
 
 # Hypothesis on a loaded 2-core machine: no per-example deadline anywhere (a slow example is
 # not a failure), and in CI the same examples every run (derandomized), so a red CI is

@@ -1,4 +1,4 @@
-"""The committed default model (models/mnist-rce/1), served exactly as `rcegate serve` loads it."""
+"""The committed default model (models/mnist-rce/2), served exactly as `rcegate serve` loads it."""
 
 from __future__ import annotations
 

@@ -138,13 +138,13 @@ def test_metadata_readiness_and_config_over_both_transports(oip_server: tuple[st
         tgrpc.InferenceServerClient(oip_server[1]),
     ):
         assert client.is_server_live() and client.is_server_ready()
-        assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
+        assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, str(manifest.version))
         as_json = {"as_json": True} if isinstance(client, tgrpc.InferenceServerClient) else {}
         server = client.get_server_metadata(**as_json)
         assert server["name"] == "rcegate"
         assert "binary_tensor_data" in server["extensions"]
         meta = client.get_model_metadata(MODEL, **as_json)
-        assert meta["name"] == MODEL and meta["versions"] == ["1"]
+        assert meta["name"] == MODEL and meta["versions"] == [str(manifest.version)]
         (images,) = meta["inputs"]
         assert images["name"] == "images" and images["datatype"] == "FP32"
         assert [int(d) for d in images["shape"]] == [-1, 1, 28, 28]
