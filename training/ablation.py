@@ -35,7 +35,7 @@ from training.attacks import AttackSettings, run_attack
 from training.calibrate import calibrate
 from training.evaluate import attack_result, score_images
 from training.losses import Objective
-from training.report import METRIC_TITLES, AttackResult
+from training.report import AUC_TIE, METRIC_TITLES, AttackResult
 from training.robustness import MASKING_ATTACKS, ModelRobustness, robustness
 from training.train import (
     RecipePart,
@@ -325,7 +325,7 @@ def verdicts(results: AblationResults, default_metric: Metric = "log_kd") -> lis
             for a in AUC_ATTACKS
             if (r := rce.attacks[a].metrics[default_metric].roc_auc) is not None
             and (c := ce.attacks[a].metrics[default_metric].roc_auc) is not None
-            and r < c
+            and r < c - AUC_TIE
         ]
         auc = "met" if not worse else f"missed on {', '.join(a.upper() for a in worse)}"
         bim = [

@@ -68,6 +68,10 @@ def test_table_2_claim_names_the_attacks_where_rce_kd_is_beaten(
     results.models["ce"].attacks["jsma"].metrics["log_kd"].roc_auc = 0.95
     row = next(r for r in verdicts(results) if r[0].startswith(claim))
     assert row[3] == "not reproduced" and "beaten on BIM, JSMA" in row[2]
+    # A difference below the paper's printed precision (0.001) is a tie, not a defeat.
+    results.models["ce"].attacks["bim"].metrics["confidence"].roc_auc = 0.9004
+    results.models["ce"].attacks["jsma"].metrics["log_kd"].roc_auc = 0.9004
+    assert _verdict(results, claim) == "reproduced"
 
 
 def test_the_paper_column_is_only_filled_where_the_paper_is_comparable(
