@@ -32,7 +32,11 @@ class Settings(BaseSettings):
     model_dir: Path = Field(
         DEFAULT_MODEL_DIR, description="Model repository: <model_dir>/<name>/<version>/."
     )
-    default_model: str = Field("mnist-rce", description="Model served by POST /v1/predict.")
+    default_model: str | None = Field(
+        None,
+        description="Model served by POST /v1/predict; unset: mnist-rce when it is loaded, else "
+        "the first loaded name (so a model directory alone is enough).",
+    )
     host: str = Field("127.0.0.1", description="Bind address of `rcegate serve`.")
     port: int = Field(8000, ge=0, le=65535, description="Port of `rcegate serve`.")
     providers: Providers = Field(
