@@ -1,5 +1,5 @@
 """Training-side subcommands of the `rcegate` CLI: train, calibrate, export, pipeline, evaluate,
-report, stamp.
+report, stamp, samples.
 
 torch is imported inside the commands, so `rcegate serve` starts without it and a service-only
 install reports a clear message instead of an ImportError.
@@ -519,8 +519,35 @@ def stamp(
         typer.echo(f"{directory}: {digest}")
 
 
+def samples(
+    model: Annotated[
+        Path, typer.Option(help="Exported model directory <name>/<version> (the default model).")
+    ] = Path("models/mnist-rce/1"),
+    out: Annotated[Path, typer.Option(help="Directory to (re)write.")] = Path("samples"),
+    clean: Annotated[int, typer.Option(help="Clean digits, one per class, all accepted.")] = 3,
+    eps: Annotated[float, typer.Option(help="BIM L-inf budget ([0,1] scale).")] = 0.1,
+    seed: Seed = 0,
+) -> None:
+    """Sample images from the model's own test split: clean digits it accepts and a BIM digit it
+    misclassifies and rejects (each checked with ONNX Runtime on the PNG as written)."""
+    _require_torch()
+    from training.samples import SampleError, make_samples
+
+    try:
+        made = make_samples(model, out, clean, eps, seed)
+    except SampleError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    for sample in made:
+        verdict = "accepted" if sample.accepted else "rejected"
+        typer.echo(
+            f"{out / sample.file}: true {sample.true_label}, label {sample.label}, {verdict} "
+            f"({sample.metric} {sample.score:.4g} vs threshold {sample.threshold:.4g})"
+        )
+
+
 def register(app: typer.Typer) -> None:
     app.command("masking-check")(masking_check)
-    for command in (train, calibrate, export, pipeline, evaluate, report, stamp):
+    for command in (train, calibrate, export, pipeline, evaluate, report, stamp, samples):
         app.command()(command)
     logging.getLogger("training").setLevel(logging.INFO)
