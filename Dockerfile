@@ -20,16 +20,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN case "$ORT_VARIANT" in cpu|gpu) ;; *) echo "ORT_VARIANT must be cpu or gpu" >&2; exit 1;; esac \
  && python3 -m venv /opt/venv
 WORKDIR /src
-# Dependencies first, from pyproject alone, so this (large) layer is reused while they don't change.
-COPY pyproject.toml ./
-RUN python3 -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies'][sys.argv[1]]))" "$ORT_VARIANT" \
-      > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
+# Dependencies first, at the versions pinned in requirements/ (scripts/lock), so this (large)
+# layer is reused while the lock does not change and every build gets the same libraries.
+COPY requirements/service-${ORT_VARIANT}.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
 # Then the service itself, as a wheel installed in the runtime stage: /opt/venv keeps only the
 # dependencies, so its layer (GBs for gpu) is reused when only the code changes. The context is
-# an allow-list (.dockerignore): pyproject, README, service/, models/ (code + the default
-# model); no training/, so the wheel holds only `service` and `models` (the manifest schema).
+# an allow-list (.dockerignore): pyproject, README, requirements/, service/, models/ (code + the
+# default model); no training/, so the wheel holds only `service` and `models` (the manifest
+# schema).
 COPY . ./
 RUN pip wheel --no-deps --wheel-dir /wheels .
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import demo
 from service.errors import Unauthorized
 from service.guard import RenderError
 from service.metrics import Metrics
@@ -170,6 +171,7 @@ class AccessLayer:
         self.render = render
         self.log = log
         self.metrics_open = not settings.metrics_require_key
+        self.demo_open = settings.demo
         # Generated ids: a random per-process prefix and a counter (cheaper than uuid4 per request).
         self._prefix = uuid.uuid4().hex[:16]
         self._counter = itertools.count(1)
@@ -179,6 +181,8 @@ class AccessLayer:
 
     def needs_key(self, path: str) -> bool:
         if not self.keys.enabled or path in HEALTH_PATHS:
+            return False
+        if self.demo_open and demo.is_open(path):  # static: its script sends the user's key
             return False
         return not (path == METRICS_PATH and self.metrics_open)
 

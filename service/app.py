@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from service.access import AccessLayer, AccessLog, ApiKeys, printable
 from service.dataplane import DataPlane
+from service.demo import install_demo
 from service.detector import Detector
 from service.docs import install_docs
 from service.errors import ClientDisconnected, ServiceError, Unavailable
@@ -154,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(oip_router)  # Open Inference Protocol v2 over REST (service/oip)
     install_docs(app, settings)
+    install_demo(app, settings)
     handled = (ServiceError, RequestValidationError, HTTPException, ClientDisconnect, Exception)
     for exc_class in handled:
         # /v2 answers errors in the protocol's shape `{"error": "..."}`; v1 is unchanged.

@@ -157,7 +157,7 @@ class DataPlane:
 
     def model(self, name: str | None = None, version: int | None = None) -> Detector:
         """The model a request names (None: the default model)."""
-        return self.repository.get(name or self.settings.default_model, version)
+        return self.repository.get(name or self.repository.default_name, version)
 
     def _batcher(self, detector: Detector) -> Batcher:
         batcher = self._batchers.get((detector.name, detector.version))

@@ -64,8 +64,8 @@ async def get_versioned_detector(
     return repository.get(name, version)
 
 
-async def get_default_detector(repository: RepositoryDep, settings: SettingsDep) -> Detector:
-    return repository.get(settings.default_model)
+async def get_default_detector(repository: RepositoryDep) -> Detector:
+    return repository.get(repository.default_name)
 
 
 NamedDetectorDep = Annotated[Detector, Depends(get_named_detector)]

@@ -19,6 +19,9 @@ from service.errors import ModelNotFound, NotReady
 from service.settings import Settings
 from service.trust import ArtifactPolicy
 
+# The model POST /v1/predict answers with when RCEGATE_DEFAULT_MODEL is unset and it is loaded.
+BUILTIN_DEFAULT_MODEL = "mnist-rce"
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,6 +39,8 @@ class ModelRepository:
         self.refused: list[Refused] = []
         self._loaded = threading.Event()
         self.error: str | None = None
+        # The model POST /v1/predict answers with; settled once loading finished.
+        self.default_name = settings.default_model or BUILTIN_DEFAULT_MODEL
         self.policy = ArtifactPolicy(
             root=settings.model_dir,
             max_model_bytes=settings.max_model_bytes,
@@ -75,6 +80,13 @@ class ModelRepository:
             if not self._detectors:
                 self.error = f"no model could be loaded from {s.model_dir}"
                 logger.error("%s; the service stays unready", self.error)
+            elif s.default_model is None:
+                self.default_name = (
+                    BUILTIN_DEFAULT_MODEL
+                    if BUILTIN_DEFAULT_MODEL in self._detectors
+                    else min(self._detectors)
+                )
+                logger.info("default model: %s", self.default_name)
             elif s.default_model not in self._detectors:
                 logger.warning(
                     "default model %r is not loaded; POST /v1/predict will answer 404",

@@ -131,8 +131,8 @@ def model_info(detector: Detector, default: bool) -> ModelInfo:
     )
 
 
-def _is_default(repository: RepositoryDep, settings: SettingsDep, detector: Detector) -> bool:
-    if detector.name != settings.default_model:
+def _is_default(repository: RepositoryDep, detector: Detector) -> bool:
+    if detector.name != repository.default_name:
         return False
     return repository.get(detector.name).version == detector.version
 
@@ -142,9 +142,7 @@ async def list_models(repository: RepositoryDep, settings: SettingsDep) -> Model
     if not repository.loaded:
         raise NotReady("models are still loading")
     return ModelList(
-        models=[
-            model_info(d, _is_default(repository, settings, d)) for d in repository.detectors()
-        ],
+        models=[model_info(d, _is_default(repository, d)) for d in repository.detectors()],
         refused=[
             RefusedModel(name=r.name, version=r.version, reason=r.reason)
             for r in repository.refused
@@ -156,7 +154,7 @@ async def list_models(repository: RepositoryDep, settings: SettingsDep) -> Model
 async def get_model(
     detector: NamedDetectorDep, repository: RepositoryDep, settings: SettingsDep
 ) -> ModelInfo:
-    return model_info(detector, _is_default(repository, settings, detector))
+    return model_info(detector, _is_default(repository, detector))
 
 
 @router.get(
@@ -168,7 +166,7 @@ async def get_model(
 async def get_model_version(
     detector: VersionedDetectorDep, repository: RepositoryDep, settings: SettingsDep
 ) -> ModelInfo:
-    return model_info(detector, _is_default(repository, settings, detector))
+    return model_info(detector, _is_default(repository, detector))
 
 
 # HEAD too: probes and load balancers often send it (issue 12).

@@ -22,6 +22,8 @@ GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
 # The model repository that ships with the project (`models/<name>/<version>/`).
 DEFAULT_MODEL_DIR = Path(models.__file__).resolve().parent
+# The sample images of a source or editable install (`rcegate samples`); absent in a wheel.
+DEFAULT_SAMPLES_DIR = DEFAULT_MODEL_DIR.parent / "samples"
 
 
 class Settings(BaseSettings):
@@ -32,7 +34,11 @@ class Settings(BaseSettings):
     model_dir: Path = Field(
         DEFAULT_MODEL_DIR, description="Model repository: <model_dir>/<name>/<version>/."
     )
-    default_model: str = Field("mnist-rce", description="Model served by POST /v1/predict.")
+    default_model: str | None = Field(
+        None,
+        description="Model served by POST /v1/predict; unset: mnist-rce when it is loaded, else "
+        "the first loaded name (so a model directory alone is enough).",
+    )
     host: str = Field("127.0.0.1", description="Bind address of `rcegate serve`.")
     port: int = Field(8000, ge=0, le=65535, description="Port of `rcegate serve`.")
     providers: Providers = Field(
@@ -165,6 +171,13 @@ class Settings(BaseSettings):
         "images too (no score oracle); annotate mode keeps full detail.",
     )
     docs: bool = Field(True, description="Serve /docs and /openapi.json (assets served locally).")
+    demo: bool = Field(
+        True, description="Serve the demo page /demo (it posts to /v1/predict); false: 404."
+    )
+    demo_samples_dir: Path = Field(
+        DEFAULT_SAMPLES_DIR,
+        description="Sample images the demo page offers: the PNGs its samples.json lists.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty: no CORS headers."
     )

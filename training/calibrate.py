@@ -18,12 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from models.manifest import METRICS, CalibrationTable, Metric
 from training.data import Dataset, Split
 from training.losses import Objective, deployed_logits
 from training.scores import SIGMA2, confidence, log_kernel_density, non_maximal_entropy
-from training.train import predict, to_tensor
+from training.train import to_tensor
 
 # FPR levels of the calibration table: fine steps at the low end, where operators choose.
 TABLE_FPR: tuple[float, ...] = tuple(
@@ -110,16 +111,36 @@ class DeployedModel(nn.Module):
 
 
 @torch.no_grad()
-def score_split(model: DeployedModel, split: Split, batch_size: int = 500) -> dict[str, np.ndarray]:
-    """Run the deployed detector over a split: labels and every metric's scores (numpy)."""
+def score_split(
+    model: DeployedModel, split: Split, batch_size: int = 500, progress: str | None = None
+) -> dict[str, np.ndarray]:
+    """Run the deployed detector over a split: labels and every metric's scores (numpy).
+
+    `progress` names a progress bar over the split's images (none when None)."""
     model.eval()
     names = ("logits", "probabilities", "label", *METRICS, "accepted")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for start in range(0, len(split), batch_size):
-        outputs = model(to_tensor(split.images[start : start + batch_size]))
-        for name, value in zip(names, outputs, strict=True):
-            parts[name].append(value.numpy())
+    with tqdm(total=len(split), desc=progress, unit="img", disable=progress is None) as bar:
+        for start in range(0, len(split), batch_size):
+            outputs = model(to_tensor(split.images[start : start + batch_size]))
+            for name, value in zip(names, outputs, strict=True):
+                parts[name].append(value.numpy())
+            bar.update(len(outputs[0]))
     return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+@torch.no_grad()
+def training_features(network: nn.Module, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Final hidden vectors of uint8 images in eval mode, with a progress bar (the slow part of
+    calibration: one forward pass over the whole training split)."""
+    network.eval()
+    parts = []
+    with tqdm(total=len(images), desc="calibrate: bank features", unit="img") as bar:
+        for start in range(0, len(images), batch_size):
+            _, features = network(to_tensor(images[start : start + batch_size]))
+            parts.append(features.numpy())
+            bar.update(len(parts[-1]))
+    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)
@@ -197,13 +218,13 @@ def calibrate(
     seed: int = 0,
 ) -> Calibration:
     """Build the bank from the training split and calibrate thresholds on the calibration split."""
-    _, train_features = predict(network, objective, dataset.train.images)
+    train_features = training_features(network, dataset.train.images)
     bank, mask = feature_bank(
         train_features, dataset.train.labels, dataset.num_classes, bank_per_class, seed
     )
     sigma2 = SIGMA2[objective] if sigma2 is None else sigma2
     detector = DeployedModel(network, objective, bank, mask, sigma2, default_metric)
-    scores = score_split(detector, dataset.calibration)
+    scores = score_split(detector, dataset.calibration, progress="calibrate: scores")
     thresholds: dict[Metric, float] = {
         m: calibrated_threshold(scores[m], target_fpr) for m in METRICS
     }

@@ -1,5 +1,5 @@
 """Training-side subcommands of the `rcegate` CLI: train, calibrate, export, pipeline, evaluate,
-report, stamp.
+report, stamp, samples.
 
 torch is imported inside the commands, so `rcegate serve` starts without it and a service-only
 install reports a clear message instead of an ImportError.
@@ -48,6 +48,22 @@ StepsOption = Annotated[
     int, typer.Option(help="SGD steps of the official recipe (official MNIST run: 20000).")
 ]
 EpochsOption = Annotated[int, typer.Option(help="Epochs of the legacy recipe.")]
+DepthOption = Annotated[int, typer.Option(help="ResNet depth 6n+2 (20, 32, 56).")]
+BatchSize = Annotated[int, typer.Option(help="Images per SGD step.")]
+LearningRate = Annotated[float, typer.Option(help="Initial learning rate (SGD, momentum 0.9).")]
+Seed = Annotated[int, typer.Option(help="Seed of the data split, the init and the batches.")]
+TrainLimit = Annotated[
+    int | None, typer.Option(help="Train on the first N training images only (default: all).")
+]
+DryRun = Annotated[bool, typer.Option(help="A few batches only (smoke test).")]
+TargetFpr = Annotated[
+    float, typer.Option(help="Fraction of clean calibration data the threshold rejects.")
+]
+BankPerClass = Annotated[
+    int, typer.Option(help="K-density bank size per class (a seeded sample of training features).")
+]
+VersionOption = Annotated[int, typer.Option(help="Model version in the repository.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing NAME/VERSION directory.")]
 Force = Annotated[
     bool,
     typer.Option(
@@ -87,6 +103,10 @@ def _train_config(
         raise typer.BadParameter(f"must be one of {', '.join(RECIPES)}", param_hint="--recipe")
     if steps < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--steps")
+    if (depth - 2) % 6 != 0 or depth < 8:
+        raise typer.BadParameter(
+            f"must be 6n+2 (20, 32, 56, ...), got {depth}", param_hint="--depth"
+        )
     return TrainConfig(
         recipe=recipe,
         steps=steps,
@@ -108,16 +128,16 @@ def train(
     dataset: Dataset = "mnist-5k",
     data_dir: DataDir = None,
     objective: Objective = "rce",
-    depth: Annotated[int, typer.Option(help="ResNet depth 6n+2 (20, 32, 56).")] = 32,
+    depth: DepthOption = 32,
     recipe: RecipeOption = "official",
     steps: StepsOption = 20_000,
     epochs: EpochsOption = 30,
-    batch_size: int = 128,
-    lr: float = 0.1,
-    seed: int = 0,
-    train_limit: Annotated[int | None, typer.Option(help="Use only the first N.")] = None,
+    batch_size: BatchSize = 128,
+    lr: LearningRate = 0.1,
+    seed: Seed = 0,
+    train_limit: TrainLimit = None,
     resume: Annotated[bool, typer.Option(help="Continue from --checkpoint.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="A few batches only (smoke test).")] = False,
+    dry_run: DryRun = False,
 ) -> None:
     """Train a ResNet with RCE or CE; run under `torchrun` for data-parallel training."""
     _require_torch()
@@ -140,8 +160,8 @@ def train(
 def calibrate(
     checkpoint: Checkpoint = RUNS / "model.pt",
     out: CalibrationFile = RUNS / "calibration.pt",
-    target_fpr: Annotated[float, typer.Option(help="Fraction of clean data to reject.")] = 0.05,
-    bank_per_class: int = 1000,
+    target_fpr: TargetFpr = 0.05,
+    bank_per_class: BankPerClass = 1000,
     sigma2: Annotated[float | None, typer.Option(help="Default 0.1/0.26 RCE, 1/0.26 CE.")] = None,
     metric: Annotated[
         str, typer.Option(help="Default metric: log_kd|non_me|confidence")
@@ -167,9 +187,9 @@ def export(
     checkpoint: Checkpoint = RUNS / "model.pt",
     calibration: CalibrationFile = RUNS / "calibration.pt",
     name: Annotated[str, typer.Option(help="Model name in the repository.")] = "model",
-    version: int = 1,
+    version: VersionOption = 1,
     model_dir: ModelDir = Path("models"),
-    overwrite: bool = False,
+    overwrite: Overwrite = False,
     force: Force = False,
 ) -> None:
     """Export model.onnx + manifest.json into MODEL_DIR/NAME/VERSION (validated, atomic).
@@ -212,24 +232,24 @@ def _export(
 
 def pipeline(
     name: Annotated[str, typer.Option(help="Model name in the repository.")],
-    version: int = 1,
+    version: VersionOption = 1,
     dataset: Dataset = "mnist-5k",
     data_dir: DataDir = None,
     objective: Objective = "rce",
-    depth: int = 32,
+    depth: DepthOption = 32,
     recipe: RecipeOption = "official",
     steps: StepsOption = 20_000,
     epochs: EpochsOption = 30,
-    batch_size: int = 128,
-    lr: float = 0.1,
-    seed: int = 0,
-    train_limit: int | None = None,
-    target_fpr: float = 0.05,
-    bank_per_class: int = 1000,
+    batch_size: BatchSize = 128,
+    lr: LearningRate = 0.1,
+    seed: Seed = 0,
+    train_limit: TrainLimit = None,
+    target_fpr: TargetFpr = 0.05,
+    bank_per_class: BankPerClass = 1000,
     model_dir: ModelDir = Path("models"),
     work_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = RUNS,
-    overwrite: bool = False,
-    dry_run: bool = False,
+    overwrite: Overwrite = False,
+    dry_run: DryRun = False,
     force: Force = False,
 ) -> None:
     """train -> calibrate -> export in one command."""
@@ -292,10 +312,10 @@ def evaluate(
     eps: Annotated[float, typer.Option(help="FGSM/BIM/ILLCM L-inf budget ([0,1] scale).")] = 0.1,
     cw_binary_steps: Annotated[int, typer.Option(help="C&W binary-search steps.")] = 5,
     cw_max_iter: Annotated[int, typer.Option(help="C&W iterations per step.")] = 100,
-    pgd_eps: float = 0.1,
-    pgd_steps: int = 40,
+    pgd_eps: Annotated[float, typer.Option(help="PGD L-inf budget ([0,1] scale).")] = 0.1,
+    pgd_steps: Annotated[int, typer.Option(help="PGD steps (each pgd_eps / 10).")] = 40,
     attack_loss: AttackLossOption = "both",
-    seed: int = 0,
+    seed: Seed = 0,
     cost_repeats: Annotated[
         int, typer.Option(help="RCE-vs-CE training epochs timed per objective (0 = skip).")
     ] = 3,
@@ -386,7 +406,7 @@ def masking_check(
     ),
     bim_steps: Annotated[int, typer.Option(help="BIM steps (each eps / steps).")] = 10,
     attack_loss: AttackLossOption = "both",
-    seed: int = 0,
+    seed: Seed = 0,
 ) -> None:
     """Gradient-masking checks: FGSM / BIM success vs eps, thresholding disabled, CE vs RCE.
 
@@ -563,9 +583,35 @@ def stamp(
         typer.echo(f"{directory}: {digest}")
 
 
+def samples(
+    model: Annotated[
+        Path, typer.Option(help="Exported model directory <name>/<version> (the default model).")
+    ] = Path("models/mnist-rce/1"),
+    out: Annotated[Path, typer.Option(help="Directory to (re)write.")] = Path("samples"),
+    clean: Annotated[int, typer.Option(help="Clean digits, one per class, all accepted.")] = 3,
+    eps: Annotated[float, typer.Option(help="BIM L-inf budget ([0,1] scale).")] = 0.1,
+    seed: Seed = 0,
+) -> None:
+    """Sample images from the model's own test split: clean digits it accepts and a BIM digit it
+    misclassifies and rejects (each checked with ONNX Runtime on the PNG as written)."""
+    _require_torch()
+    from training.samples import SampleError, make_samples
+
+    try:
+        made = make_samples(model, out, clean, eps, seed)
+    except SampleError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    for sample in made:
+        verdict = "accepted" if sample.accepted else "rejected"
+        typer.echo(
+            f"{out / sample.file}: true {sample.true_label}, label {sample.label}, {verdict} "
+            f"({sample.metric} {sample.score:.4g} vs threshold {sample.threshold:.4g})"
+        )
+
+
 def register(app: typer.Typer) -> None:
     app.command("masking-check")(masking_check)
-    app.command()(ablation)
-    for command in (train, calibrate, export, pipeline, evaluate, report, stamp):
+    for command in (train, calibrate, export, pipeline, evaluate, report, stamp, samples, ablation):
         app.command()(command)
     logging.getLogger("training").setLevel(logging.INFO)

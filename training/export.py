@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from tqdm import tqdm
 
 from models.manifest import (
     INPUT_NAME,
@@ -145,7 +146,7 @@ def export_artifact(
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite to replace it")
     deployed = calibration.deployed(network).eval()
-    test_scores = score_split(deployed, dataset.test)
+    test_scores = score_split(deployed, dataset.test, progress="export: test accuracy")
     accuracy = float((test_scores["label"] == dataset.test.labels).mean())
     chance, least = minimum_accuracy(dataset.test.labels)
     if accuracy < least:
@@ -161,10 +162,15 @@ def export_artifact(
     }
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+    steps = tqdm(total=3, desc="export: ONNX graph", unit="step")
     try:
         onnx_path = staging / MODEL_FILE
         export_onnx(deployed, dataset.shape, onnx_path)
+        steps.update()
+        steps.set_description("export: ONNX Runtime vs torch")
         errors = check_against_torch(onnx_path, deployed, dataset.test.images[:CHECK_IMAGES])
+        steps.update()
+        steps.set_description("export: manifest")
         logger.info("ONNX Runtime matches torch (max abs error %s)", errors)
         channels, height, width = dataset.shape
         manifest = Manifest(
@@ -216,7 +222,10 @@ def export_artifact(
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+        steps.update()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        steps.close()
     return target

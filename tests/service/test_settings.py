@@ -21,11 +21,8 @@ def test_defaults_serve_the_project_models_on_loopback(monkeypatch: pytest.Monke
     for name in list(Settings.model_fields):
         monkeypatch.delenv(f"RCEGATE_{name.upper()}", raising=False)
     settings = Settings()
-    assert (settings.host, settings.port, settings.default_model) == (
-        "127.0.0.1",
-        8000,
-        "mnist-rce",
-    )
+    # default_model unset: mnist-rce when it is loaded, else the first loaded name
+    assert (settings.host, settings.port, settings.default_model) == ("127.0.0.1", 8000, None)
     assert settings.model_dir == DEFAULT_MODEL_DIR == Path(__file__).parents[2] / "models"
     assert (settings.providers, settings.mode, settings.target_fpr) == ("auto", "annotate", None)
 
@@ -83,7 +80,7 @@ def test_invalid_environment_value_is_refused_by_settings(
 
 def test_rcegate_serve_with_an_invalid_environment_value_exits_at_start() -> None:
     """The real command: it exits 2 before binding a port, naming the setting and the rule."""
-    name, value, line = "MODE", "strict", "  Input should be 'annotate' or 'enforce' "
+    name, value = "MODE", "strict"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
     env[f"RCEGATE_{name}"] = value
     done = subprocess.run(
@@ -96,8 +93,9 @@ def test_rcegate_serve_with_an_invalid_environment_value_exits_at_start() -> Non
         check=False,
     )
     assert done.returncode == 2, done.stderr
-    lines = done.stderr.splitlines()
-    assert lines[0] == "invalid settings:", done.stderr
-    field = lines.index(name.lower())  # the setting, then the broken rule on the next line
-    assert lines[field + 1].startswith(line) and f"input_value='{value}'" in lines[field + 1]
+    # one line: the variable, the broken rule and the value given
+    assert done.stderr.splitlines() == [
+        "error: invalid settings: RCEGATE_MODE: Input should be 'annotate' or 'enforce' "
+        "(got 'strict')"
+    ]
     assert "Traceback" not in done.stderr and "Uvicorn running" not in done.stderr

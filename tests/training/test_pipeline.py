@@ -111,8 +111,12 @@ def test_cli_export_exits_2_on_a_near_chance_model(
     assert refused.exit_code == 2
     assert "near chance" in refused.output and "--force" in refused.output
     assert not (tmp_path / "weak" / "1").exists()
-    assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0
+    forced = CliRunner().invoke(app, [*args, "--force"])
+    assert forced.exit_code == 0
     assert (tmp_path / "weak" / "1" / "manifest.json").is_file()
+    # progress on stderr: the test split, then the three steps of writing the artifact
+    for step in ("export: test accuracy", "export: ONNX Runtime vs torch", "export: manifest"):
+        assert step in forced.output
 
 
 @pytest.mark.parametrize(
@@ -195,3 +199,14 @@ def test_committed_default_model_meets_its_targets() -> None:
         manifest.clean_test_accuracy
     )
     assert float(out["accepted"].mean()) == pytest.approx(acceptance)
+
+
+def test_cli_calibrate_shows_progress_and_writes_the_calibration(
+    tiny_artifact: TinyArtifact, tmp_path: Path
+) -> None:
+    out = tmp_path / "c.pt"
+    args = ["calibrate", "--checkpoint", str(tiny_artifact.checkpoint), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--bank-per-class", "20"])
+    assert result.exit_code == 0, result.output
+    assert "calibrate: bank features" in result.output and "calibrate: scores" in result.output
+    assert out.is_file()
