@@ -104,7 +104,7 @@ def pixels_near(image: Image.Image, colour: tuple[int, int, int]) -> int:
     ("sample", "state", "verdict", "banner"),
     [
         ("clean-7.png", "accepted", "Accepted: the answer can be trusted", GREEN),
-        ("adversarial-0.png", "rejected", "Rejected: do not trust this answer", RED),
+        ("adversarial-5.png", "rejected", "Rejected: do not trust this answer", RED),
     ],
 )
 def test_chromium_shows_the_verdict_score_and_bars_of_a_sample(

@@ -23,7 +23,7 @@ def example() -> dict[str, object]:
 
 def test_the_curl_examples_name_files_of_the_checkout() -> None:
     named = re.findall(r"@(samples/[\w.-]+)", README)
-    assert "samples/clean-7.png" in named and "samples/adversarial-0.png" in named
+    assert "samples/clean-7.png" in named and "samples/adversarial-5.png" in named
     for path in named:
         assert (ROOT / path).is_file(), path
 
