@@ -16,16 +16,29 @@ from training.calibrate import TABLE_FPR, calibrated_threshold, feature_bank
     arrays(np.float64, st.integers(1, 400), elements=st.floats(-1e6, 1e6)),
     st.floats(0.001, 0.5),
 )
-def test_calibrated_threshold_rejects_at_most_target_fpr_of_calibration_scores(
+def test_calibrated_threshold_is_the_largest_that_rejects_at_most_floor_fpr_n_scores(
     scores: np.ndarray, target_fpr: float
 ) -> None:
+    # The documented rule, exactly: T is a calibration score, at most k = floor(target_fpr * n)
+    # scores lie below it, and any higher T would reject more than k (ties included).
+    k = math.floor(target_fpr * len(scores))
     threshold = calibrated_threshold(scores, target_fpr)
-    rejected = float((scores < threshold).mean())
-    assert rejected <= target_fpr + 1 / len(scores)
-    # and it is not needlessly low: raising it to the next score would reject too many
-    higher = scores[scores > threshold]
-    if higher.size:
-        assert (scores < higher.min()).mean() > target_fpr - 1e-12
+    assert threshold in scores
+    assert int((scores < threshold).sum()) <= k
+    assert int((scores <= threshold).sum()) >= k + 1
+
+
+@pytest.mark.parametrize(
+    ("n", "target_fpr", "rejected"),
+    [(10, 0.15, 1), (10, 0.05, 0), (100, 0.05, 5), (7, 0.5, 3), (3, 0.999, 2)],
+)
+def test_calibrated_threshold_rejects_floor_of_target_fpr_times_n_distinct_scores(
+    n: int, target_fpr: float, rejected: int
+) -> None:
+    scores = np.arange(n, dtype=np.float64)[::-1].copy()
+    threshold = calibrated_threshold(scores, target_fpr)
+    assert threshold == float(rejected)
+    assert int((scores < threshold).sum()) == rejected
 
 
 def test_calibrated_threshold_rejects_the_target_fraction_of_distinct_scores() -> None:
