@@ -2,18 +2,29 @@
 
 import json
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from service.cli import app
+from tests.conftest import ROOT
 from training.attacks import AttackSettings
 from training.calibrate import Calibration
-from training.evaluate import EvaluationError, evaluate, load_model_under_test
+from training.evaluate import (
+    EvaluationError,
+    attack_result,
+    evaluate,
+    load_model_under_test,
+)
 from training.plots import write_figures
 from training.report import (
+    AttackResult,
+    Distortion,
     EvaluationResults,
+    MetricResult,
     read_results,
     render_report,
     write_report,
@@ -63,9 +74,132 @@ def test_report_has_the_paper_tables_and_figures(evaluation, tmp_path):
     assert render_report(read_results(tmp_path / "results.json")) + "\n" == report
 
 
-def test_results_schema_is_published():
+COMMITTED_RESULTS = [
+    ROOT / "reports" / name / "results.json" for name in ("mnist-5k", "fashion-mnist")
+]
+
+
+def _required(schema: dict, name: str) -> set[str]:
+    return set(schema["$defs"][name]["required"]) if name in schema["$defs"] else set()
+
+
+def test_results_schema_requires_every_documented_field_and_forbids_others():
     schema = EvaluationResults.model_json_schema()
-    assert "models" in schema["properties"]
+    assert set(schema["required"]) == {
+        "dataset", "created_at", "source_commit", "seed", "images_fast", "images_slow",
+        "slow_attacks", "settings", "torch_threads", "models",
+    }  # fmt: skip
+    assert set(schema["properties"]) == set(schema["required"]) | {
+        "schema_version",
+        "training_cost",
+    }
+    assert _required(schema, "AttackResult") == {
+        "params", "images", "clean_correct", "kept", "success_rate", "targeted_success_rate",
+        "undetected_success_rate", "distortion", "seconds_per_image", "onnx_label_agreement",
+        "metrics",
+    }  # fmt: skip
+    assert _required(schema, "MetricResult") == {
+        "roc_auc", "detection_rate", "clean_rejection_rate", "accuracy_on_accepted",
+        "accepted_fraction", "threshold",
+    }  # fmt: skip
+    assert _required(schema, "Distortion") == {"l2", "linf", "l2_max", "linf_max"}
+    assert all(d.get("additionalProperties") is False for d in schema["$defs"].values())
+    assert schema["additionalProperties"] is False
+    # Figures that have no value without kept pairs are nullable; the others are not.
+    metric = schema["$defs"]["MetricResult"]["properties"]
+    assert {"type": "null"} in metric["roc_auc"]["anyOf"]
+    assert metric["accepted_fraction"]["type"] == "number"
+    assert schema["$defs"]["AttackResult"]["properties"]["kept"]["type"] == "integer"
+
+
+@pytest.mark.parametrize("path", COMMITTED_RESULTS, ids=lambda p: p.parent.name)
+def test_committed_results_validate_against_the_published_schema(path):
+    document = json.loads(path.read_text())
+    jsonschema.validate(document, EvaluationResults.model_json_schema())
+    results = read_results(path)
+    assert EvaluationResults.model_validate_json(results.model_dump_json()) == results
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda d: d["models"]["rce"]["attacks"]["fgsm"].pop("kept"),
+        lambda d: d.__setitem__("seed", "zero"),
+        lambda d: d["models"]["ce"]["attacks"]["fgsm"]["metrics"]["log_kd"].__setitem__(
+            "accepted_fraction", None
+        ),
+        lambda d: d["models"]["ce"].__setitem__("checkpoint", "runs/x.pt"),
+    ],
+    ids=["missing-field", "wrong-type", "null-where-not-nullable", "unknown-field"],
+)
+def test_schema_and_reader_refuse_a_malformed_results_file(corrupt):
+    document = json.loads(COMMITTED_RESULTS[0].read_text())
+    jsonschema.validate(document, EvaluationResults.model_json_schema())
+    corrupt(document)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(document, EvaluationResults.model_json_schema())
+    with pytest.raises(ValidationError):
+        EvaluationResults.model_validate(document)
+
+
+def test_attack_result_figures_match_a_hand_computation():
+    # Four attacked images: 0-2 classified correctly when clean; the attack flips 0 and 2
+    # (kept), leaves 1 correct, and image 3 was already wrong (never kept).
+    labels = np.array([0, 1, 2, 3])
+    clean = {"label": np.array([0, 1, 2, 0]),
+             "confidence": np.array([0.9, 0.8, 0.7, 0.6]),
+             "non_me": np.array([2.0, 1.0, 1.5, 0.5]),
+             "log_kd": np.array([-1.0, -2.0, -0.5, -3.0])}  # fmt: skip
+    adv = {"label": np.array([1, 1, 0, 2]),
+           "confidence": np.array([0.7, 0.5, 0.4, 0.3]),
+           "non_me": np.array([0.2, 2.1, 1.0, 0.1]),
+           "log_kd": np.array([-4.0, -1.5, -0.75, -5.0])}  # fmt: skip
+    thresholds = {"confidence": 0.65, "non_me": 1.2, "log_kd": -1.75}
+    images = np.zeros((4, 1, 2, 2), np.float32)
+    adversarial = images + np.array(
+        [[0.375, 0.5, 0, 0], [0, 0, 0, 0], [0.75, 0, 0, 1.0], [1, 1, 1, 1]], np.float32
+    ).reshape(4, 1, 2, 2)
+    result, scores = attack_result(
+        "cw-l2", labels, images, adversarial, clean, adv, thresholds, "log_kd", seconds=2.0,
+        targets=np.array([1, 2, 0, 1]), params={"kappa": 0.0}, onnx_label_agreement=1.0,
+    )  # fmt: skip
+    # Kept pairs (0, 2). log_kd: normal (-1, -0.5) vs adversarial (-4, -0.75): 3 of 4 pairs
+    # ordered, AUC 3/4; -4 is below -1.75, -0.75 is not: detection 1/2. Mixed set (4 clean, 4
+    # adversarial) accepted at -1.75: clean 0, 2 (correct), adversarial 1 (correct), 2 (wrong).
+    # confidence: normal (0.9, 0.7) vs (0.7, 0.4): 3 ordered + 1 tie, AUC 3.5/4 = 0.875.
+    # non_me: normal (2, 1.5) vs (0.2, 1): AUC 1, both adversarial rejected; accepted: clean 0,
+    # 2 and adversarial 1, all correct.
+    expected = AttackResult(
+        params={"kappa": 0.0},
+        images=4,
+        clean_correct=3,
+        kept=2,
+        success_rate=2 / 3,
+        targeted_success_rate=2 / 3,  # images 0 and 2 reached targets 1 and 0; image 1 did not
+        undetected_success_rate=1 / 3,  # only kept image 2 is accepted by log_kd
+        distortion=Distortion(
+            l2=(0.625 + 1.25) / 2, linf=(0.5 + 1.0) / 2, l2_max=2.0, linf_max=1.0
+        ),
+        seconds_per_image=0.5,
+        onnx_label_agreement=1.0,
+        metrics={
+            "confidence": MetricResult(
+                roc_auc=0.875, detection_rate=0.5, clean_rejection_rate=0.0,
+                accuracy_on_accepted=0.75, accepted_fraction=0.5, threshold=0.65,
+            ),
+            "non_me": MetricResult(
+                roc_auc=1.0, detection_rate=1.0, clean_rejection_rate=0.0,
+                accuracy_on_accepted=1.0, accepted_fraction=0.375, threshold=1.2,
+            ),
+            "log_kd": MetricResult(
+                roc_auc=0.75, detection_rate=0.5, clean_rejection_rate=0.0,
+                accuracy_on_accepted=0.75, accepted_fraction=0.5, threshold=-1.75,
+            ),
+        },
+    )  # fmt: skip
+    assert result == expected
+    assert scores.normal["log_kd"].tolist() == [-1.0, -0.5]
+    assert scores.adversarial["log_kd"].tolist() == [-4.0, -0.75]
 
 
 def test_a_calibration_that_does_not_match_the_artifact_is_refused(small_models, tmp_path):
