@@ -1,6 +1,8 @@
 """End to end on the small models: evaluate -> results.json -> report.md and PNGs."""
 
 import json
+import statistics
+from dataclasses import replace
 
 import jsonschema
 import numpy as np
@@ -13,11 +15,13 @@ from service.cli import app
 from tests.conftest import ROOT
 from training.attacks import AttackSettings
 from training.calibrate import Calibration
+from training.data import load_mnist_5k
 from training.evaluate import (
     EvaluationError,
     attack_result,
     evaluate,
     load_model_under_test,
+    roc_auc,
 )
 from training.plots import write_figures
 from training.report import (
@@ -49,15 +53,25 @@ def test_results_json_round_trips(evaluation, tmp_path):
 def test_results_cover_every_model_attack_and_metric(evaluation):
     results = evaluation.results
     assert set(results.models) == {"ce", "rce"}
-    for model in results.models.values():
+    for objective, model in results.models.items():
         assert set(model.attacks) == {"fgsm", "pgd", "pgd-adaptive", "cw-wb"}
         assert model.attacks["fgsm"].images == 16 and model.attacks["cw-wb"].images == 8
-        for attack in model.attacks.values():
+        for name, attack in model.attacks.items():
             assert set(attack.metrics) == {"confidence", "non_me", "log_kd"}
             assert attack.kept <= attack.clean_correct <= attack.images
-            assert attack.onnx_label_agreement is not None
-            if attack.kept:
-                assert 0.0 <= attack.metrics["log_kd"].roc_auc <= 1.0
+            assert attack.success_rate == attack.kept / max(attack.clean_correct, 1)
+            scores = evaluation.scores[objective][name]
+            for metric, figures in attack.metrics.items():
+                normal, adversarial = scores.normal[metric], scores.adversarial[metric]
+                assert len(normal) == len(adversarial) == attack.kept
+                assert figures.threshold == model.thresholds[metric]
+                if not attack.kept:
+                    assert figures.roc_auc is None and figures.detection_rate is None
+                    continue
+                # Every figure follows from the kept pairs' scores and the threshold.
+                assert figures.roc_auc == roc_auc(normal, adversarial)
+                assert figures.detection_rate == float((adversarial < figures.threshold).mean())
+                assert figures.clean_rejection_rate == float((normal < figures.threshold).mean())
         assert model.onnx_max_abs_error["log_kd"] < 1e-2
 
 
@@ -229,6 +243,17 @@ def test_models_with_the_same_objective_are_refused(small_models):
         evaluate([loaded, loaded], ("fgsm",), 4, 4, FAST)
 
 
+def test_models_of_different_datasets_or_test_splits_are_refused(tiny_artifact):
+    model = load_model_under_test(tiny_artifact.path, tiny_artifact.checkpoint)
+    # Another objective, so only the dataset check can refuse the pair.
+    manifest = model.manifest.model_copy(update={"objective": "ce"})
+    renamed = replace(model, manifest=manifest, dataset=replace(model.dataset, name="other"))
+    resplit = replace(model, manifest=manifest, dataset=load_mnist_5k(seed=1))
+    for other in (renamed, resplit):
+        with pytest.raises(EvaluationError, match="same dataset and test split"):
+            evaluate([model, other], ("fgsm",), 4, 4, FAST)
+
+
 def test_evaluate_command_writes_the_report(small_models, tmp_path):
     ce, rce = small_models["ce"], small_models["rce"]
     result = CliRunner().invoke(
@@ -268,7 +293,10 @@ def test_report_command_rerenders_and_records_the_training_cost(evaluation, tmp_
     cost = results.training_cost
     assert cost is not None and cost.depth == 8
     assert len(cost.rce_epoch_seconds) == len(cost.ce_epoch_seconds) == 2
-    assert all(t > 0 for t in cost.rce_epoch_seconds + cost.ce_epoch_seconds)
+    # The recorded figures are the medians of the recorded epochs and their ratio.
+    assert cost.rce_median_seconds == statistics.median(cost.rce_epoch_seconds)
+    assert cost.ce_median_seconds == statistics.median(cost.ce_epoch_seconds)
+    assert cost.ratio == cost.rce_median_seconds / cost.ce_median_seconds
     report = (tmp_path / "report.md").read_text()
     assert f"Ratio RCE / CE: **{cost.ratio:.3f}**" in report
     assert render_report(results) + "\n" == report
