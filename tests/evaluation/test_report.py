@@ -1,19 +1,34 @@
 """End to end on the small models: evaluate -> results.json -> report.md and PNGs."""
 
 import json
+import statistics
+from dataclasses import replace
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from service.cli import app
+from tests.conftest import ROOT
 from training.attacks import AttackSettings
 from training.calibrate import Calibration
-from training.evaluate import EvaluationError, evaluate, load_model_under_test
+from training.data import load_mnist_5k
+from training.evaluate import (
+    EvaluationError,
+    attack_result,
+    evaluate,
+    load_model_under_test,
+    roc_auc,
+)
 from training.plots import write_figures
 from training.report import (
+    AttackResult,
+    Distortion,
     EvaluationResults,
+    MetricResult,
     read_results,
     render_report,
     write_report,
@@ -38,15 +53,25 @@ def test_results_json_round_trips(evaluation, tmp_path):
 def test_results_cover_every_model_attack_and_metric(evaluation):
     results = evaluation.results
     assert set(results.models) == {"ce", "rce"}
-    for model in results.models.values():
+    for objective, model in results.models.items():
         assert set(model.attacks) == {"fgsm", "pgd", "pgd-adaptive", "cw-wb"}
         assert model.attacks["fgsm"].images == 16 and model.attacks["cw-wb"].images == 8
-        for attack in model.attacks.values():
+        for name, attack in model.attacks.items():
             assert set(attack.metrics) == {"confidence", "non_me", "log_kd"}
             assert attack.kept <= attack.clean_correct <= attack.images
-            assert attack.onnx_label_agreement is not None
-            if attack.kept:
-                assert 0.0 <= attack.metrics["log_kd"].roc_auc <= 1.0
+            assert attack.success_rate == attack.kept / max(attack.clean_correct, 1)
+            scores = evaluation.scores[objective][name]
+            for metric, figures in attack.metrics.items():
+                normal, adversarial = scores.normal[metric], scores.adversarial[metric]
+                assert len(normal) == len(adversarial) == attack.kept
+                assert figures.threshold == model.thresholds[metric]
+                if not attack.kept:
+                    assert figures.roc_auc is None and figures.detection_rate is None
+                    continue
+                # Every figure follows from the kept pairs' scores and the threshold.
+                assert figures.roc_auc == roc_auc(normal, adversarial)
+                assert figures.detection_rate == float((adversarial < figures.threshold).mean())
+                assert figures.clean_rejection_rate == float((normal < figures.threshold).mean())
         assert model.onnx_max_abs_error["log_kd"] < 1e-2
 
 
@@ -63,9 +88,132 @@ def test_report_has_the_paper_tables_and_figures(evaluation, tmp_path):
     assert render_report(read_results(tmp_path / "results.json")) + "\n" == report
 
 
-def test_results_schema_is_published():
+COMMITTED_RESULTS = [
+    ROOT / "reports" / name / "results.json" for name in ("mnist-5k", "fashion-mnist")
+]
+
+
+def _required(schema: dict, name: str) -> set[str]:
+    return set(schema["$defs"][name]["required"]) if name in schema["$defs"] else set()
+
+
+def test_results_schema_requires_every_documented_field_and_forbids_others():
     schema = EvaluationResults.model_json_schema()
-    assert "models" in schema["properties"]
+    assert set(schema["required"]) == {
+        "dataset", "created_at", "source_commit", "seed", "images_fast", "images_slow",
+        "slow_attacks", "settings", "torch_threads", "models",
+    }  # fmt: skip
+    assert set(schema["properties"]) == set(schema["required"]) | {
+        "schema_version",
+        "training_cost",
+    }
+    assert _required(schema, "AttackResult") == {
+        "params", "images", "clean_correct", "kept", "success_rate", "targeted_success_rate",
+        "undetected_success_rate", "distortion", "seconds_per_image", "onnx_label_agreement",
+        "metrics",
+    }  # fmt: skip
+    assert _required(schema, "MetricResult") == {
+        "roc_auc", "detection_rate", "clean_rejection_rate", "accuracy_on_accepted",
+        "accepted_fraction", "threshold",
+    }  # fmt: skip
+    assert _required(schema, "Distortion") == {"l2", "linf", "l2_max", "linf_max"}
+    assert all(d.get("additionalProperties") is False for d in schema["$defs"].values())
+    assert schema["additionalProperties"] is False
+    # Figures that have no value without kept pairs are nullable; the others are not.
+    metric = schema["$defs"]["MetricResult"]["properties"]
+    assert {"type": "null"} in metric["roc_auc"]["anyOf"]
+    assert metric["accepted_fraction"]["type"] == "number"
+    assert schema["$defs"]["AttackResult"]["properties"]["kept"]["type"] == "integer"
+
+
+@pytest.mark.parametrize("path", COMMITTED_RESULTS, ids=lambda p: p.parent.name)
+def test_committed_results_validate_against_the_published_schema(path):
+    document = json.loads(path.read_text())
+    jsonschema.validate(document, EvaluationResults.model_json_schema())
+    results = read_results(path)
+    assert EvaluationResults.model_validate_json(results.model_dump_json()) == results
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda d: d["models"]["rce"]["attacks"]["fgsm"].pop("kept"),
+        lambda d: d.__setitem__("seed", "zero"),
+        lambda d: d["models"]["ce"]["attacks"]["fgsm"]["metrics"]["log_kd"].__setitem__(
+            "accepted_fraction", None
+        ),
+        lambda d: d["models"]["ce"].__setitem__("checkpoint", "runs/x.pt"),
+    ],
+    ids=["missing-field", "wrong-type", "null-where-not-nullable", "unknown-field"],
+)
+def test_schema_and_reader_refuse_a_malformed_results_file(corrupt):
+    document = json.loads(COMMITTED_RESULTS[0].read_text())
+    jsonschema.validate(document, EvaluationResults.model_json_schema())
+    corrupt(document)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(document, EvaluationResults.model_json_schema())
+    with pytest.raises(ValidationError):
+        EvaluationResults.model_validate(document)
+
+
+def test_attack_result_figures_match_a_hand_computation():
+    # Four attacked images: 0-2 classified correctly when clean; the attack flips 0 and 2
+    # (kept), leaves 1 correct, and image 3 was already wrong (never kept).
+    labels = np.array([0, 1, 2, 3])
+    clean = {"label": np.array([0, 1, 2, 0]),
+             "confidence": np.array([0.9, 0.8, 0.7, 0.6]),
+             "non_me": np.array([2.0, 1.0, 1.5, 0.5]),
+             "log_kd": np.array([-1.0, -2.0, -0.5, -3.0])}  # fmt: skip
+    adv = {"label": np.array([1, 1, 0, 2]),
+           "confidence": np.array([0.7, 0.5, 0.4, 0.3]),
+           "non_me": np.array([0.2, 2.1, 1.0, 0.1]),
+           "log_kd": np.array([-4.0, -1.5, -0.75, -5.0])}  # fmt: skip
+    thresholds = {"confidence": 0.65, "non_me": 1.2, "log_kd": -1.75}
+    images = np.zeros((4, 1, 2, 2), np.float32)
+    adversarial = images + np.array(
+        [[0.375, 0.5, 0, 0], [0, 0, 0, 0], [0.75, 0, 0, 1.0], [1, 1, 1, 1]], np.float32
+    ).reshape(4, 1, 2, 2)
+    result, scores = attack_result(
+        "cw-l2", labels, images, adversarial, clean, adv, thresholds, "log_kd", seconds=2.0,
+        targets=np.array([1, 2, 0, 1]), params={"kappa": 0.0}, onnx_label_agreement=1.0,
+    )  # fmt: skip
+    # Kept pairs (0, 2). log_kd: normal (-1, -0.5) vs adversarial (-4, -0.75): 3 of 4 pairs
+    # ordered, AUC 3/4; -4 is below -1.75, -0.75 is not: detection 1/2. Mixed set (4 clean, 4
+    # adversarial) accepted at -1.75: clean 0, 2 (correct), adversarial 1 (correct), 2 (wrong).
+    # confidence: normal (0.9, 0.7) vs (0.7, 0.4): 3 ordered + 1 tie, AUC 3.5/4 = 0.875.
+    # non_me: normal (2, 1.5) vs (0.2, 1): AUC 1, both adversarial rejected; accepted: clean 0,
+    # 2 and adversarial 1, all correct.
+    expected = AttackResult(
+        params={"kappa": 0.0},
+        images=4,
+        clean_correct=3,
+        kept=2,
+        success_rate=2 / 3,
+        targeted_success_rate=2 / 3,  # images 0 and 2 reached targets 1 and 0; image 1 did not
+        undetected_success_rate=1 / 3,  # only kept image 2 is accepted by log_kd
+        distortion=Distortion(
+            l2=(0.625 + 1.25) / 2, linf=(0.5 + 1.0) / 2, l2_max=2.0, linf_max=1.0
+        ),
+        seconds_per_image=0.5,
+        onnx_label_agreement=1.0,
+        metrics={
+            "confidence": MetricResult(
+                roc_auc=0.875, detection_rate=0.5, clean_rejection_rate=0.0,
+                accuracy_on_accepted=0.75, accepted_fraction=0.5, threshold=0.65,
+            ),
+            "non_me": MetricResult(
+                roc_auc=1.0, detection_rate=1.0, clean_rejection_rate=0.0,
+                accuracy_on_accepted=1.0, accepted_fraction=0.375, threshold=1.2,
+            ),
+            "log_kd": MetricResult(
+                roc_auc=0.75, detection_rate=0.5, clean_rejection_rate=0.0,
+                accuracy_on_accepted=0.75, accepted_fraction=0.5, threshold=-1.75,
+            ),
+        },
+    )  # fmt: skip
+    assert result == expected
+    assert scores.normal["log_kd"].tolist() == [-1.0, -0.5]
+    assert scores.adversarial["log_kd"].tolist() == [-4.0, -0.75]
 
 
 def test_a_calibration_that_does_not_match_the_artifact_is_refused(small_models, tmp_path):
@@ -93,6 +241,17 @@ def test_models_with_the_same_objective_are_refused(small_models):
     loaded = load_model_under_test(model.artifact, model.checkpoint)
     with pytest.raises(EvaluationError, match="one model per objective"):
         evaluate([loaded, loaded], ("fgsm",), 4, 4, FAST)
+
+
+def test_models_of_different_datasets_or_test_splits_are_refused(tiny_artifact):
+    model = load_model_under_test(tiny_artifact.path, tiny_artifact.checkpoint)
+    # Another objective, so only the dataset check can refuse the pair.
+    manifest = model.manifest.model_copy(update={"objective": "ce"})
+    renamed = replace(model, manifest=manifest, dataset=replace(model.dataset, name="other"))
+    resplit = replace(model, manifest=manifest, dataset=load_mnist_5k(seed=1))
+    for other in (renamed, resplit):
+        with pytest.raises(EvaluationError, match="same dataset and test split"):
+            evaluate([model, other], ("fgsm",), 4, 4, FAST)
 
 
 def test_evaluate_command_writes_the_report(small_models, tmp_path):
@@ -134,7 +293,10 @@ def test_report_command_rerenders_and_records_the_training_cost(evaluation, tmp_
     cost = results.training_cost
     assert cost is not None and cost.depth == 8
     assert len(cost.rce_epoch_seconds) == len(cost.ce_epoch_seconds) == 2
-    assert all(t > 0 for t in cost.rce_epoch_seconds + cost.ce_epoch_seconds)
+    # The recorded figures are the medians of the recorded epochs and their ratio.
+    assert cost.rce_median_seconds == statistics.median(cost.rce_epoch_seconds)
+    assert cost.ce_median_seconds == statistics.median(cost.ce_epoch_seconds)
+    assert cost.ratio == cost.rce_median_seconds / cost.ce_median_seconds
     report = (tmp_path / "report.md").read_text()
     assert f"Ratio RCE / CE: **{cost.ratio:.3f}**" in report
     assert render_report(results) + "\n" == report

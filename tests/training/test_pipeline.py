@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -17,11 +18,32 @@ from typer.testing import CliRunner
 from models.manifest import INPUT_NAME, METRICS, OUTPUT_NAMES, Manifest, sha256_file
 from service.cli import app
 from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact
-from training import export as export_module
-from training.calibrate import Calibration
-from training.data import load_mnist_5k
-from training.export import ExportError, NearChanceError, export_artifact, minimum_accuracy
-from training.train import TrainConfig, load_checkpoint, load_trained_model, to_tensor, train
+from training.calibrate import Calibration, DeployedModel
+from training.data import load_dataset, load_mnist_5k
+from training.export import ATOL as EXPORT_ATOL
+from training.export import (
+    CHECK_IMAGES,
+    ExportError,
+    NearChanceError,
+    check_against_torch,
+    export_artifact,
+    export_onnx,
+    minimum_accuracy,
+)
+from training.losses import loss_for
+from training.nets import ResNet
+from training.train import (
+    DRY_RUN_BATCHES,
+    TrainConfig,
+    build_model,
+    load_checkpoint,
+    load_trained_model,
+    lr_at_step,
+    parameter_groups,
+    seed_everything,
+    to_tensor,
+    train,
+)
 
 
 def run_artifact(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -64,8 +86,30 @@ def test_exported_artifact_matches_torch_and_its_manifest(tiny_artifact: TinyArt
     np.testing.assert_allclose(got["logits"], -raw.numpy(), rtol=1e-4, atol=1e-4)
 
 
+class DivergesFromItsTrace(ResNet):
+    """A network whose eager forward is not what ONNX export traces: eagerly it adds 0.5 to
+    every raw logit. Softmax, the label and the three scores are shift-invariant, so only the
+    `logits` output of the graph disagrees with torch."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = super().forward(images)
+        return (logits, features) if torch.jit.is_tracing() else (logits + 0.5, features)
+
+
+class FlipsOneDecision(DeployedModel):
+    """The deployed detector with one image's `accepted` decision inverted (eager only)."""
+
+    flip = 0
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        *outputs, accepted = super().forward(images)
+        accepted = accepted.clone()
+        accepted[self.flip] = ~accepted[self.flip]
+        return (*outputs, accepted)
+
+
 def test_export_refuses_to_overwrite_and_leaves_no_partial_artifact(
-    tiny_artifact: TinyArtifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_artifact: TinyArtifact, tmp_path: Path
 ) -> None:
     model, config, dataset = load_trained_model(tiny_artifact.checkpoint)
     calibration = Calibration.load(tiny_artifact.calibration)
@@ -73,14 +117,81 @@ def test_export_refuses_to_overwrite_and_leaves_no_partial_artifact(
         export_artifact(
             model, config, dataset, calibration, tiny_artifact.model_dir, tiny_artifact.name, 1
         )
-
-    def disagree(*args: object) -> None:
-        raise ExportError("ONNX Runtime and torch disagree on labels")
-
-    monkeypatch.setattr(export_module, "check_against_torch", disagree)
-    with pytest.raises(ExportError, match="disagree"):
-        export_artifact(model, config, dataset, calibration, tmp_path, "broken", 1, force=True)
+    # A real mismatch, not a stubbed guard: the traced graph lacks the eager logit shift.
+    diverging = DivergesFromItsTrace(config.depth, 1, 10, bn_eps=1e-3, fc_init="unit-uniform")
+    diverging.load_state_dict(model.state_dict())
+    with pytest.raises(ExportError, match="disagree on logits"):
+        export_artifact(
+            diverging.eval(), config, dataset, calibration, tmp_path, "broken", 1, force=True
+        )
     assert list((tmp_path / "broken").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def borderline_graph(
+    tiny_artifact: TinyArtifact, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Calibration, ResNet, np.ndarray, float]:
+    """A graph whose log_kd threshold sits 1e-4 below the score of test image 0: within the
+    guard's tolerance of it, yet clear of float noise, so both torch and ORT accept image 0."""
+    model, _, dataset = load_trained_model(tiny_artifact.checkpoint)
+    calibration = Calibration.load(tiny_artifact.calibration)
+    images = dataset.test.images[:CHECK_IMAGES]
+    with torch.no_grad():
+        log_kd = calibration.deployed(model)(to_tensor(images))[5].numpy()
+    threshold = float(log_kd[0]) - 1e-4
+    path = tmp_path_factory.mktemp("guard") / "model.onnx"
+    export_onnx(_detector(DeployedModel, calibration, model, threshold), dataset.shape, path)
+    return path, calibration, model, images, threshold
+
+
+def _detector(
+    cls: type[DeployedModel], calibration: Calibration, network: ResNet, threshold: float
+) -> DeployedModel:
+    return cls(
+        network, calibration.objective, calibration.bank, calibration.bank_mask,
+        calibration.sigma2, "log_kd", threshold,
+    ).eval()  # fmt: skip
+
+
+def test_export_guard_compares_every_output_of_a_faithful_graph(borderline_graph) -> None:
+    path, calibration, model, images, threshold = borderline_graph
+    errors = check_against_torch(
+        path, _detector(DeployedModel, calibration, model, threshold), images
+    )
+    assert set(errors) == set(OUTPUT_NAMES) - {"label", "accepted"}
+    assert all(errors[name] <= atol for name, atol in EXPORT_ATOL.items())
+
+
+def test_export_guard_refuses_a_flipped_decision_away_from_the_threshold(borderline_graph) -> None:
+    path, calibration, model, images, threshold = borderline_graph
+    detector = _detector(FlipsOneDecision, calibration, model, threshold)
+    with torch.no_grad():
+        log_kd = detector(to_tensor(images))[5].numpy()
+    distance = np.abs(log_kd - threshold)
+    detector.flip = int(distance.argmax())
+    # Five times the guard's tolerance (1e-2 + 1e-4 * |T|) away: no rounding excuses a flip.
+    assert distance[detector.flip] > 5 * (EXPORT_ATOL["log_kd"] + 1e-4 * abs(threshold))
+    with pytest.raises(ExportError, match="disagree on accepted for 1 image"):
+        check_against_torch(path, detector, images)
+
+
+def test_export_guard_tolerates_a_flipped_decision_on_the_threshold(borderline_graph) -> None:
+    path, calibration, model, images, threshold = borderline_graph
+    detector = _detector(FlipsOneDecision, calibration, model, threshold)
+    detector.flip = 0  # its log_kd is 1e-4 above the threshold: a rounding may flip it
+    check_against_torch(path, detector, images)
+
+
+def test_export_guard_refuses_a_graph_whose_weights_changed(borderline_graph) -> None:
+    path, calibration, model, images, threshold = borderline_graph
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        noise = torch.randn(perturbed.conv.weight.shape, generator=torch.Generator().manual_seed(0))
+        perturbed.conv.weight.add_(0.05 * noise)
+    with pytest.raises(ExportError, match="disagree"):
+        check_against_torch(
+            path, _detector(DeployedModel, calibration, perturbed, threshold), images
+        )
 
 
 def test_export_refuses_a_near_chance_model_unless_forced(
@@ -122,15 +233,30 @@ def test_cli_export_exits_2_on_a_near_chance_model(
 @pytest.mark.parametrize(
     "budget", [{"recipe": "legacy", "epochs": 2}, {"recipe": "official", "steps": 4}]
 )
-def test_checkpoint_stores_its_config_and_resumes(tmp_path: Path, budget: dict) -> None:
+def test_resumed_training_ends_where_the_uninterrupted_run_ends(
+    tmp_path: Path, budget: dict
+) -> None:
+    # 256 images, batch 128: two steps per epoch, so both budgets end after the second epoch
+    # (the official one with lr decays at steps 2 and 3, inside the resumed epoch).
+    whole = train(TrainConfig(depth=8, train_limit=256, **budget), tmp_path / "whole.pt")
     checkpoint = tmp_path / "run.pt"
-    config = TrainConfig(depth=8, train_limit=256, dry_run=True, **budget)
-    train(config, checkpoint)
+    train(TrainConfig(depth=8, train_limit=256, dry_run=True, **budget), checkpoint)
     payload = load_checkpoint(checkpoint)
     assert payload["config"]["depth"] == 8 and payload["epoch"] == 1
-    # 256 images, batch 128: two steps per epoch, so both budgets end after the second epoch.
     resumed = train(TrainConfig(depth=8, train_limit=256, **budget), checkpoint, resume=True)
     assert resumed["epoch"] == 2 and len(resumed["history"]) == 2
+    # Weights, BatchNorm buffers and the optimizer's momentum all came back from the checkpoint.
+    assert resumed["model"].keys() == whole["model"].keys()
+    for key, value in whole["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    momentum = [s["momentum_buffer"] for s in whole["optimizer"]["state"].values()]
+    restored = [s["momentum_buffer"] for s in resumed["optimizer"]["state"].values()]
+    assert momentum and all(m.abs().sum() > 0 for m in momentum)
+    assert all(torch.equal(a, b) for a, b in zip(momentum, restored, strict=True))
+    for done, again in zip(whole["history"], resumed["history"], strict=True):
+        assert {k: v for k, v in done.items() if k != "seconds"} == {
+            k: v for k, v in again.items() if k != "seconds"
+        }
 
 
 def test_cli_pipeline_writes_an_artifact_and_reports_it(tmp_path: Path) -> None:
@@ -162,6 +288,47 @@ def test_cli_pipeline_writes_an_artifact_and_reports_it(tmp_path: Path) -> None:
     assert set(summary["thresholds"]) == set(METRICS)
 
 
+def test_cli_calibrate_then_export_with_confidence_as_the_default_metric(
+    tiny_artifact: TinyArtifact, tmp_path: Path
+) -> None:
+    calibration = tmp_path / "confidence.calibration.pt"
+    runner = CliRunner()
+    calibrated = runner.invoke(
+        app,
+        [
+            "calibrate", "--checkpoint", str(tiny_artifact.checkpoint), "--out", str(calibration),
+            "--metric", "confidence", "--target-fpr", "0.1", "--bank-per-class", "20",
+        ],
+    )  # fmt: skip
+    assert calibrated.exit_code == 0, calibrated.output
+    result = Calibration.load(calibration)
+    assert result.default_metric == "confidence" and result.target_fpr == 0.1
+    assert result.bank_mask.sum(axis=1).tolist() == [20] * 10
+    assert json.loads(calibrated.output.strip().splitlines()[-1]) == {
+        "target_fpr": 0.1, "thresholds": result.thresholds
+    }  # fmt: skip
+    exported = runner.invoke(
+        app,
+        [
+            "export", "--checkpoint", str(tiny_artifact.checkpoint), "--calibration",
+            str(calibration), "--name", "confident", "--version", "3", "--model-dir",
+            str(tmp_path / "models"), "--force",
+        ],
+    )  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    artifact = tmp_path / "models" / "confident" / "3"
+    manifest = Manifest.load(artifact)
+    assert manifest.detection.default_metric == "confidence"
+    assert manifest.detection.thresholds == result.thresholds
+    # The graph's decision is confidence against its threshold, which differs from what
+    # log K-density would decide on these images.
+    out = run_artifact(artifact, load_mnist_5k().test.images)
+    by_confidence = out["confidence"] >= result.thresholds["confidence"]
+    by_log_kd = out["log_kd"] >= result.thresholds["log_kd"]
+    assert not np.array_equal(by_confidence, by_log_kd)
+    assert np.array_equal(out["accepted"], by_confidence)
+
+
 def test_cli_names_a_missing_dataset_directory(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app, ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nope"), "--dry-run"]
@@ -170,7 +337,50 @@ def test_cli_names_a_missing_dataset_directory(tmp_path: Path) -> None:
     assert "nope: no such directory" in result.output
 
 
-def test_torchrun_trains_with_two_processes(tmp_path: Path) -> None:
+def _replay_data_parallel(config: TrainConfig, world: int) -> dict[str, torch.Tensor]:
+    """The dry run of `config` under DistributedDataParallel, replayed in one process: every step
+    averages the gradients of each rank's batch of its own shard (built here from the documented
+    rule, not by `training.train.batches`). DDP broadcasts rank 0's
+    BatchNorm buffers before each forward and rank 0 writes the checkpoint, so the other ranks
+    run first and rank 0 runs last from the same buffers."""
+    seed_everything(config.seed)
+    dataset = load_dataset(config.dataset, None, config.seed)
+    split = dataset.train.head(config.train_limit) if config.train_limit else dataset.train
+    model = build_model(config, dataset).train()
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, config), config.lr, momentum=config.momentum
+    )
+    # Epoch 0's seeded permutation, dealt round-robin: rank r takes every world-th example
+    # from position r, in batches of batch_size (indices sorted within a batch).
+    order = np.random.default_rng([config.seed, 0]).permutation(len(split))
+    shards = [
+        iter(
+            (to_tensor(split.images[i]), torch.from_numpy(split.labels[i]))
+            for i in (
+                np.sort(order[r::world][start : start + config.batch_size])
+                for start in range(0, len(order[r::world]), config.batch_size)
+            )
+        )
+        for r in range(world)
+    ]
+    for step in range(DRY_RUN_BATCHES):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at_step(config, step)
+        optimizer.zero_grad()
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        batch = [next(shard) for shard in shards]
+        for rank in [*range(1, world), 0]:
+            with torch.no_grad():
+                for name, buffer in model.named_buffers():
+                    buffer.copy_(buffers[name])
+            images, labels = batch[rank]
+            logits, _ = model(images)
+            (loss_for(config.objective, logits, labels) / world).backward()
+        optimizer.step()
+    return model.state_dict()
+
+
+def test_torchrun_trains_each_process_on_its_own_shard(tmp_path: Path) -> None:
     checkpoint = tmp_path / "ddp.pt"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -181,9 +391,13 @@ def test_torchrun_trains_with_two_processes(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     payload = load_checkpoint(checkpoint)
-    # Rank 0 writes; each process saw its own half of every batch step.
     assert payload["history"][0]["epoch"] == 1
     assert not any(k.startswith("module.") for k in payload["model"])
+    # Rank 0 wrote weights that only the gradients of both ranks' shards, averaged, produce.
+    expected = _replay_data_parallel(TrainConfig.from_dict(payload["config"]), world=2)
+    assert payload["model"].keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(payload["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_committed_default_model_meets_its_targets() -> None:
