@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,3 +80,12 @@ def build_tiny_artifact(
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> TinyArtifact:
     return build_tiny_artifact(tmp_path_factory.mktemp("tiny"))
+
+
+def last_json(output: str) -> Any:
+    """The last JSON object a command printed on a line of its own. Progress bars go to stderr,
+    which the test runner captures into the same text, so a bar's last redraw (ending in a
+    carriage return, not a newline) can precede the JSON on its line."""
+    lines = [line[line.index('{"') :] for line in output.splitlines() if '{"' in line]
+    assert lines, output
+    return json.loads(lines[-1])

@@ -11,7 +11,9 @@ def test_committed_default_model_rebuilds_into_its_torch_network():
     # load_artifact_network raises unless the rebuilt logits match ONNX Runtime's.
     network, manifest, dataset = load_artifact_network(DEFAULT_MODEL_DIR)
     assert manifest.objective == "rce" and network.depth == manifest.architecture.depth
-    assert all(m.eps == 1e-5 for m in network.modules() if isinstance(m, nn.BatchNorm2d))
+    # The default model (v2) was trained with the official recipe: BatchNorm eps 1e-3.
+    assert manifest.training["recipe"] == "official"
+    assert all(m.eps == 1e-3 for m in network.modules() if isinstance(m, nn.BatchNorm2d))
     assert not network.training and dataset.name == manifest.dataset.name
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from typer.testing import CliRunner
 
 from models.manifest import INPUT_NAME, METRICS, OUTPUT_NAMES, Manifest, sha256_file
 from service.cli import app
-from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact
+from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact, last_json
 from training.calibrate import Calibration, DeployedModel
 from training.data import load_dataset, load_mnist_5k
 from training.export import ATOL as EXPORT_ATOL
@@ -283,7 +282,7 @@ def test_cli_pipeline_writes_an_artifact_and_reports_it(tmp_path: Path) -> None:
         ],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.strip().splitlines()[-1])
+    summary = last_json(result.output)
     assert summary["artifact"] == str(tmp_path / "models" / "cli" / "1")
     assert set(summary["thresholds"]) == set(METRICS)
 
@@ -304,7 +303,7 @@ def test_cli_calibrate_then_export_with_confidence_as_the_default_metric(
     result = Calibration.load(calibration)
     assert result.default_metric == "confidence" and result.target_fpr == 0.1
     assert result.bank_mask.sum(axis=1).tolist() == [20] * 10
-    assert json.loads(calibrated.output.strip().splitlines()[-1]) == {
+    assert last_json(calibrated.output) == {
         "target_fpr": 0.1, "thresholds": result.thresholds
     }  # fmt: skip
     exported = runner.invoke(

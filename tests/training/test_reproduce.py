@@ -3,7 +3,6 @@ on one core)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from typer.testing import CliRunner
 
 from models.manifest import Manifest
 from service.cli import app
-from tests.conftest import DEFAULT_MODEL_DIR
+from tests.conftest import DEFAULT_MODEL_DIR, last_json
 
 
 @pytest.mark.slow
@@ -24,7 +23,7 @@ def test_documented_command_reproduces_the_default_model(tmp_path: Path) -> None
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.strip().splitlines()[-1])
+    summary = last_json(result.output)
     rebuilt = Manifest.load(Path(summary["artifact"]))
     assert rebuilt.clean_test_accuracy >= 0.97
     assert abs(rebuilt.clean_test_accuracy - committed.clean_test_accuracy) <= 0.01
