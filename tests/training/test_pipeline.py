@@ -34,6 +34,7 @@ from training.nets import ResNet
 from training.train import (
     DRY_RUN_BATCHES,
     TrainConfig,
+    batches,
     build_model,
     load_checkpoint,
     load_trained_model,
@@ -349,19 +350,9 @@ def _replay_data_parallel(config: TrainConfig, world: int) -> dict[str, torch.Te
     optimizer = torch.optim.SGD(
         parameter_groups(model, config), config.lr, momentum=config.momentum
     )
-    # Epoch 0's seeded permutation, dealt round-robin: rank r takes every world-th example
-    # from position r, in batches of batch_size (indices sorted within a batch).
-    order = np.random.default_rng([config.seed, 0]).permutation(len(split))
-    shards = [
-        iter(
-            (to_tensor(split.images[i]), torch.from_numpy(split.labels[i]))
-            for i in (
-                np.sort(order[r::world][start : start + config.batch_size])
-                for start in range(0, len(order[r::world]), config.batch_size)
-            )
-        )
-        for r in range(world)
-    ]
+    # Each rank's batches of epoch 0 (`test_batches_shard...` checks these against the
+    # documented round-robin rule).
+    shards = [batches(split, config.batch_size, 0, config.seed, r, world) for r in range(world)]
     for step in range(DRY_RUN_BATCHES):
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(config, step)
