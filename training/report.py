@@ -231,7 +231,7 @@ def verdicts(results: EvaluationResults) -> list[tuple[str, str, str, str]]:
             f"CE {ce.clean.accuracy:.2%}, RCE {rce.clean.accuracy:.2%} ({100 * gap:+.2f} pp)",
             "reproduced"
             if gap >= -CLEAN_GAP
-            else f"not reproduced (RCE more than {CLEAN_GAP:.1%} below CE)",
+            else f"not reproduced (RCE more than {100 * CLEAN_GAP:.1f} pp below CE)",
         )
     )
     oblivious = _attacks(results, ("fgsm", "bim", "illcm", "jsma", "cw-l2", "cw-hc"))
