@@ -226,14 +226,25 @@ def test_many_clients_at_once_get_answers_or_fast_refusals(live: Live, pngs: lis
 def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(
     tmp_path: Path, pngs: list[bytes]
 ) -> None:
-    files = [("files", (f"{i}.png", png, "image/png")) for i, png in enumerate(pngs[:32])]
-    # One image per ORT run, so 4 x 32 images keep the model busy while the drain starts.
-    with live_server(tmp_path / "server.log", max_batch_size="1", **LIMITS) as server:
+    # Four requests held in flight by their own bodies: each sends half of its PNG, then waits
+    # for `release`, so the drain provably starts while all four are in the server's hands
+    # (independent of how fast the model is).
+    release = threading.Event()
+
+    def held_body(png: bytes) -> Iterator[bytes]:
+        yield png[: len(png) // 2]
+        release.wait(timeout=30)
+        yield png[len(png) // 2 :]
+
+    def post_held(png: bytes) -> httpx.Response:
+        return httpx.post(
+            f"{server.url}/v1/predict", content=held_body(png), headers=PNG, timeout=60
+        )
+
+    limits = {**LIMITS, "body_timeout": "30"}
+    with live_server(tmp_path / "server.log", **limits) as server:
         with ThreadPoolExecutor(4) as pool:
-            inflight = [
-                pool.submit(httpx.post, f"{server.url}/v1/predict", files=files, timeout=60)
-                for _ in range(4)
-            ]
+            inflight = [pool.submit(post_held, png) for png in pngs[:4]]
             # All four are in the server's hands (the gauge counts this scrape too).
             assert wait_until(lambda: server.metric("rcegate_requests_in_flight") >= 5)
             server.process.send_signal(signal.SIGTERM)
@@ -247,9 +258,10 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(
             assert late.status_code == 503
             assert late.json()["error"]["code"] == "shutting_down"
             assert late.headers["retry-after"] == "1"
+            release.set()
             answers = [future.result() for future in inflight]
         assert [a.status_code for a in answers] == [200] * 4
-        assert all(len(a.json()["predictions"]) == 32 for a in answers)
+        assert all(len(a.json()["predictions"]) == 1 for a in answers)
         assert server.process.wait(timeout=30) == 0
     log = server.log.read_text()
     assert "draining" in log and "drained: no request in flight" in log
