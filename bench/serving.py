@@ -435,7 +435,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--model", default="mnist-rce")
-    parser.add_argument("--version", type=int, default=1)
+    parser.add_argument("--version", type=int, default=None, help="default: the newest")
     parser.add_argument("--duration", type=int, default=5, help="seconds per run (>= 1)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians")
     parser.add_argument("--overload-factor", type=float, default=2.0)
@@ -472,6 +472,9 @@ def main() -> None:
         os.sched_setaffinity(0, server_cpus)  # before ORT creates its threads
 
     problems = cuda_preflight() if args.cuda else []
+    if args.version is None:
+        versions = (args.model_dir / args.model).iterdir()
+        args.version = max(int(p.name) for p in versions if p.name.isdigit())
     artifact = args.model_dir / args.model / str(args.version)
     manifest = Manifest.load(artifact)
     # Under --cuda, raw ORT asks for CUDA the way `auto` does (CUDA if it loads, else CPU), so a

@@ -586,7 +586,7 @@ def stamp(
 def samples(
     model: Annotated[
         Path, typer.Option(help="Exported model directory <name>/<version> (the default model).")
-    ] = Path("models/mnist-rce/1"),
+    ] = Path("models/mnist-rce/2"),
     out: Annotated[Path, typer.Option(help="Directory to (re)write.")] = Path("samples"),
     clean: Annotated[int, typer.Option(help="Clean digits, one per class, all accepted.")] = 3,
     eps: Annotated[float, typer.Option(help="BIM L-inf budget ([0,1] scale).")] = 0.1,
