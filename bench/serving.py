@@ -51,6 +51,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+from models.layout import latest_version  # noqa: E402
 from models.manifest import INPUT_NAME, Manifest  # noqa: E402
 from service.detector import CUDA, load_detector  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -473,8 +474,7 @@ def main() -> None:
 
     problems = cuda_preflight() if args.cuda else []
     if args.version is None:
-        versions = (args.model_dir / args.model).iterdir()
-        args.version = max(int(p.name) for p in versions if p.name.isdigit())
+        args.version = latest_version(args.model_dir, args.model)
     artifact = args.model_dir / args.model / str(args.version)
     manifest = Manifest.load(artifact)
     # Under --cuda, raw ORT asks for CUDA the way `auto` does (CUDA if it loads, else CPU), so a

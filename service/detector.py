@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from models.layout import identity_mismatch
 from models.manifest import (
     INPUT_NAME,
     MANIFEST_FILE,
@@ -163,16 +164,6 @@ class Detector:
         return np.asarray(outputs.scores[decision.metric] >= decision.threshold)
 
 
-def discover(model_dir: Path) -> list[Path]:
-    """Every `<name>/<version>/` directory under the repository, sorted by name then version."""
-    found = [
-        path
-        for path in model_dir.glob("*/*")
-        if path.is_dir() and path.name.isdigit() and not path.parent.name.startswith(".")
-    ]
-    return sorted(found, key=lambda p: (p.parent.name, int(p.name)))
-
-
 _OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -312,11 +303,9 @@ def load_detector(
         signer = check_signature(directory, root, raw, policy)
         logger.debug("%s: manifest signed by key %s", directory, signer)
     manifest = parse_manifest(raw)
-    if (manifest.name, str(manifest.version)) != (directory.parent.name, directory.name):
-        raise ModelLoadError(
-            f"manifest says {manifest.name}/{manifest.version}, directory is "
-            f"{directory.parent.name}/{directory.name}"
-        )
+    mismatch = identity_mismatch(manifest, directory)
+    if mismatch is not None:
+        raise ModelLoadError(mismatch)
     try:
         # Hash and load the same bytes, so the file cannot change between check and use.
         model = read_regular(directory / MODEL_FILE, root, policy.max_model_bytes)

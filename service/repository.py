@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.detector import Detector, ModelLoadError, discover, load_detector
+from models.layout import version_directories
+from service.detector import Detector, ModelLoadError, load_detector
 from service.errors import ModelNotFound, NotReady
 from service.settings import Settings
 from service.trust import ArtifactPolicy
@@ -67,7 +68,7 @@ class ModelRepository:
         """
         s = self.settings
         try:
-            directories = discover(s.model_dir) if s.model_dir.is_dir() else []
+            directories = version_directories(s.model_dir) if s.model_dir.is_dir() else []
             if not s.model_dir.is_dir():
                 logger.error("model directory %s does not exist", s.model_dir)
             if not s.trusted_keys:

@@ -13,15 +13,13 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-import models
+from models.layout import DEFAULT_MODEL_DIR
 
 Providers = Literal["auto", "cpu", "cuda"]
 Mode = Literal["annotate", "enforce"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
-# The model repository that ships with the project (`models/<name>/<version>/`).
-DEFAULT_MODEL_DIR = Path(models.__file__).resolve().parent
 # The sample images of a source or editable install (`rcegate samples`); absent in a wheel.
 DEFAULT_SAMPLES_DIR = DEFAULT_MODEL_DIR.parent / "samples"
 
