@@ -12,9 +12,9 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import TyperException
 
+from models.triton import register as _register_triton
 from service.settings import Settings
 from service.signing import register as _register_signing
-from service.triton import register as _register_triton
 
 # Typer's own exception printer would show a long framed traceback for every error; main()
 # prints one line instead, and the traceback only with --debug.

@@ -11,7 +11,10 @@ and KServe's Triton runtime load:
     <repository>/<name>/<version>/manifest.json provenance: thresholds, target_fpr, sha256
 
 Shapes and types come from the graph itself (through ONNX Runtime, so neither torch nor the
-`onnx` package is needed); the sha256 in the manifest is checked before anything is written.
+`onnx` package is needed). The version is found and verified by the repository's own walker
+(`models.layout`: highest version, files present, name/version and sha256 against the manifest)
+before anything is written, and written with `models.files` (a version appears whole or not at
+all). An offline tool over the repository, it lives here, not in the server.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from models import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
+from models.files import staged_directory, write_text
+from models.layout import DEFAULT_MODEL_DIR, ArtifactError, verified_manifest, version_directory
+from models.manifest import MANIFEST_FILE, MODEL_FILE, Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +63,6 @@ class TensorSpec:
     name: str
     data_type: str
     dims: tuple[int, ...]
-
-
-def resolve_version(model_dir: Path, name: str, version: int | None) -> int:
-    """The requested version, or the highest numeric version directory of `name`."""
-    if version is not None:
-        return version
-    versions = sorted(
-        int(p.name) for p in (model_dir / name).glob("*") if p.is_dir() and p.name.isdigit()
-    )
-    if not versions:
-        raise TritonExportError(f"no versions of model {name!r} under {model_dir}")
-    return versions[-1]
 
 
 def graph_tensors(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -150,12 +142,6 @@ def triton_config(
     )
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def export_triton(
     model_dir: Path,
     name: str,
@@ -169,43 +155,30 @@ def export_triton(
     The version directory is assembled in a temporary directory and renamed into place, so a
     failed export never leaves half a version behind.
     """
-    version = resolve_version(model_dir, name, version)
-    source = model_dir / name / str(version)
-    if not (source / MANIFEST_FILE).is_file() or not (source / MODEL_FILE).is_file():
-        raise TritonExportError(f"{source} has no {MODEL_FILE} + {MANIFEST_FILE}")
-    manifest = Manifest.load(source)
-    if manifest.name != name or manifest.version != version:
-        raise TritonExportError(
-            f"{source} holds {manifest.name} v{manifest.version}, not {name} v{version}"
-        )
-    if sha256_file(source / MODEL_FILE) != manifest.sha256:
-        raise TritonExportError(f"{source / MODEL_FILE} does not match its manifest's sha256")
     if max_batch_size < 1:
         raise TritonExportError("max_batch_size must be at least 1")
+    try:
+        source = version_directory(model_dir, name, version)
+        manifest = verified_manifest(source)
+    except ArtifactError as error:
+        raise TritonExportError(str(error)) from None
     inputs, outputs = graph_tensors(source / MODEL_FILE)
 
     target = output / name
-    target.mkdir(parents=True, exist_ok=True)
-    destination = target / str(version)
+    destination = target / source.name
     if destination.exists() and not overwrite:
         raise TritonExportError(f"{destination} exists (pass --overwrite to replace it)")
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target))
-    try:
+    with staged_directory(destination) as staging:
         shutil.copy2(source / MODEL_FILE, staging / MODEL_FILE)
         shutil.copy2(source / MANIFEST_FILE, staging / MANIFEST_FILE)
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _write_text(target / LABELS_FILE, "\n".join(manifest.class_names) + "\n")
-    _write_text(target / CONFIG_FILE, triton_config(manifest, inputs, outputs, max_batch_size))
-    logger.info("exported %s v%d to %s", name, version, target)
+    write_text(target / LABELS_FILE, "\n".join(manifest.class_names) + "\n")
+    write_text(target / CONFIG_FILE, triton_config(manifest, inputs, outputs, max_batch_size))
+    logger.info("exported %s v%d to %s", name, manifest.version, target)
     return target
 
 
 def register(app: typer.Typer) -> None:
-    """Add `rcegate export-triton` to the CLI."""
+    """Add `rcegate export-triton` to the command (entry point `rcegate.commands:triton`)."""
 
     @app.command("export-triton")
     def export_triton_command(
@@ -219,16 +192,16 @@ def register(app: typer.Typer) -> None:
         model_dir: Annotated[
             Path | None,
             typer.Option(
-                help="rcegate model repository (default: RCEGATE_MODEL_DIR or models/).",
+                help="rcegate model repository (default: RCEGATE_MODEL_DIR, else the one that "
+                "ships with the project).",
             ),
         ] = None,
         max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size.")] = 64,
         overwrite: Annotated[bool, typer.Option(help="Replace an exported version.")] = False,
     ) -> None:
         """Export a model as a Triton Inference Server / KServe model-repository entry."""
-        from service.settings import Settings
-
-        source = model_dir or Settings().model_dir
+        # The service's setting, read here without importing the service.
+        source = model_dir or Path(os.environ.get("RCEGATE_MODEL_DIR", DEFAULT_MODEL_DIR))
         try:
             path = export_triton(source, name, output, version, max_batch_size, overwrite)
         except TritonExportError as error:
