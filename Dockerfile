@@ -26,9 +26,9 @@ COPY requirements/service-${ORT_VARIANT}.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt
 # Then the service itself, as a wheel installed in the runtime stage: /opt/venv keeps only the
 # dependencies, so its layer (GBs for gpu) is reused when only the code changes. The context is
-# an allow-list (.dockerignore): pyproject, README, requirements/, service/, models/ (code + the
-# default model); no training/, so the wheel holds only `service` and `models` (the manifest
-# schema).
+# an allow-list (.dockerignore): pyproject, README, requirements/, rcegate/ (the command),
+# service/, models/ (code + the default model); no training/, so the wheel holds only `rcegate`,
+# `service` and `models` (the manifest schema, the repository walker, the Triton converter).
 COPY . ./
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
@@ -45,10 +45,13 @@ COPY --from=build /opt/venv /opt/venv
 RUN find /opt/venv -type d -path "*/site-packages/nvidia/*/lib" | sort > /etc/ld.so.conf.d/rcegate-nvidia.conf \
  && ldconfig
 COPY --from=build /wheels /tmp/wheels
+# The last check: without the training stage, `rcegate` holds the service's and the model
+# repository's commands only (rcegate/cli.py skips an entry point whose package is absent).
 RUN /opt/venv/bin/pip install --no-deps --no-index --no-cache-dir --disable-pip-version-check \
       /tmp/wheels/*.whl \
  && rm -rf /tmp/wheels \
- && /opt/venv/bin/python -c "import service.app, models, onnxruntime as ort; print(ort.__version__, ort.get_available_providers())"
+ && /opt/venv/bin/python -c "import service.app, models, onnxruntime as ort; print(ort.__version__, ort.get_available_providers())" \
+ && /opt/venv/bin/python -c "import typer.main, rcegate.cli; names = sorted(typer.main.get_command(rcegate.cli.app).commands); assert names == ['api-key', 'export-triton', 'keygen', 'serve', 'sign'], names; print('rcegate', *names)"
 # The model repository (`<name>/<version>/model.onnx + manifest.json`). The default model is baked
 # in; mount more models under /models/<name> (read-only is fine) or a whole repository over /models.
 COPY models/mnist-rce/ /models/mnist-rce/

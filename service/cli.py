@@ -1,49 +1,19 @@
-"""The `rcegate` command. Service commands live here; the training package adds its own
-subcommands when it is installed (it imports torch only inside them)."""
+"""`rcegate serve`: the service's subcommand of the `rcegate` command (package `rcegate`).
+
+Registered through the `rcegate.commands` entry-point group; `--help` shows the value in force
+for every option (an `RCEGATE_*` variable, else the built-in default).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.exceptions import TyperException
 
-from models.triton import register as _register_triton
 from service.settings import Settings
-from service.signing import register as _register_signing
-
-# Typer's own exception printer would show a long framed traceback for every error; main()
-# prints one line instead, and the traceback only with --debug.
-app = typer.Typer(
-    help="rcegate: image classification that says whether to trust each answer.",
-    pretty_exceptions_enable=False,
-)
-_debug = False
-
-
-@app.callback()
-def _options(
-    debug: Annotated[
-        bool,
-        typer.Option("--debug", help="On an error, show the full traceback instead of one line."),
-    ] = False,
-) -> None:
-    global _debug
-    _debug = debug or bool(os.environ.get("RCEGATE_DEBUG"))
-
-
-try:
-    from training.cli import register as _register_training
-except ModuleNotFoundError:  # a service-only install (the container image)
-    pass
-else:
-    _register_training(app)
-_register_triton(app)
-_register_signing(app)
 
 _FROM_ENV = "When not given: RCEGATE_{}, else the built-in default."
 # What an unset setting means, for --help.
@@ -60,7 +30,6 @@ def _in_force(field: str) -> str:
     return _UNSET.get(field, "unset") if default is None else str(default)
 
 
-@app.command()
 def serve(
     host: Annotated[
         str | None, typer.Option(help=_FROM_ENV.format("HOST"), show_default=_in_force("host"))
@@ -133,27 +102,6 @@ def serve(
     serve_app(create_app(settings), settings)
 
 
-def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        code = app(standalone_mode=False)
-    except TyperException as error:  # a bad option value, a missing argument (typer's click)
-        typer.echo(f"error: {error.format_message()} (--help lists the options)", err=True)
-        sys.exit(error.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as error:
-        if _debug:
-            raise
-        # A user's mistake (a missing file, a bad value) deserves one line, not a traceback.
-        message = str(error) or type(error).__name__
-        typer.echo(f"error: {message} (--debug shows the traceback)", err=True)
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    """Add `rcegate serve` to the command."""
+    app.command()(serve)

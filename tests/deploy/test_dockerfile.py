@@ -70,4 +70,4 @@ def test_the_build_context_leaves_out_training_tests_and_the_venv() -> None:
     assert ignore[0] == "*"  # an allow-list
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert not allowed & {"training", "tests", ".venv", ".git", "runs"}
-    assert {"service", "models", "pyproject.toml"} <= allowed
+    assert {"rcegate", "service", "models", "pyproject.toml"} <= allowed

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from models import MANIFEST_FILE, MODEL_FILE, OUTPUT_NAMES, Manifest, sha256_file
 from models.triton import TritonExportError, export_triton
-from service.cli import app
+from rcegate.cli import app
 from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact
 
 ModelConfig = model_config_pb2.ModelConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from rcegate.cli import app
 from training.ablation import VARIANTS, Plan, read_results, render_report, reusable, verdicts
 from training.train import load_checkpoint
 

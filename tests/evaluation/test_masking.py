@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
-from service.cli import app
+from rcegate.cli import app
 from training.attacks import AttackSettings, run_attack
 from training.calibrate import DeployedModel
 from training.evaluate import load_model_under_test, score_images

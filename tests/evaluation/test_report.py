@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from service.cli import app
+from rcegate.cli import app
 from tests.conftest import ROOT
 from training.attacks import AttackSettings
 from training.calibrate import Calibration

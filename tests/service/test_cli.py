@@ -74,7 +74,7 @@ def test_an_unknown_option_and_an_invalid_setting_are_one_line() -> None:
 def test_every_option_of_every_command_has_help() -> None:
     import typer.main
 
-    from service.cli import app
+    from rcegate.cli import app
 
     command = typer.main.get_command(app)
     missing = [

@@ -84,7 +84,7 @@ NO_TORCH = """
 import json, sys
 from pathlib import Path
 from fastapi.testclient import TestClient
-import service.cli  # the `rcegate` entry point as well
+import rcegate.cli  # the `rcegate` command, with every installed stage's subcommands
 from service.app import create_app
 from service.settings import Settings
 model_dir, name, png = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]).read_bytes()

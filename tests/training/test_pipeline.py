@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from models.manifest import INPUT_NAME, METRICS, OUTPUT_NAMES, Manifest, sha256_file
-from service.cli import app
+from rcegate.cli import app
 from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact, last_json
 from training.calibrate import Calibration, DeployedModel
 from training.data import load_dataset, load_mnist_5k
@@ -374,7 +374,7 @@ def test_torchrun_trains_each_process_on_its_own_shard(tmp_path: Path) -> None:
     checkpoint = tmp_path / "ddp.pt"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "service.cli", "train", "--checkpoint", str(checkpoint), "--depth", "8",
+        "-m", "rcegate", "train", "--checkpoint", str(checkpoint), "--depth", "8",
         "--epochs", "1", "--train-limit", "512", "--batch-size", "64", "--dry-run",
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}

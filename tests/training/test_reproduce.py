@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from models.manifest import Manifest
-from service.cli import app
+from rcegate.cli import app
 from tests.conftest import DEFAULT_MODEL_DIR, last_json
 
 

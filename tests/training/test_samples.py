@@ -10,7 +10,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from models.manifest import Manifest
-from service.cli import app
+from rcegate.cli import app
 from tests.conftest import DEFAULT_MODEL_DIR, ROOT
 from training.samples import Graph, decode_png
 

@@ -11,8 +11,9 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
+from models.layout import version_directories
 from models.manifest import BINDING_KEY, MANIFEST_FILE, MODEL_FILE, Binding, Manifest, sha256_file
-from service.cli import app
+from rcegate.cli import app
 from tests.conftest import DEFAULT_MODEL_DIR
 from training.stamp import StampError, graph_binding, restamp
 
@@ -30,7 +31,7 @@ def unbound_copy(tmp_path: Path) -> Path:
 
 
 def test_committed_models_carry_their_manifests_binding() -> None:
-    directories = [p.parent for p in DEFAULT_MODEL_DIR.parent.parent.glob("*/*/manifest.json")]
+    directories = version_directories(DEFAULT_MODEL_DIR.parent.parent)
     assert DEFAULT_MODEL_DIR in directories
     for directory in directories:
         manifest = Manifest.load(directory)
