@@ -132,6 +132,19 @@ class DataPlane:
     def draining(self) -> bool:
         return self.lifecycle.draining
 
+    @property
+    def ready(self) -> bool:
+        """Every model loaded and self-tested, and not draining: new work is welcome."""
+        return self.repository.ready and not self.draining
+
+    def check_ready(self) -> None:
+        """Why the service is not ready, as the error every protocol's readiness check answers
+        with (503): draining, still loading, or nothing could be loaded."""
+        if self.draining:
+            raise ShuttingDown("draining: finishing accepted requests before exit")
+        if not self.repository.ready:
+            raise NotReady(self.repository.error or "models are still loading")
+
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work, then stop the inference threads and the decode pool."""
         self.lifecycle.draining = True

@@ -9,7 +9,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import (
     DefaultDetectorDep,
-    LifecycleDep,
     MetricsDep,
     NamedDetectorDep,
     OptionsDep,
@@ -19,7 +18,7 @@ from service.deps import (
     VersionedDetectorDep,
 )
 from service.detector import Detector
-from service.errors import NotReady, ShuttingDown
+from service.errors import NotReady
 from service.imaging import CONTENT_TYPES
 from service.predict import predict
 from service.schemas import (
@@ -178,14 +177,10 @@ async def live() -> Health:
 
 @router.head("/health/ready", response_model=Health, tags=["health"], responses=_ERRORS)
 @router.get("/health/ready", response_model=Health, tags=["health"], responses=_ERRORS)
-async def ready(repository: RepositoryDep, lifecycle: LifecycleDep) -> Health:
-    if lifecycle.draining:
-        raise ShuttingDown("draining: finishing accepted requests before exit")
-    if not repository.loaded:
-        raise NotReady("models are still loading")
-    if not repository.ready:
-        raise NotReady(repository.error or "not ready")
-    return Health(status="ready", detail=f"{len(repository.detectors())} model version(s) loaded")
+async def ready(plane: PlaneDep) -> Health:
+    plane.check_ready()
+    detail = f"{len(plane.repository.detectors())} model version(s) loaded"
+    return Health(status="ready", detail=detail)
 
 
 @router.get("/metrics", tags=["metrics"], response_class=Response)

@@ -200,10 +200,10 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> Message:  # noqa: N802
-        return pb.ServerReadyResponse(ready=self.repository.ready and not self.lifecycle.draining)
+        return pb.ServerReadyResponse(ready=self.plane.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> Message:  # noqa: N802
-        if self.lifecycle.draining or not self.repository.ready:
+        if not self.plane.ready:
             return pb.ModelReadyResponse(ready=False)
         try:
             self._model(request.name, request.version)

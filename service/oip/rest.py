@@ -30,14 +30,12 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.dataplane import DataPlane
-from service.deps import LifecycleDep, PlaneDep, RepositoryDep, SettingsDep
+from service.deps import PlaneDep, RepositoryDep, SettingsDep
 from service.detector import Detector
 from service.errors import (
     BodyTooLarge,
     InvalidInput,
-    NotReady,
     ServiceError,
-    ShuttingDown,
     UnsupportedMediaType,
 )
 from service.guard import cancel_on_disconnect
@@ -93,11 +91,8 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", summary="Server readiness (503 while loading or draining)")
-async def ready(repository: RepositoryDep, lifecycle: LifecycleDep) -> dict[str, bool]:
-    if lifecycle.draining:
-        raise ShuttingDown("draining: finishing accepted requests before exit")
-    if not repository.ready:
-        raise NotReady(repository.error or "models are still loading")
+async def ready(plane: PlaneDep) -> dict[str, bool]:
+    plane.check_ready()
     return {"ready": True}
 
 
