@@ -85,6 +85,17 @@ class ApiKeys:
         return Identity(found)
 
 
+# Where the access layer leaves who asks, in the ASGI scope's state, for `request_client`.
+_CLIENT = "client"
+
+
+def request_client(scope: Scope) -> str | None:
+    """Who sent this request (`key:<id>` or `addr:<ip>`), as the access layer named it; None
+    when no access layer ran (a bare app in tests)."""
+    client: str | None = scope.get("state", {}).get(_CLIENT)
+    return client
+
+
 def client_name(identity: Identity | None, address: str | None) -> str:
     """How a client is known to prober tracking and the access log: `key:<id>` or `addr:<ip>`."""
     if identity is not None:
@@ -218,7 +229,7 @@ class AccessLayer:
                     return
             who = client_name(identity, peer[0] if peer else None)
             # Read by the data plane's prober tracking (via the adapters) and by the routes.
-            scope.setdefault("state", {})["client"] = who
+            scope.setdefault("state", {})[_CLIENT] = who
             await self.app(scope, receive, send_with_id)
         finally:
             if self.log is not None:

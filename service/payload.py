@@ -65,17 +65,24 @@ def _unsupported(media: str) -> UnsupportedMediaType:
     )
 
 
+def limited(request: Request, limit: int) -> Request:
+    """`request` with its body refused (413) past `limit` bytes: at once when Content-Length
+    says so, else as soon as the streamed chunks pass it (every adapter reads bodies so)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    return Request(request.scope, _limited(request.receive, limit))
+
+
 async def read_uploads(request: Request, max_body_bytes: int, max_images: int) -> list[Upload]:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_body_bytes:
-        raise _too_large(max_body_bytes)
-    limited = Request(request.scope, _limited(request.receive, max_body_bytes))
+    limited_request = limited(request, max_body_bytes)
     if media == MULTIPART:
-        return await _read_multipart(limited, max_images)
+        return await _read_multipart(limited_request, max_images)
     if media in CONTENT_TYPES:
         body = bytearray()
-        async for chunk in limited.stream():
+        async for chunk in limited_request.stream():
             body += chunk
         if not body:
             raise NoImage("the request body is empty; send an image")

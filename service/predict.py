@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from models.manifest import METRICS
+from service.access import request_client
 from service.dataplane import DataPlane, EncodedImage, Prediction, PredictOptions
 from service.detector import Detector
 from service.guard import cancel_on_disconnect
@@ -28,7 +29,7 @@ async def predict(
     """Answer a v1 predict request. The body is serialised once here (the route's
     `response_model` documents it), not validated again by the framework."""
     arrival = time.monotonic()
-    options = dataclasses.replace(options, client=request.scope.get("state", {}).get("client"))
+    options = dataclasses.replace(options, client=request_client(request.scope))
     detector.decision(options.target_fpr)  # an invalid target_fpr fails before the body
     plane.check_capacity(detector)
     s = plane.settings

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.access import request_client
 from service.dataplane import DataPlane
 from service.deps import PlaneDep, RepositoryDep, SettingsDep
 from service.detector import Detector
@@ -49,6 +50,7 @@ from service.oip.codec import (
 )
 from service.oip.infer import InferAnswer, InferRequest, count, infer, plan_outputs
 from service.oip.metadata import model_config, model_metadata, parse_version, server_metadata
+from service.payload import limited
 
 PREFIX = "/v2"
 HEADER_LENGTH = "inference-header-content-length"
@@ -200,7 +202,7 @@ async def _infer(plane: DataPlane, name: str, version: str | None, request: Requ
     framed = HEADER_LENGTH in request.headers
     decoded = decode_request(header, binary, detector, s.max_images, framed)
     async with cancel_on_disconnect(request.receive):
-        client = request.scope.get("state", {}).get("client")  # set by the access layer
+        client = request_client(request.scope)
         answer = await infer(plane, detector, decoded.request, plane.deadline(arrival), client)
     return encode_response(answer, decoded.binary_outputs)
 
@@ -210,14 +212,9 @@ async def _infer(plane: DataPlane, name: str, version: str | None, request: Requ
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused (413) once it passes `limit`; gzip/deflate inflated likewise."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in limited(request, limit).stream():
         body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "identity":
         return bytes(body)
