@@ -5,7 +5,8 @@ All are `async def`: they never block, and FastAPI would run a plain `def` in a 
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request
 
@@ -17,48 +18,32 @@ from service.repository import ModelRepository
 from service.settings import Mode, Settings
 
 
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+def _app_state(attribute: str) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency answering `request.app.state.<attribute>`, which the app factory sets once;
+    the alias below it carries the type."""
+
+    async def dependency(request: Request) -> Any:
+        return getattr(request.app.state, attribute)
+
+    dependency.__name__ = f"get_{attribute}"  # how FastAPI and tracebacks name it
+    return dependency
 
 
-async def get_repository(request: Request) -> ModelRepository:
-    repository: ModelRepository = request.app.state.repository
-    return repository
+SettingsDep = Annotated[Settings, Depends(_app_state("settings"))]
+PlaneDep = Annotated[DataPlane, Depends(_app_state("plane"))]
+LifecycleDep = Annotated[Lifecycle, Depends(_app_state("lifecycle"))]
+RepositoryDep = Annotated[ModelRepository, Depends(_app_state("repository"))]
+MetricsDep = Annotated[Metrics, Depends(_app_state("metrics"))]
+ModelName = Annotated[str, Path(description="Model name, e.g. mnist-rce.")]
 
 
-async def get_metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
-
-
-async def get_plane(request: Request) -> DataPlane:
-    plane: DataPlane = request.app.state.plane
-    return plane
-
-
-async def get_lifecycle(request: Request) -> Lifecycle:
-    lifecycle: Lifecycle = request.app.state.lifecycle
-    return lifecycle
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-PlaneDep = Annotated[DataPlane, Depends(get_plane)]
-LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
-RepositoryDep = Annotated[ModelRepository, Depends(get_repository)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-async def get_named_detector(
-    repository: RepositoryDep,
-    name: Annotated[str, Path(description="Model name, e.g. mnist-rce.")],
-) -> Detector:
+async def get_named_detector(repository: RepositoryDep, name: ModelName) -> Detector:
     return repository.get(name)
 
 
 async def get_versioned_detector(
     repository: RepositoryDep,
-    name: Annotated[str, Path(description="Model name, e.g. mnist-rce.")],
+    name: ModelName,
     version: Annotated[int, Path(ge=1, description="Model version.")],
 ) -> Detector:
     return repository.get(name, version)
