@@ -173,7 +173,8 @@ class ShuttingDown(Unavailable):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after), "Connection": "close"}
+        # Also close the connection, so a keep-alive client reconnects to another instance.
+        return {**super().headers, "Connection": "close"}
 
 
 class ClientDisconnected(ServiceError):
