@@ -45,20 +45,13 @@ class Lifecycle:
     draining: bool = False  # set on SIGTERM, together with the data plane's own flag
 
 
+@dataclass
 class Guard:
-    def __init__(
-        self,
-        app: ASGIApp,
-        metrics: Metrics,
-        settings: Settings,
-        lifecycle: Lifecycle,
-        render: RenderError,
-    ) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.settings = settings
-        self.lifecycle = lifecycle
-        self.render = render
+    app: ASGIApp
+    metrics: Metrics
+    settings: Settings
+    lifecycle: Lifecycle
+    render: RenderError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -176,22 +177,15 @@ def config_message(config: dict[str, Any]) -> pb.ModelConfig:
 Rpc = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Message]]
 
 
+@dataclass
 class InferenceService:
     """The RPCs; each one translates a message to data-plane calls and back."""
 
-    def __init__(
-        self,
-        plane: DataPlane,
-        repository: ModelRepository,
-        lifecycle: Lifecycle,
-        metrics: Metrics,
-        settings: Settings,
-    ) -> None:
-        self.plane = plane
-        self.repository = repository
-        self.lifecycle = lifecycle
-        self.metrics = metrics
-        self.settings = settings
+    plane: DataPlane
+    repository: ModelRepository
+    lifecycle: Lifecycle
+    metrics: Metrics
+    settings: Settings
 
     def _model(self, name: str, version: str) -> Detector:
         return self.plane.model(name, parse_version(name, version))
