@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from service import imaging
 from service.errors import ImageTooLarge, InvalidImage, TooManyPixels, UnsupportedImageMode
@@ -250,6 +250,24 @@ def test_exif_orientation_is_applied_to_the_small_image() -> None:
     image = decode_image(save(Image.fromarray(stored), "PNG", exif=exif.tobytes()), MNIST, LIMITS)
     assert image.resized
     assert image.pixels[0, :12].min() > 0.95 and image.pixels[0, -12:].max() < 0.05
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_decodes_as_pillow_shows_it_upright(orientation: int) -> None:
+    # A lossless PNG stored 28 wide x 14 tall, decoded for a model that takes its upright size
+    # (no resize): the pixels are exactly Pillow's own ImageOps.exif_transpose of the image.
+    stored = Image.fromarray(
+        np.random.default_rng(orientation).integers(0, 256, (14, 28), dtype=np.uint8)
+    )
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = save(stored, "PNG", exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as opened:
+        upright = np.asarray(ImageOps.exif_transpose(opened), dtype=np.float64) / 255.0
+    assert upright.shape == ((28, 14) if orientation >= 5 else (14, 28))
+    image = decode_image(data, (1, *upright.shape), LIMITS)
+    assert (image.original_size, image.resized) == ((28, 14), False)
+    np.testing.assert_allclose(image.pixels[0], upright, rtol=0, atol=1e-6)
 
 
 def test_decode_large_jpeg_resizes_and_keeps_original_size() -> None:

@@ -130,7 +130,22 @@ def test_manifest_must_list_the_contract_outputs(broken: Path) -> None:
     )
 
 
-def test_self_test_refuses_a_manifest_threshold_the_graph_does_not_apply(broken: Path) -> None:
+def negate_accepted(model: onnx.ModelProto) -> None:
+    """The graph's `accepted` becomes its opposite (a Not at the end of the graph)."""
+    rename_value(model, "accepted", "accepted_by_threshold")
+    output = next(o for o in model.graph.output if o.name == "accepted_by_threshold")
+    output.name = "accepted"
+    model.graph.node.append(helper.make_node("Not", ["accepted_by_threshold"], ["accepted"]))
+
+
+@pytest.mark.parametrize("negate", [False, True], ids=["as-exported", "negated-accepted"])
+def test_self_test_refuses_a_manifest_threshold_the_graph_does_not_apply(
+    broken: Path, negate: bool
+) -> None:
+    # Negating the graph's `accepted` turns the disagreement around: one case has the graph
+    # accept what the manifest rejects, the other the graph reject what the manifest accepts.
+    if negate:
+        edit_graph(broken, negate_accepted)
     # The graph bakes its threshold in. What does it decide for the self-test's all-zero image?
     session = ort.InferenceSession(str(broken / MODEL_FILE), providers=[CPU])
     (accepted,) = session.run(["accepted"], {"images": np.zeros((1, 1, 28, 28), np.float32)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from models.manifest import INPUT_NAME, METRICS, OUTPUT_NAMES, Manifest, sha256_
 from rcegate.cli import app
 from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact, last_json
 from training.calibrate import Calibration, DeployedModel
-from training.data import load_dataset, load_mnist_5k
+from training.data import Split, load_dataset, load_mnist_5k
 from training.export import ATOL as EXPORT_ATOL
 from training.export import (
     CHECK_IMAGES,
@@ -34,7 +35,6 @@ from training.nets import ResNet
 from training.train import (
     DRY_RUN_BATCHES,
     TrainConfig,
-    batches,
     build_model,
     load_checkpoint,
     load_trained_model,
@@ -337,10 +337,24 @@ def test_cli_names_a_missing_dataset_directory(tmp_path: Path) -> None:
     assert "nope: no such directory" in result.output
 
 
+def _round_robin_shard(
+    split: Split, batch_size: int, seed: int, rank: int, world: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank `rank`'s batches of epoch 0 by the documented rule: the epoch's seeded permutation
+    dealt round-robin (every world-th example from position rank), in batches of batch_size
+    with the indices sorted within a batch. Built eagerly: a lazy generator here would read
+    `rank` after the caller's loop has moved on."""
+    shard = np.random.default_rng([seed, 0]).permutation(len(split))[rank::world]
+    chunks = [
+        np.sort(shard[start : start + batch_size]) for start in range(0, len(shard), batch_size)
+    ]
+    return iter([(to_tensor(split.images[i]), torch.from_numpy(split.labels[i])) for i in chunks])
+
+
 def _replay_data_parallel(config: TrainConfig, world: int) -> dict[str, torch.Tensor]:
     """The dry run of `config` under DistributedDataParallel, replayed in one process: every step
     averages the gradients of each rank's batch of its own shard (built here from the documented
-    rule, not by `training.train.batches`). DDP broadcasts rank 0's
+    rule by `_round_robin_shard`, not by `training.train.batches`). DDP broadcasts rank 0's
     BatchNorm buffers before each forward and rank 0 writes the checkpoint, so the other ranks
     run first and rank 0 runs last from the same buffers."""
     seed_everything(config.seed)
@@ -350,9 +364,9 @@ def _replay_data_parallel(config: TrainConfig, world: int) -> dict[str, torch.Te
     optimizer = torch.optim.SGD(
         parameter_groups(model, config), config.lr, momentum=config.momentum
     )
-    # Each rank's batches of epoch 0 (`test_batches_shard...` checks these against the
-    # documented round-robin rule).
-    shards = [batches(split, config.batch_size, 0, config.seed, r, world) for r in range(world)]
+    shards = [
+        _round_robin_shard(split, config.batch_size, config.seed, r, world) for r in range(world)
+    ]
     for step in range(DRY_RUN_BATCHES):
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(config, step)
