@@ -30,22 +30,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from models.manifest import Metric
+from models.manifest import Metric, Objective
 from training.attacks import AttackSettings, run_attack
 from training.calibrate import calibrate
+from training.checkpoints import load_checkpoint, load_trained_model
+from training.config import RecipePart, TrainConfig
+from training.data import to_tensor
 from training.evaluate import attack_result, score_images
-from training.losses import Objective
 from training.report import AUC_TIE, METRIC_TITLES, AttackResult
 from training.robustness import MASKING_ATTACKS, ModelRobustness, robustness
-from training.train import (
-    RecipePart,
-    TrainConfig,
-    load_checkpoint,
-    load_trained_model,
-    seed_everything,
-    to_tensor,
-    train,
-)
+from training.runtime import seed_everything
+from training.train import train
 
 logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"

@@ -37,8 +37,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.manifest import Metric
-from training.calibrate import DeployedModel
-from training.losses import Objective, deployed_logits
+from training.deployed import DeployedLogits, DeployedModel
 from training.scores import log_kernel_density
 
 _MASKED = -1.0e4
@@ -80,19 +79,6 @@ class AttackSettings:
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
-
-
-class DeployedLogits(nn.Module):
-    """The network as the deployed classifier sees it: images in [0, 1] -> deployed logits."""
-
-    def __init__(self, network: nn.Module, objective: Objective) -> None:
-        super().__init__()
-        self.network = network.eval()
-        self.objective: Objective = objective
-
-    def forward(self, images: Tensor) -> Tensor:
-        logits, _ = self.network(images)
-        return deployed_logits(self.objective, logits)
 
 
 def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -147,15 +133,6 @@ def score_of_class(
     masked = torch.where(top, torch.full_like(log_probs, _MASKED), log_probs)
     log_g = masked - torch.logsumexp(masked, dim=1, keepdim=True)
     return -torch.where(top, torch.zeros_like(log_g), log_g.exp() * log_g).sum(dim=1)
-
-
-def _forward(detector: DeployedModel, images: Tensor) -> tuple[Tensor, Tensor]:
-    raw, features = detector.network(images)
-    return deployed_logits(detector.objective, raw), features
-
-
-def _num_classes(detector: DeployedModel) -> int:
-    return int(detector.bank.shape[0])
 
 
 def _one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -217,7 +194,7 @@ def _cw_batch(
 ) -> Tensor:
     n = images.shape[0]
     w0 = torch.atanh((2.0 * images - 1.0).clamp(-1 + 1e-6, 1 - 1e-6))
-    target_mask = F.one_hot(targets, _num_classes(detector)).bool()
+    target_mask = F.one_hot(targets, detector.num_classes).bool()
     const = torch.full((n,), settings.cw_initial_const)
     lower, upper = torch.zeros(n), torch.full((n,), math.inf)
     best, best_l2 = images.clone(), torch.full((n,), math.inf)
@@ -232,7 +209,7 @@ def _cw_batch(
         previous = math.inf
         for step in range(settings.cw_max_iter):
             adversarial = (torch.tanh(w) + 1.0) / 2.0
-            logits, features = _forward(detector, adversarial)
+            logits, features = detector.logits_and_features(adversarial)
             l2 = (adversarial - images).flatten(1).pow(2).sum(1)
             other = logits.masked_fill(target_mask, -math.inf).max(1).values
             gap = other - logits.gather(1, targets[:, None]).squeeze(1)
@@ -299,14 +276,14 @@ def _pgd_batch(
     weight: float,
 ) -> Tensor:
     n = images.shape[0]
-    label_mask = F.one_hot(labels, _num_classes(detector)).bool()
+    label_mask = F.one_hot(labels, detector.num_classes).bool()
     margin = settings.adaptive_margin
     best, best_state = images.clone(), torch.zeros(n, dtype=torch.long)
     best_score = torch.full((n,), -math.inf)
     adversarial = images.clone()
     for step in tqdm(range(settings.pgd_steps + 1), desc="adaptive PGD", leave=False):
         adversarial.requires_grad_(True)
-        logits, features = _forward(detector, adversarial)
+        logits, features = detector.logits_and_features(adversarial)
         other, runner_up = logits.masked_fill(label_mask, -math.inf).max(1)
         gap = other - logits.gather(1, labels[:, None]).squeeze(1)
         score = score_of_class(detector, metric, logits, features, runner_up)
@@ -393,7 +370,7 @@ def gradient_attack(
     """
     if name not in GRADIENT_ATTACKS:
         raise ValueError(f"{name!r} is not one of {GRADIENT_ATTACKS}")
-    classes = _num_classes(detector)
+    classes = detector.num_classes
     shape = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
     losses: tuple[Literal["ce", "margin"], ...] = (
         ("ce", "margin") if s.attack_loss == "both" else (s.attack_loss,)

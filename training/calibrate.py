@@ -3,8 +3,8 @@
 Pang et al. 2018, section 3.1: an input is accepted iff score >= T, with T chosen on clean data
 so that a target fraction (target_fpr) of clean inputs is rejected. The bank holds, per class, a
 seeded random sample (default 1000, as in the official code) of TRAINING final hidden vectors
-keyed by their TRUE label. `DeployedModel` is the whole detector as one module: the network, the
-reversed logits of RCE, the three scores and the accept decision; it is what gets exported.
+keyed by their TRUE label. A `Calibration` (bank, bandwidth, thresholds and the calibration
+table) turns a trained network into the exported detector (`training.deployed.DeployedModel`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
-from models.manifest import METRICS, CalibrationTable, Metric
-from training.data import Dataset, Split
-from training.losses import Objective, deployed_logits
-from training.scores import SIGMA2, confidence, log_kernel_density, non_maximal_entropy
-from training.train import to_tensor
+from models.manifest import METRICS, CalibrationTable, Metric, Objective
+from training.data import Dataset, Split, to_tensor
+from training.deployed import DeployedModel
+from training.scores import SIGMA2
 
 # FPR levels of the calibration table: fine steps at the low end, where operators choose.
 TABLE_FPR: tuple[float, ...] = tuple(
@@ -61,53 +59,6 @@ def feature_bank(
         bank[label, : index.size] = features[np.sort(index)]
         mask[label, : index.size] = 1.0
     return bank, mask
-
-
-class DeployedModel(nn.Module):
-    """images in [0, 1] -> (logits, probabilities, label, confidence, non_me, log_kd, accepted)."""
-
-    def __init__(
-        self,
-        network: nn.Module,
-        objective: Objective,
-        bank: np.ndarray,
-        bank_mask: np.ndarray,
-        sigma2: float,
-        default_metric: Metric = "log_kd",
-        threshold: float = float("-inf"),
-    ) -> None:
-        super().__init__()
-        self.network = network.eval()
-        self.objective: Objective = objective
-        self.sigma2 = float(sigma2)
-        self.default_metric: Metric = default_metric
-        self.bank: Tensor
-        self.bank_mask: Tensor
-        self.threshold: Tensor
-        self.register_buffer("bank", torch.from_numpy(bank))
-        self.register_buffer("bank_mask", torch.from_numpy(bank_mask))
-        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
-
-    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        raw_logits, features = self.network(images)
-        logits = deployed_logits(self.objective, raw_logits)
-        probabilities = F.softmax(logits, dim=1)
-        label = logits.argmax(dim=1)
-        scores = {
-            "confidence": confidence(probabilities),
-            "non_me": non_maximal_entropy(logits),
-            "log_kd": log_kernel_density(features, label, self.bank, self.bank_mask, self.sigma2),
-        }
-        accepted = scores[self.default_metric] >= self.threshold
-        return (
-            logits,
-            probabilities,
-            label,
-            scores["confidence"],
-            scores["non_me"],
-            scores["log_kd"],
-            accepted,
-        )
 
 
 @torch.no_grad()

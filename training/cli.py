@@ -16,9 +16,9 @@ import typer
 
 if TYPE_CHECKING:
     from training.calibrate import Calibration
+    from training.config import TrainConfig
     from training.data import Dataset as LoadedDataset
     from training.nets import ResNet
-    from training.train import TrainConfig
 
 RUNS = Path("runs")
 
@@ -95,7 +95,7 @@ def _train_config(
     recipe: str,
     steps: int,
 ) -> TrainConfig:
-    from training.train import RECIPES, TrainConfig
+    from training.config import RECIPES, TrainConfig
 
     if objective not in ("rce", "ce"):
         raise typer.BadParameter("must be rce or ce", param_hint="--objective")
@@ -170,7 +170,7 @@ def calibrate(
     """Build the K-density bank and calibrate per-metric thresholds on held-out clean data."""
     _require_torch()
     from training.calibrate import calibrate as run_calibration
-    from training.train import load_trained_model
+    from training.checkpoints import load_trained_model
 
     if metric not in ("log_kd", "non_me", "confidence"):
         raise typer.BadParameter("must be log_kd, non_me or confidence", param_hint="--metric")
@@ -197,7 +197,7 @@ def export(
     Refuses (exit 2) a model whose clean accuracy on its own test split is near chance."""
     _require_torch()
     from training.calibrate import Calibration
-    from training.train import load_trained_model
+    from training.checkpoints import load_trained_model
 
     model, config, data = load_trained_model(checkpoint)
     calibration_result = Calibration.load(calibration)
@@ -255,7 +255,7 @@ def pipeline(
     """train -> calibrate -> export in one command."""
     _require_torch()
     from training.calibrate import calibrate as run_calibration
-    from training.train import load_trained_model
+    from training.checkpoints import load_trained_model
     from training.train import train as run_training
 
     config = _train_config(
@@ -328,7 +328,7 @@ def evaluate(
     from training.evaluate import evaluate as run_evaluation
     from training.plots import write_figures
     from training.report import write_report, write_results
-    from training.train import seed_everything
+    from training.runtime import seed_everything
 
     if len(artifact) != len(checkpoint) or (calibration and len(calibration) != len(artifact)):
         raise typer.BadParameter("give one --checkpoint (and --calibration) per --artifact")
@@ -414,11 +414,11 @@ def masking_check(
     applies the checks of Carlini et al. 2019 and writes results.json, report.md and
     robustness.png. Exit code 1 when a check fails."""
     _require_torch()
-    import numpy as np
     import torch
 
     from training.attacks import AttackSettings
-    from training.calibrate import DeployedModel
+    from training.checkpoints import load_trained_model
+    from training.deployed import DeployedModel
     from training.export import _source_commit
     from training.recover import load_artifact_network
     from training.robustness import (
@@ -431,7 +431,7 @@ def masking_check(
         write_report,
         write_results,
     )
-    from training.train import load_trained_model, seed_everything
+    from training.runtime import seed_everything
 
     _check_attack_loss(attack_loss)
     sources = [*(checkpoint or []), *(artifact or [])]
@@ -452,11 +452,9 @@ def masking_check(
         network.requires_grad_(False)
         names.add(dataset.name)
         # Thresholding is disabled: the detector only carries the network and its objective.
-        classes, dim = dataset.num_classes, network.feature_dim
-        detector = DeployedModel(
-            network, objective, np.zeros((classes, 1, dim), np.float32),
-            np.ones((classes, 1), np.float32), 1.0,
-        )  # fmt: skip
+        detector = DeployedModel.classifier_only(
+            network, objective, dataset.num_classes, network.feature_dim
+        )
         if objective in models:
             raise typer.BadParameter(f"two {objective} models; give one per objective")
         models[objective] = robustness(detector, dataset, str(path), images, grid, settings, seed)

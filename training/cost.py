@@ -13,10 +13,13 @@ import time
 
 import torch
 
+from models.manifest import Objective
+from training.config import TrainConfig
 from training.data import Dataset
-from training.losses import Objective
+from training.nets import build_model
 from training.report import TrainingCost
-from training.train import TrainConfig, _train_epoch, build_model, seed_everything
+from training.runtime import seed_everything
+from training.train import _train_epoch
 
 
 def epoch_seconds(dataset: Dataset, objective: Objective, depth: int, images: int) -> float:

@@ -28,8 +28,10 @@ from tqdm import tqdm
 from models.manifest import INPUT_NAME, METRICS, MODEL_FILE, OUTPUT_NAMES, Manifest, Metric
 from models.manifest import sha256_file as _sha256
 from training.attacks import ATTACKS, SLOW_ATTACKS, AttackSettings, run_attack
-from training.calibrate import Calibration, DeployedModel
-from training.data import Dataset
+from training.calibrate import Calibration
+from training.checkpoints import load_trained_model
+from training.data import Dataset, to_tensor
+from training.deployed import DeployedModel
 from training.export import _source_commit
 from training.report import (
     AttackResult,
@@ -39,7 +41,7 @@ from training.report import (
     MetricResult,
     ModelResult,
 )
-from training.train import load_trained_model, seed_everything, to_tensor
+from training.runtime import seed_everything
 
 logger = logging.getLogger(__name__)
 ONNX_CHECK_IMAGES = 64

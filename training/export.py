@@ -38,11 +38,12 @@ from models.manifest import (
     SplitInfo,
     sha256_file,
 )
-from training.calibrate import Calibration, DeployedModel, score_split
-from training.data import Dataset
+from training.calibrate import Calibration, score_split
+from training.config import TrainConfig
+from training.data import Dataset, to_tensor
+from training.deployed import DeployedModel
 from training.nets import WIDTHS, ResNet, count_parameters
 from training.stamp import stamp_graph
-from training.train import TrainConfig, to_tensor
 
 logger = logging.getLogger(__name__)
 OPSET = 17

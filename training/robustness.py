@@ -26,10 +26,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from training.attacks import AttackSettings, margin_loss, run_attack
-from training.calibrate import DeployedModel
-from training.data import Dataset
-from training.losses import deployed_logits
-from training.train import to_tensor
+from training.data import Dataset, to_tensor
+from training.deployed import DeployedLogits, DeployedModel
 
 EPS_GRID: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 MASKING_ATTACKS = ("fgsm", "bim")
@@ -240,10 +238,7 @@ def robustness(
     """Curves and checks for one model on a seeded sample of its test split; `variants` picks
     which of the three ways each attack runs (the ablation runs only the pipeline's)."""
     network, objective = detector.network, detector.objective
-
-    def logits_of(batch: Tensor) -> Tensor:
-        raw, _ = network(batch)
-        return deployed_logits(objective, raw)
+    logits_of = DeployedLogits(network, objective)
 
     order = np.random.default_rng(seed).permutation(len(dataset.test))
     index = np.sort(order[: min(images, len(dataset.test))])

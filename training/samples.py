@@ -96,9 +96,10 @@ def make_samples(
     import torch
 
     from training.attacks import AttackSettings, gradient_attack
-    from training.calibrate import DeployedModel
+    from training.data import to_tensor
+    from training.deployed import DeployedModel
     from training.recover import load_artifact_network
-    from training.train import seed_everything, to_tensor
+    from training.runtime import seed_everything
 
     seed_everything(seed)
     network, manifest, dataset = load_artifact_network(artifact)
@@ -139,11 +140,9 @@ def make_samples(
 
     # The attack sees the network and the deployed logits only; the detector does not steer it
     # (an oblivious attack, as in the evaluation), so the bank here is a placeholder.
-    classes, dim = dataset.num_classes, network.feature_dim
-    detector = DeployedModel(
-        network, manifest.objective, np.zeros((classes, 1, dim), np.float32),
-        np.ones((classes, 1), np.float32), 1.0,
-    )  # fmt: skip
+    detector = DeployedModel.classifier_only(
+        network, manifest.objective, dataset.num_classes, network.feature_dim
+    )
     settings = AttackSettings(eps=eps)
     params = {"name": "bim", "eps": eps, "steps": settings.bim_steps, "seed": seed}
     found = None

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from training.ablation import VARIANTS, Plan, read_results, render_report, reusable, verdicts
-from training.train import load_checkpoint
+from training.checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")

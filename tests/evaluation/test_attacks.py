@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from training.attacks import ATTACKS, AttackSettings, run_attack
+from training.data import to_tensor
 from training.evaluate import attack_result, load_model_under_test, score_images
-from training.train import to_tensor
 
 SETTINGS = AttackSettings(
     eps=0.2, cw_binary_steps=2, cw_max_iter=15, pgd_eps=0.2, pgd_step=0.02, pgd_steps=20,
@@ -171,7 +171,7 @@ def test_adaptive_pgd_lowers_rejection_compared_with_plain_pgd(models, objective
 
 
 def test_deployed_logits_are_what_art_attacks(models):
-    from training.attacks import DeployedLogits
+    from training.deployed import DeployedLogits
 
     model = models["rce"]
     images = torch.from_numpy(to_tensor(model.dataset.test.images[:8]).numpy())

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from training.attacks import AttackSettings, run_attack
-from training.calibrate import DeployedModel
+from training.data import to_tensor
+from training.deployed import DeployedModel
 from training.evaluate import load_model_under_test, score_images
 from training.robustness import (
     CurvePoint,
@@ -24,7 +25,6 @@ from training.robustness import (
     read_results,
     zero_gradient_fraction,
 )
-from training.train import to_tensor
 
 SCALE = 2.0**14  # a power of two: scaled gradients keep their exact bits, hence their signs
 SETTINGS = AttackSettings(eps=0.15, bim_steps=5, pgd_eps=0.15, pgd_step=0.03, pgd_steps=5)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from models.manifest import METRICS, CalibrationTable
+from models.manifest import METRICS, CalibrationTable, Objective
 from training.calibrate import (
     TABLE_FPR,
     calibrate,
@@ -18,10 +18,9 @@ from training.calibrate import (
     score_split,
 )
 from training.data import Dataset, Split
-from training.losses import Objective
+from training.deployed import predict
 from training.nets import ResNet
 from training.scores import SIGMA2
-from training.train import predict
 
 
 @given(

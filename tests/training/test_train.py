@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from training.config import TrainConfig
 from training.data import Split
 from training.losses import cross_entropy, deployed_logits, loss_for, reverse_cross_entropy
 from training.nets import ResNet
 from training.scores import SIGMA2
-from training.train import TrainConfig, _train_epoch, batches, lr_at, pad_crop_flip, train
+from training.train import _train_epoch, batches, lr_at, pad_crop_flip, train
 
 
 def test_legacy_schedule_decays_tenfold_at_half_and_three_quarters_of_the_epochs() -> None:
