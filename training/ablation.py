@@ -37,14 +37,13 @@ from training.checkpoints import load_checkpoint, load_trained_model
 from training.config import RecipePart, TrainConfig
 from training.data import to_tensor
 from training.evaluate import attack_result, score_images
-from training.report import AUC_TIE, METRIC_TITLES, AttackResult
+from training.report import AUC_TIE, METRIC_TITLES
+from training.results import RESULTS_FILE, AttackResult, ResultsFile
 from training.robustness import MASKING_ATTACKS, ModelRobustness, robustness
 from training.runtime import seed_everything
 from training.train import train
 
 logger = logging.getLogger(__name__)
-RESULTS_FILE = "results.json"
-REPORT_FILE = "report.md"
 PLOT_FILE = "robustness.png"
 OBJECTIVES: tuple[Objective, ...] = ("ce", "rce")
 AUC_ATTACKS = ("fgsm", "bim", "illcm", "pgd")
@@ -107,7 +106,7 @@ class VariantResult(_Strict):
     objectives: dict[str, ObjectiveResult]
 
 
-class AblationResults(_Strict):
+class AblationResults(ResultsFile):
     dataset: str
     created_at: datetime
     source_commit: str | None
@@ -288,19 +287,6 @@ def run_ablation(
     )
 
 
-def write_results(results: AblationResults, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RESULTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(results.model_dump_json(indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_results(path: Path) -> AblationResults:
-    return AblationResults.model_validate_json(path.read_text())
-
-
 def _accuracy_at(result: ObjectiveResult, attack: str, eps: float) -> float | None:
     for point in result.robustness.curves.get(f"{attack}/pipeline", []):
         if abs(point.eps - eps) < 1e-9:
@@ -424,14 +410,6 @@ def render_report(results: AblationResults) -> str:
                 pairs.append(f"{det} / {r.attacks[a].success_rate:.1%}")
             lines.append(f"| {name} | {objective.upper()} | {' | '.join(pairs)} |")
     return "\n".join(lines) + "\n"
-
-
-def write_report(results: AblationResults, directory: Path) -> Path:
-    path = directory / REPORT_FILE
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render_report(results))
-    tmp.replace(path)
-    return path
 
 
 def plot_ablation(results: AblationResults, path: Path) -> Path:

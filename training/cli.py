@@ -327,7 +327,7 @@ def evaluate(
     from training.evaluate import EvaluationError, load_model_under_test
     from training.evaluate import evaluate as run_evaluation
     from training.plots import write_figures
-    from training.report import write_report, write_results
+    from training.report import render_report, write_report
     from training.runtime import seed_everything
 
     if len(artifact) != len(checkpoint) or (calibration and len(calibration) != len(artifact)):
@@ -361,7 +361,7 @@ def evaluate(
         )
         results = results.model_copy(update={"training_cost": cost})
     out.mkdir(parents=True, exist_ok=True)
-    paths = [write_results(results, out), write_report(results, out)]
+    paths = [results.write(out), write_report(render_report(results), out)]
     paths += write_figures(evaluation.results, evaluation.scores, out)
     typer.echo(json.dumps({"written": [str(p) for p in paths]}))
 
@@ -376,9 +376,10 @@ def report(
 ) -> None:
     """Re-render report.md from results.json (optionally adding the training-cost figures)."""
     _require_torch()
-    from training.report import read_results, write_report, write_results
+    from training.report import render_report, write_report
+    from training.results import EvaluationResults
 
-    evaluation = read_results(results)
+    evaluation = EvaluationResults.read(results)
     if cost_repeats > 0:
         from training.cost import training_cost
         from training.data import load_dataset
@@ -387,8 +388,8 @@ def report(
         depth = cost_depth or int(timed.architecture.removeprefix("preact-resnet"))
         cost = training_cost(load_dataset(evaluation.dataset), depth, cost_images, cost_repeats)
         evaluation = evaluation.model_copy(update={"training_cost": cost})
-        write_results(evaluation, results.parent)
-    typer.echo(str(write_report(evaluation, results.parent)))
+        evaluation.write(results.parent)
+    typer.echo(str(write_report(render_report(evaluation), results.parent)))
 
 
 def masking_check(
@@ -421,15 +422,15 @@ def masking_check(
     from training.deployed import DeployedModel
     from training.export import _source_commit
     from training.recover import load_artifact_network
+    from training.report import write_report
     from training.robustness import (
         PLOT_FILE,
         MaskingResults,
         all_passed,
         created_now,
         plot_robustness,
+        render_report,
         robustness,
-        write_report,
-        write_results,
     )
     from training.runtime import seed_everything
 
@@ -472,7 +473,7 @@ def masking_check(
         models=models,
     )
     out.mkdir(parents=True, exist_ok=True)
-    paths = [write_results(results, out), write_report(results, out)]
+    paths = [results.write(out), write_report(render_report(results), out)]
     paths.append(plot_robustness(results, out / PLOT_FILE))
     typer.echo(json.dumps({"written": [str(p) for p in paths], "passed": all_passed(results)}))
     if not all_passed(results):
@@ -516,12 +517,12 @@ def ablation(
         VARIANTS,
         Plan,
         plot_ablation,
+        render_report,
         run_ablation,
-        write_report,
-        write_results,
     )
     from training.attacks import AttackSettings
     from training.export import _source_commit
+    from training.report import write_report
     from training.robustness import created_now
 
     _check_attack_loss(attack_loss)
@@ -538,7 +539,7 @@ def ablation(
         AttackSettings(attack_loss=attack_loss),  # type: ignore[arg-type]
         target_fpr, jobs, threads, created_now(), _source_commit(),
     )  # fmt: skip
-    paths = [write_results(results, out), write_report(results, out)]
+    paths = [results.write(out), write_report(render_report(results), out)]
     paths.append(plot_ablation(results, out / PLOT_FILE))
     typer.echo(json.dumps({"written": [str(p) for p in paths]}))
 

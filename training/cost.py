@@ -17,7 +17,7 @@ from models.manifest import Objective
 from training.config import TrainConfig
 from training.data import Dataset
 from training.nets import build_model
-from training.report import TrainingCost
+from training.results import TrainingCost
 from training.runtime import seed_everything
 from training.train import _train_epoch
 

@@ -33,7 +33,7 @@ from training.checkpoints import load_trained_model
 from training.data import Dataset, to_tensor
 from training.deployed import DeployedModel
 from training.export import _source_commit
-from training.report import (
+from training.results import (
     AttackResult,
     CleanResult,
     Distortion,

@@ -10,7 +10,8 @@ import numpy as np
 
 from models.manifest import METRICS
 from training.evaluate import AttackScores
-from training.report import ATTACK_TITLES, METRIC_TITLES, OBJECTIVE_TITLES, EvaluationResults
+from training.report import ATTACK_TITLES, METRIC_TITLES, OBJECTIVE_TITLES
+from training.results import EvaluationResults
 
 matplotlib.use("Agg")
 

@@ -20,9 +20,9 @@ from training.deployed import DeployedModel
 from training.evaluate import load_model_under_test, score_images
 from training.robustness import (
     CurvePoint,
+    MaskingResults,
     linf_attack,
     masking_checks,
-    read_results,
     zero_gradient_fraction,
 )
 
@@ -170,7 +170,7 @@ def test_masking_check_command_writes_a_passing_report(small_models, tmp_path):
             "--out", str(out), "--images", "30", "--eps", "0,0.3", "--bim-steps", "5"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    results = read_results(out / "results.json")
+    results = MaskingResults.read(out / "results.json")
     assert set(results.models) == {"ce", "rce"}
     assert results.eps == [0.0, 0.3]
     for model in results.models.values():
