@@ -420,7 +420,7 @@ def masking_check(
     from training.attacks import AttackSettings
     from training.checkpoints import load_trained_model
     from training.deployed import DeployedModel
-    from training.export import _source_commit
+    from training.provenance import source_commit
     from training.recover import load_artifact_network
     from training.report import write_report
     from training.robustness import (
@@ -464,7 +464,7 @@ def masking_check(
     results = MaskingResults(
         dataset=names.pop(),
         created_at=created_now(),
-        source_commit=_source_commit(),
+        source_commit=source_commit(),
         seed=seed,
         eps=list(grid),
         bim_steps=bim_steps,
@@ -521,7 +521,7 @@ def ablation(
         run_ablation,
     )
     from training.attacks import AttackSettings
-    from training.export import _source_commit
+    from training.provenance import source_commit
     from training.report import write_report
     from training.robustness import created_now
 
@@ -537,7 +537,7 @@ def ablation(
     results = run_ablation(
         plan, [VARIANTS[v] for v in chosen], images, grid,
         AttackSettings(attack_loss=attack_loss),  # type: ignore[arg-type]
-        target_fpr, jobs, threads, created_now(), _source_commit(),
+        target_fpr, jobs, threads, created_now(), source_commit(),
     )  # fmt: skip
     paths = [results.write(out), write_report(render_report(results), out)]
     paths.append(plot_ablation(results, out / PLOT_FILE))

@@ -19,7 +19,7 @@ from training.data import Dataset
 from training.nets import build_model
 from training.results import TrainingCost
 from training.runtime import seed_everything
-from training.train import _train_epoch
+from training.train import train_epoch
 
 
 def epoch_seconds(dataset: Dataset, objective: Objective, depth: int, images: int) -> float:
@@ -30,7 +30,7 @@ def epoch_seconds(dataset: Dataset, objective: Objective, depth: int, images: in
     optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=2e-4)
     split = dataset.train.head(images)
     started = time.perf_counter()
-    _train_epoch(model, optimizer, config, split, 0, 0, 1, torch.Generator().manual_seed(0))
+    train_epoch(model, optimizer, config, split, 0, 0, 1, torch.Generator().manual_seed(0))
     return time.perf_counter() - started
 
 

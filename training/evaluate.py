@@ -32,7 +32,7 @@ from training.calibrate import Calibration
 from training.checkpoints import load_trained_model
 from training.data import Dataset, to_tensor
 from training.deployed import DeployedModel
-from training.export import _source_commit
+from training.provenance import source_commit
 from training.results import (
     AttackResult,
     CleanResult,
@@ -333,7 +333,7 @@ def evaluate(
         EvaluationResults(
             dataset=first.name,
             created_at=datetime.now(UTC).replace(microsecond=0),
-            source_commit=_source_commit(),
+            source_commit=source_commit(),
             seed=seed,
             images_fast=min(n_fast, len(first.test)),
             images_slow=min(n_slow, len(first.test)),

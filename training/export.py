@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import tempfile
 import warnings
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +41,7 @@ from training.config import TrainConfig
 from training.data import Dataset, to_tensor
 from training.deployed import DeployedModel
 from training.nets import WIDTHS, ResNet, count_parameters
+from training.provenance import library_versions, source_commit
 from training.stamp import stamp_graph
 
 logger = logging.getLogger(__name__)
@@ -133,31 +132,6 @@ def check_against_torch(path: Path, model: DeployedModel, images: np.ndarray) ->
     return errors
 
 
-def _source_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _versions() -> dict[str, str]:
-    names = ("torch", "onnx", "onnxruntime", "numpy")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
 def export_artifact(
     network: ResNet,
     config: TrainConfig,
@@ -208,7 +182,7 @@ def export_artifact(
             name=name,
             version=version,
             created_at=datetime.now(UTC).replace(microsecond=0),
-            source_commit=_source_commit(),
+            source_commit=source_commit(),
             dataset=DatasetInfo(
                 name=dataset.name,
                 class_names=dataset.class_names,
@@ -241,7 +215,7 @@ def export_artifact(
             ),
             sha256="0" * 64,  # set once the graph carries the binding
             opset=OPSET,
-            library_versions=_versions(),
+            library_versions=library_versions(),
             training={k: v for k, v in vars(config).items() if k != "data_dir"},
         )
         graph = onnx.load(str(onnx_path))

@@ -131,7 +131,7 @@ def train(config: TrainConfig, checkpoint: Path, resume: bool = False) -> dict[s
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(config, first) if config.official else lr_at(config, epoch)
         started = time.perf_counter()
-        loss, correct, seen = _train_epoch(
+        loss, correct, seen = train_epoch(
             net, optimizer, config, train_split, epoch, rank, world, generator,
             schedule, min(steps_per_epoch, total_steps - first),
         )  # fmt: skip
@@ -163,7 +163,7 @@ def train(config: TrainConfig, checkpoint: Path, resume: bool = False) -> dict[s
     return payload
 
 
-def _train_epoch(
+def train_epoch(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
