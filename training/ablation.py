@@ -36,6 +36,7 @@ from training.calibrate import calibrate
 from training.checkpoints import load_checkpoint, load_trained_model
 from training.config import RecipePart, TrainConfig
 from training.data import to_tensor
+from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC
 from training.evaluate import attack_result, score_images
 from training.report import AUC_TIE, METRIC_TITLES
 from training.results import RESULTS_FILE, AttackResult, ResultsFile
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 PLOT_FILE = "robustness.png"
 OBJECTIVES: tuple[Objective, ...] = ("ce", "rce")
 AUC_ATTACKS = ("fgsm", "bim", "illcm", "pgd")
-OFFICIAL_BANK = 1000
 EVERY_IMAGE = 1_000_000
 # Clean accuracy gap the issue's target allows between RCE and CE, in accuracy points.
 CLEAN_GAP = 0.005
@@ -62,7 +62,7 @@ class Variant:
     revert: tuple[RecipePart, ...] = ()
     steps_factor: int = 1
     train_limit: int | None = None
-    bank_per_class: int = OFFICIAL_BANK
+    bank_per_class: int = BANK_PER_CLASS
 
 
 VARIANTS: dict[str, Variant] = {
@@ -294,7 +294,7 @@ def _accuracy_at(result: ObjectiveResult, attack: str, eps: float) -> float | No
     return None
 
 
-def verdicts(results: AblationResults, default_metric: Metric = "log_kd") -> list[str]:
+def verdicts(results: AblationResults, default_metric: Metric = DEFAULT_METRIC) -> list[str]:
     """Per variant, the issue's three targets in plain words (measured, not assumed)."""
     lines = []
     for name, variant in results.variants.items():

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from models.manifest import METRICS, CalibrationTable, Metric, Objective
 from training.data import Dataset, Split, to_tensor
+from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC, TARGET_FPR
 from training.deployed import DeployedModel
 from training.scores import SIGMA2
 
@@ -162,10 +163,10 @@ def calibrate(
     network: nn.Module,
     objective: Objective,
     dataset: Dataset,
-    target_fpr: float = 0.05,
-    bank_per_class: int = 1000,
+    target_fpr: float = TARGET_FPR,
+    bank_per_class: int = BANK_PER_CLASS,
     sigma2: float | None = None,
-    default_metric: Metric = "log_kd",
+    default_metric: Metric = DEFAULT_METRIC,
     seed: int = 0,
 ) -> Calibration:
     """Build the bank from the training split and calibrate thresholds on the calibration split."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
+
+from models.manifest import METRICS, Objective
+from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC, TARGET_FPR
 
 if TYPE_CHECKING:
     from training.calibrate import Calibration
@@ -24,7 +27,7 @@ RUNS = Path("runs")
 
 Dataset = Annotated[str, typer.Option(help="mnist-5k | mnist | fashion-mnist | cifar10 | folder")]
 DataDir = Annotated[Path | None, typer.Option(help="Directory of the dataset files.")]
-Objective = Annotated[str, typer.Option(help="rce (reverse cross-entropy) or ce (baseline).")]
+ObjectiveOption = Annotated[str, typer.Option(help="rce (reverse cross-entropy) or ce (baseline).")]
 Checkpoint = Annotated[Path, typer.Option(help="Checkpoint file (.pt).")]
 CalibrationFile = Annotated[Path, typer.Option(help="Calibration file written by `calibrate`.")]
 ModelDir = Annotated[Path, typer.Option(help="Model repository directory.")]
@@ -97,7 +100,7 @@ def _train_config(
 ) -> TrainConfig:
     from training.config import RECIPES, TrainConfig
 
-    if objective not in ("rce", "ce"):
+    if objective not in get_args(Objective):
         raise typer.BadParameter("must be rce or ce", param_hint="--objective")
     if recipe not in RECIPES:
         raise typer.BadParameter(f"must be one of {', '.join(RECIPES)}", param_hint="--recipe")
@@ -127,7 +130,7 @@ def train(
     checkpoint: Checkpoint = RUNS / "model.pt",
     dataset: Dataset = "mnist-5k",
     data_dir: DataDir = None,
-    objective: Objective = "rce",
+    objective: ObjectiveOption = "rce",
     depth: DepthOption = 32,
     recipe: RecipeOption = "official",
     steps: StepsOption = 20_000,
@@ -160,23 +163,23 @@ def train(
 def calibrate(
     checkpoint: Checkpoint = RUNS / "model.pt",
     out: CalibrationFile = RUNS / "calibration.pt",
-    target_fpr: TargetFpr = 0.05,
-    bank_per_class: BankPerClass = 1000,
+    target_fpr: TargetFpr = TARGET_FPR,
+    bank_per_class: BankPerClass = BANK_PER_CLASS,
     sigma2: Annotated[float | None, typer.Option(help="Default 0.1/0.26 RCE, 1/0.26 CE.")] = None,
     metric: Annotated[
-        str, typer.Option(help="Default metric: log_kd|non_me|confidence")
-    ] = "log_kd",
+        str, typer.Option(help=f"Metric of the accept decision: {' | '.join(METRICS)}.")
+    ] = DEFAULT_METRIC,
 ) -> None:
     """Build the K-density bank and calibrate per-metric thresholds on held-out clean data."""
     _require_torch()
     from training.calibrate import calibrate as run_calibration
     from training.checkpoints import load_trained_model
 
-    if metric not in ("log_kd", "non_me", "confidence"):
-        raise typer.BadParameter("must be log_kd, non_me or confidence", param_hint="--metric")
+    if metric not in METRICS:
+        raise typer.BadParameter(f"must be one of {', '.join(METRICS)}", param_hint="--metric")
     model, config, data = load_trained_model(checkpoint)
     result = run_calibration(
-        model, config.objective, data, target_fpr, bank_per_class, sigma2, metric,  # type: ignore[arg-type]
+        model, config.objective, data, target_fpr, bank_per_class, sigma2, metric,
         seed=config.seed,
     )  # fmt: skip
     result.save(out)
@@ -235,7 +238,7 @@ def pipeline(
     version: VersionOption = 1,
     dataset: Dataset = "mnist-5k",
     data_dir: DataDir = None,
-    objective: Objective = "rce",
+    objective: ObjectiveOption = "rce",
     depth: DepthOption = 32,
     recipe: RecipeOption = "official",
     steps: StepsOption = 20_000,
@@ -244,8 +247,8 @@ def pipeline(
     lr: LearningRate = 0.1,
     seed: Seed = 0,
     train_limit: TrainLimit = None,
-    target_fpr: TargetFpr = 0.05,
-    bank_per_class: BankPerClass = 1000,
+    target_fpr: TargetFpr = TARGET_FPR,
+    bank_per_class: BankPerClass = BANK_PER_CLASS,
     model_dir: ModelDir = Path("models"),
     work_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = RUNS,
     overwrite: Overwrite = False,
@@ -502,7 +505,7 @@ def ablation(
     eps: Annotated[str, typer.Option(help="Comma-separated L-inf budgets ([0,1] scale).")] = (
         "0,0.05,0.1,0.2,0.3"
     ),
-    target_fpr: Annotated[float, typer.Option(help="Target FPR of the thresholds.")] = 0.05,
+    target_fpr: Annotated[float, typer.Option(help="Target FPR of the thresholds.")] = TARGET_FPR,
     jobs: Annotated[int, typer.Option(help="Checkpoints trained in parallel.")] = 2,
     threads: Annotated[int, typer.Option(help="Torch threads per training process.")] = 1,
     attack_loss: AttackLossOption = "both",

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from models.manifest import Metric, Objective
 from training.data import Split, to_tensor
+from training.defaults import DEFAULT_METRIC
 from training.losses import deployed_logits
 from training.scores import confidence, log_kernel_density, non_maximal_entropy
 
@@ -43,7 +44,7 @@ class DeployedModel(nn.Module):
         bank: np.ndarray,
         bank_mask: np.ndarray,
         sigma2: float,
-        default_metric: Metric = "log_kd",
+        default_metric: Metric = DEFAULT_METRIC,
         threshold: float = float("-inf"),
     ) -> None:
         super().__init__()
