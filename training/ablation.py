@@ -37,7 +37,8 @@ from training.checkpoints import load_checkpoint, load_trained_model
 from training.config import RecipePart, TrainConfig
 from training.data import to_tensor
 from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC
-from training.evaluate import attack_result, score_images
+from training.deployed import detector_outputs
+from training.evaluate import attack_result
 from training.report import AUC_TIE, METRIC_TITLES
 from training.results import RESULTS_FILE, AttackResult, ResultsFile
 from training.robustness import MASKING_ATTACKS, ModelRobustness, robustness
@@ -207,7 +208,7 @@ def evaluate_variant(
     detector = calibration.deployed(network)
     thresholds = calibration.thresholds
     test = dataset.test
-    full = score_images(detector, to_tensor(test.images).numpy())
+    full = detector_outputs(detector, to_tensor(test.images).numpy())
     curves = robustness(
         detector, dataset, str(path), images, eps, settings, seed, variants=("pipeline",)
     )
@@ -222,7 +223,7 @@ def evaluate_variant(
             name, detector, x, labels, clean["label"], clean["probabilities"],
             thresholds[default], settings, seed,
         )  # fmt: skip
-        adv = score_images(detector, output.adversarial)
+        adv = detector_outputs(detector, output.adversarial)
         attacks[name], _ = attack_result(
             name, labels, x, output.adversarial, clean, adv, thresholds, default,
             output.seconds, output.targets, output.params,

@@ -38,9 +38,8 @@ from tqdm import tqdm
 
 from models.manifest import Metric
 from training.deployed import DeployedLogits, DeployedModel
-from training.scores import log_kernel_density
+from training.scores import SCORES
 
-_MASKED = -1.0e4
 # The loss ART's gradient attacks (FGSM, BIM, ILLCM, PGD) follow. "ce" alone is masked on models
 # with a saturated softmax (see `training.robustness`); "both" runs the attack with each loss and
 # keeps, per image, the cross-entropy result where it succeeds and the margin result otherwise.
@@ -114,18 +113,9 @@ def art_classifier(
 def score_of_class(
     detector: DeployedModel, metric: Metric, logits: Tensor, features: Tensor, classes: Tensor
 ) -> Tensor:
-    """The detection score as if `classes` were the prediction (differentiable)."""
-    if metric == "log_kd":
-        return log_kernel_density(
-            features, classes, detector.bank, detector.bank_mask, detector.sigma2
-        )
-    log_probs = F.log_softmax(logits, dim=1)
-    if metric == "confidence":
-        return log_probs.gather(1, classes[:, None]).squeeze(1).exp()
-    top = F.one_hot(classes, logits.shape[1]).bool()
-    masked = torch.where(top, torch.full_like(log_probs, _MASKED), log_probs)
-    log_g = masked - torch.logsumexp(masked, dim=1, keepdim=True)
-    return -torch.where(top, torch.zeros_like(log_g), log_g.exp() * log_g).sum(dim=1)
+    """The detection score as if `classes` were the prediction (differentiable): the deployed
+    graph's own score function (`training.scores.SCORES`) for other classes."""
+    return SCORES[metric].function(detector.score_inputs(logits, features, classes))
 
 
 def _one_hot(labels: np.ndarray, classes: int) -> np.ndarray:

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from models.files import staged_file
 from models.manifest import METRICS, CalibrationTable, Metric, Objective
-from training.data import Dataset, Split, to_tensor
+from training.data import Dataset
 from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC, TARGET_FPR
-from training.deployed import DeployedModel
+from training.deployed import DeployedModel, detector_outputs, predict
 from training.scores import SIGMA2
 
 # FPR levels of the calibration table: fine steps at the low end, where operators choose.
@@ -60,39 +60,6 @@ def feature_bank(
         bank[label, : index.size] = features[np.sort(index)]
         mask[label, : index.size] = 1.0
     return bank, mask
-
-
-@torch.no_grad()
-def score_split(
-    model: DeployedModel, split: Split, batch_size: int = 500, progress: str | None = None
-) -> dict[str, np.ndarray]:
-    """Run the deployed detector over a split: labels and every metric's scores (numpy).
-
-    `progress` names a progress bar over the split's images (none when None)."""
-    model.eval()
-    names = ("logits", "probabilities", "label", *METRICS, "accepted")
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    with tqdm(total=len(split), desc=progress, unit="img", disable=progress is None) as bar:
-        for start in range(0, len(split), batch_size):
-            outputs = model(to_tensor(split.images[start : start + batch_size]))
-            for name, value in zip(names, outputs, strict=True):
-                parts[name].append(value.numpy())
-            bar.update(len(outputs[0]))
-    return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-@torch.no_grad()
-def training_features(network: nn.Module, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Final hidden vectors of uint8 images in eval mode, with a progress bar (the slow part of
-    calibration: one forward pass over the whole training split)."""
-    network.eval()
-    parts = []
-    with tqdm(total=len(images), desc="calibrate: bank features", unit="img") as bar:
-        for start in range(0, len(images), batch_size):
-            _, features = network(to_tensor(images[start : start + batch_size]))
-            parts.append(features.numpy())
-            bar.update(len(parts[-1]))
-    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)
@@ -138,10 +105,8 @@ class Calibration:
         )
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.to_payload(), tmp)
-        tmp.replace(path)
+        with staged_file(path) as staging:
+            torch.save(self.to_payload(), staging)
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
@@ -170,13 +135,15 @@ def calibrate(
     seed: int = 0,
 ) -> Calibration:
     """Build the bank from the training split and calibrate thresholds on the calibration split."""
-    train_features = training_features(network, dataset.train.images)
+    _, train_features = predict(
+        network, objective, dataset.train.images, progress="calibrate: bank features"
+    )
     bank, mask = feature_bank(
         train_features, dataset.train.labels, dataset.num_classes, bank_per_class, seed
     )
     sigma2 = SIGMA2[objective] if sigma2 is None else sigma2
     detector = DeployedModel(network, objective, bank, mask, sigma2, default_metric)
-    scores = score_split(detector, dataset.calibration, progress="calibrate: scores")
+    scores = detector_outputs(detector, dataset.calibration.images, progress="calibrate: scores")
     thresholds: dict[Metric, float] = {
         m: calibrated_threshold(scores[m], target_fpr) for m in METRICS
     }

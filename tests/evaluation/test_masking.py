@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from service.cli import app
 from training.attacks import AttackSettings, run_attack
 from training.data import to_tensor
-from training.deployed import DeployedModel
-from training.evaluate import load_model_under_test, score_images
+from training.deployed import DeployedModel, detector_outputs
+from training.evaluate import load_model_under_test
 from training.robustness import (
     CurvePoint,
     MaskingResults,
@@ -56,7 +56,7 @@ def ce_model(small_models):
 def sample(ce_model):
     test = ce_model.dataset.test
     images = to_tensor(test.images[:120]).numpy()
-    clean = score_images(ce_model.detector, images)
+    clean = detector_outputs(ce_model.detector, images)
     index = np.flatnonzero(clean["label"] == test.labels[:120])[:40]
     return images[index], test.labels[index], {k: v[index] for k, v in clean.items()}
 
@@ -66,7 +66,7 @@ def _fooled(detector, attack, sample, settings):
     output = run_attack(
         attack, detector, images, labels, clean["label"], clean["probabilities"], 0.0, settings, 0
     )
-    adv = score_images(detector, output.adversarial)["label"]
+    adv = detector_outputs(detector, output.adversarial)["label"]
     return output.adversarial, adv != labels
 
 

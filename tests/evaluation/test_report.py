@@ -223,6 +223,19 @@ def test_a_calibration_that_does_not_match_the_artifact_is_refused(small_models,
         load_model_under_test(model.artifact, model.checkpoint, wrong)
 
 
+def test_a_detector_whose_decision_differs_from_the_graph_is_refused(small_models, tmp_path):
+    """Evaluation runs export's parity check: every output, `accepted` included. The same
+    network, bank and thresholds deciding on confidence instead of the graph's log_kd differ
+    from the graph in `accepted` alone, which the former check never compared."""
+    model = small_models["rce"]
+    calibration = Calibration.load(model.calibration)
+    assert calibration.default_metric == "log_kd"
+    other = tmp_path / "confidence.calibration.pt"
+    Calibration(**{**calibration.__dict__, "default_metric": "confidence"}).save(other)
+    with pytest.raises(EvaluationError, match="disagree on accepted"):
+        load_model_under_test(model.artifact, model.checkpoint, other)
+
+
 def test_a_checkpoint_that_does_not_reproduce_the_onnx_graph_is_refused(small_models, tmp_path):
     model = small_models["ce"]
     payload = torch.load(model.checkpoint, weights_only=True)
