@@ -420,6 +420,8 @@ def plot_ablation(results: AblationResults, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from training.plots import save_figure
+
     names = list(results.variants)
     columns = min(4, len(names))
     rows = -(-len(names) // columns)
@@ -444,7 +446,4 @@ def plot_ablation(results: AblationResults, path: Path) -> Path:
     axes.flat[0].legend(fontsize=6)
     figure.supxlabel("eps (L-inf, fraction of pixel range)", fontsize=8)
     figure.supylabel("accuracy, thresholding disabled", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -11,8 +11,6 @@ its destination and renamed into place: never half an artifact.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +20,7 @@ import onnx
 import torch
 from tqdm import tqdm
 
+from models.files import staged_directory
 from models.manifest import (
     INPUT_NAME,
     METRICS,
@@ -126,72 +125,64 @@ def export_artifact(
     clean_acceptance = {
         m: float((test_scores[m] >= calibration.thresholds[m]).mean()) for m in METRICS
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     steps = tqdm(total=3, desc="export: ONNX graph", unit="step")
     try:
-        onnx_path = staging / MODEL_FILE
-        export_onnx(deployed, dataset.shape, onnx_path)
-        steps.update()
-        steps.set_description("export: ONNX Runtime vs torch")
-        errors = check_against_torch(onnx_path, deployed, dataset.test.images[:CHECK_IMAGES])
-        steps.update()
-        steps.set_description("export: manifest")
-        logger.info("ONNX Runtime matches torch (max abs error %s)", errors)
-        channels, height, width = dataset.shape
-        manifest = Manifest(
-            name=name,
-            version=version,
-            created_at=datetime.now(UTC).replace(microsecond=0),
-            source_commit=source_commit(),
-            dataset=DatasetInfo(
-                name=dataset.name,
-                class_names=dataset.class_names,
-                split=SplitInfo(
-                    train=len(dataset.train),
-                    calibration=len(dataset.calibration),
-                    test=len(dataset.test),
-                    seed=dataset.seed,
+        with staged_directory(target) as staging:
+            onnx_path = staging / MODEL_FILE
+            export_onnx(deployed, dataset.shape, onnx_path)
+            steps.update()
+            steps.set_description("export: ONNX Runtime vs torch")
+            errors = check_against_torch(onnx_path, deployed, dataset.test.images[:CHECK_IMAGES])
+            steps.update()
+            steps.set_description("export: manifest")
+            logger.info("ONNX Runtime matches torch (max abs error %s)", errors)
+            channels, height, width = dataset.shape
+            manifest = Manifest(
+                name=name,
+                version=version,
+                created_at=datetime.now(UTC).replace(microsecond=0),
+                source_commit=source_commit(),
+                dataset=DatasetInfo(
+                    name=dataset.name,
+                    class_names=dataset.class_names,
+                    split=SplitInfo(
+                        train=len(dataset.train),
+                        calibration=len(dataset.calibration),
+                        test=len(dataset.test),
+                        seed=dataset.seed,
+                    ),
                 ),
-            ),
-            input=InputSpec(channels=channels, height=height, width=width),
-            objective=config.objective,
-            architecture=ArchitectureInfo(
-                name=f"preact-resnet{network.depth}",
-                depth=network.depth,
-                widths=list(WIDTHS),
-                feature_dim=network.feature_dim,
-                parameters=count_parameters(network),
-            ),
-            clean_test_accuracy=accuracy,
-            detection=DetectionInfo(
-                default_metric=calibration.default_metric,
-                sigma2=calibration.sigma2,
-                bank_size_per_class=[int(n) for n in calibration.bank_mask.sum(axis=1)],
-                target_fpr=calibration.target_fpr,
-                thresholds=calibration.thresholds,
-                calibration_size=calibration.calibration_size,
-                calibration_table=calibration.table,
-                clean_acceptance=clean_acceptance,
-            ),
-            sha256="0" * 64,  # set once the graph carries the binding
-            opset=OPSET,
-            library_versions=library_versions(),
-            training={k: v for k, v in vars(config).items() if k != "data_dir"},
-        )
-        graph = onnx.load(str(onnx_path))
-        stamp_graph(graph, manifest.binding())
-        onnx.save(graph, str(onnx_path))
-        manifest = manifest.model_copy(update={"sha256": sha256_file(onnx_path)})
-        manifest.dump(staging)
-        staging.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+                input=InputSpec(channels=channels, height=height, width=width),
+                objective=config.objective,
+                architecture=ArchitectureInfo(
+                    name=f"preact-resnet{network.depth}",
+                    depth=network.depth,
+                    widths=list(WIDTHS),
+                    feature_dim=network.feature_dim,
+                    parameters=count_parameters(network),
+                ),
+                clean_test_accuracy=accuracy,
+                detection=DetectionInfo(
+                    default_metric=calibration.default_metric,
+                    sigma2=calibration.sigma2,
+                    bank_size_per_class=[int(n) for n in calibration.bank_mask.sum(axis=1)],
+                    target_fpr=calibration.target_fpr,
+                    thresholds=calibration.thresholds,
+                    calibration_size=calibration.calibration_size,
+                    calibration_table=calibration.table,
+                    clean_acceptance=clean_acceptance,
+                ),
+                sha256="0" * 64,  # set once the graph carries the binding
+                opset=OPSET,
+                library_versions=library_versions(),
+                training={k: v for k, v in vars(config).items() if k != "data_dir"},
+            )
+            graph = onnx.load(str(onnx_path))
+            stamp_graph(graph, manifest.binding())
+            onnx.save(graph, str(onnx_path))
+            manifest = manifest.model_copy(update={"sha256": sha256_file(onnx_path)})
+            manifest.dump(staging)
         steps.update()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     finally:
         steps.close()
     return target

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 
+from models.files import staged_file
 from models.manifest import METRICS
 from training.evaluate import AttackScores
 from training.report import ATTACK_TITLES, METRIC_TITLES, OBJECTIVE_TITLES
 from training.results import EvaluationResults
 
 matplotlib.use("Agg")
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Lay out `figure`, write it to `path` as a PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with staged_file(path) as staging:
+        # The staging name ends in .tmp: the format is given, not guessed from the suffix.
+        figure.savefig(staging, dpi=80, format="png")
+    plt.close(figure)
+    return path
 
 
 def _grid(count: int) -> tuple[int, int]:
@@ -43,9 +57,7 @@ def plot_roc(scores: dict[str, AttackScores], objective: str, path: Path) -> Non
     for ax in list(axes.flat)[len(attacks) :]:
         ax.axis("off")
     figure.suptitle(f"ROC, {OBJECTIVE_TITLES.get(objective, objective)} model (normal = positive)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_histograms(
@@ -73,9 +85,7 @@ def plot_histograms(
         f"{METRIC_TITLES.get(metric, metric)} scores, {OBJECTIVE_TITLES.get(objective, objective)}"
         " model (kept pairs)"
     )
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def write_figures(

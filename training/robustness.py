@@ -304,6 +304,8 @@ def plot_robustness(results: MaskingResults, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from training.plots import save_figure
+
     styles = {"pipeline": "-", "ce": "--", "margin": ":"}
     colours = {"ce": "tab:blue", "rce": "tab:red"}
     figure, axes = plt.subplots(1, len(MASKING_ATTACKS), figsize=(5 * len(MASKING_ATTACKS), 3.8))
@@ -325,10 +327,7 @@ def plot_robustness(results: MaskingResults, path: Path) -> Path:
         ax.set_ylim(0.0, 1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 _VARIANT_TITLES = {

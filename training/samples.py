@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from models.files import staged_directory
 from models.manifest import MODEL_FILE, Manifest
 from models.splits import split_indices
 
@@ -185,9 +183,7 @@ def _write(
     eps: float,
     seed: int,
 ) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         for sample, data in written:
             (staging / sample.file).write_bytes(data)
         record = {
@@ -199,12 +195,3 @@ def _write(
             "samples": [asdict(s) for s, _ in written],
         }
         (staging / SAMPLES_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        staging.chmod(0o755)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
