@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from models.manifest import Metric, Objective
+from models.manifest import METRICS, Metric, Objective
 from training.attacks import AttackSettings, run_attack
 from training.calibrate import calibrate
 from training.checkpoints import load_checkpoint, load_trained_model
@@ -39,7 +39,7 @@ from training.data import to_tensor
 from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC
 from training.deployed import detector_outputs
 from training.evaluate import attack_result
-from training.report import AUC_TIE, METRIC_TITLES
+from training.report import AUC_TIE, metric_title
 from training.results import RESULTS_FILE, AttackResult, ResultsFile
 from training.robustness import MASKING_ATTACKS, ModelRobustness, robustness
 from training.runtime import seed_everything
@@ -380,10 +380,11 @@ def render_report(results: AblationResults) -> str:
                 cells = [_accuracy_at(r, attack, e) for e in eps]
                 text = " | ".join("-" if c is None else f"{c:.1%}" for c in cells)
                 lines.append(f"| {name} | {objective.upper()} | {text} |")
-    for metric in ("log_kd", "confidence", "non_me"):
+    # The default metric first, then the others in the manifest's order.
+    for metric in (DEFAULT_METRIC, *(m for m in METRICS if m != DEFAULT_METRIC)):
         lines += [
             "",
-            f"## Oblivious ROC-AUC, {METRIC_TITLES[metric]}",
+            f"## Oblivious ROC-AUC, {metric_title(metric)}",
             "",
             "| Variant | Obj. | " + " | ".join(a.upper() for a in AUC_ATTACKS) + " |",
             "|---|---|" + "---:|" * len(AUC_ATTACKS),
@@ -395,7 +396,8 @@ def render_report(results: AblationResults) -> str:
                 lines.append(f"| {name} | {objective.upper()} | {text} |")
     lines += [
         "",
-        "## Detection at the calibrated threshold (K-density) and attack success",
+        f"## Detection at the calibrated threshold ({metric_title(DEFAULT_METRIC)}) and attack "
+        "success",
         "",
         "Detection = kept adversarial images rejected; success = kept / clean-correct.",
         "",
@@ -406,7 +408,7 @@ def render_report(results: AblationResults) -> str:
         for objective, r in variant.objectives.items():
             pairs: list[str] = []
             for a in AUC_ATTACKS:
-                rate = r.attacks[a].metrics["log_kd"].detection_rate
+                rate = r.attacks[a].metrics[DEFAULT_METRIC].detection_rate
                 det = "-" if rate is None else f"{rate:.1%}"
                 pairs.append(f"{det} / {r.attacks[a].success_rate:.1%}")
             lines.append(f"| {name} | {objective.upper()} | {' | '.join(pairs)} |")

@@ -30,6 +30,11 @@ ATTACK_TITLES = {
 OBJECTIVE_TITLES = {"ce": "CE", "rce": "RCE"}
 
 
+def metric_title(metric: str) -> str:
+    """How reports name a metric (its own name when it has no title)."""
+    return METRIC_TITLES.get(metric, metric)
+
+
 def _fmt(value: float | None, digits: int = 3, percent: bool = False) -> str:
     if value is None:
         return "-"
@@ -51,7 +56,7 @@ def _metric_table(
     results: EvaluationResults, attacks: list[str], field: str, percent: bool, best: str
 ) -> list[str]:
     """Rows attack x objective, columns metrics; bold the best cell of each attack."""
-    header = "| Attack | Obj. | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
+    header = "| Attack | Obj. | " + " | ".join(metric_title(m) for m in METRICS) + " |"
     lines = [header, "|---|---|" + "---:|" * len(METRICS)]
     for attack in attacks:
         cells: dict[tuple[str, str], float | None] = {}
