@@ -31,14 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from models.manifest import METRICS, Metric, Objective
-from training.attacks import AttackSettings, run_attack
+from training.attacks import AttackSettings
 from training.calibrate import calibrate
 from training.checkpoints import load_checkpoint, load_trained_model
 from training.config import RecipePart, TrainConfig
 from training.data import to_tensor
 from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC
 from training.deployed import detector_outputs
-from training.evaluate import attack_result
+from training.evaluate import attack_cell
 from training.report import AUC_TIE, metric_title
 from training.results import RESULTS_FILE, AttackResult, ResultsFile
 from training.robustness import MASKING_ATTACKS, ModelRobustness, robustness
@@ -218,16 +218,9 @@ def evaluate_variant(
     attacks = {}
     default = calibration.default_metric
     for name in AUC_ATTACKS:
-        seed_everything(seed)
-        output = run_attack(
-            name, detector, x, labels, clean["label"], clean["probabilities"],
-            thresholds[default], settings, seed,
-        )  # fmt: skip
-        adv = detector_outputs(detector, output.adversarial)
-        attacks[name], _ = attack_result(
-            name, labels, x, output.adversarial, clean, adv, thresholds, default,
-            output.seconds, output.targets, output.params,
-        )  # fmt: skip
+        attacks[name], _ = attack_cell(
+            name, detector, x, labels, clean, thresholds, default, settings, seed
+        )
     train_images = min(config.train_limit or len(dataset.train), len(dataset.train))
     return ObjectiveResult(
         checkpoint=str(path),

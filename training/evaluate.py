@@ -202,6 +202,37 @@ def attack_result(
     return result, scores
 
 
+def attack_cell(
+    name: str,
+    detector: DeployedModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    clean: dict[str, np.ndarray],
+    thresholds: dict[Metric, float],
+    default_metric: Metric,
+    settings: AttackSettings,
+    seed: int,
+    artifact: Path | None = None,
+) -> tuple[AttackResult, AttackScores]:
+    """Run attack `name` (seeded) on float `images` whose clean detector outputs are `clean`,
+    score the adversarial images and measure the cell; with `artifact`, also the fraction of
+    adversarial images on which its ONNX graph predicts the torch detector's label."""
+    seed_everything(seed)
+    output = run_attack(
+        name, detector, images, labels, clean["label"], clean["probabilities"],
+        thresholds[default_metric], settings, seed,
+    )  # fmt: skip
+    adv = detector_outputs(detector, output.adversarial)
+    agreement = None
+    if artifact is not None:
+        onnx_labels = onnx_outputs(artifact / MODEL_FILE, output.adversarial)["label"]
+        agreement = float((onnx_labels == adv["label"]).mean())
+    return attack_result(
+        name, labels, images, output.adversarial, clean, adv, thresholds, default_metric,
+        output.seconds, output.targets, output.params, agreement,
+    )  # fmt: skip
+
+
 def evaluate_model(
     model: ModelUnderTest,
     attacks: tuple[str, ...],
@@ -229,17 +260,9 @@ def evaluate_model(
         images = to_tensor(test.images[index]).numpy()
         labels = test.labels[index]
         clean = {k: v[index] for k, v in full.items()}
-        seed_everything(seed)
-        output = run_attack(
-            attack, detector, images, labels, clean["label"], clean["probabilities"],
-            thresholds[default_metric], settings, seed,
-        )  # fmt: skip
-        adv = detector_outputs(detector, output.adversarial)
-        onnx_labels = onnx_outputs(model.artifact / MODEL_FILE, output.adversarial)["label"]
-        results[attack], scores[attack] = attack_result(
-            attack, labels, images, output.adversarial, clean, adv, thresholds, default_metric,
-            output.seconds, output.targets, output.params,
-            float((onnx_labels == adv["label"]).mean()),
+        results[attack], scores[attack] = attack_cell(
+            attack, detector, images, labels, clean, thresholds, default_metric, settings, seed,
+            model.artifact,
         )  # fmt: skip
     manifest = model.manifest
     return (
