@@ -7,23 +7,29 @@ install reports a clear message instead of an ImportError.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, get_args
+from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import typer
 
 from models.manifest import METRICS, Objective
+from training.config import RECIPES, TrainConfig
 from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC, TARGET_FPR
 
 if TYPE_CHECKING:
     from training.calibrate import Calibration
-    from training.config import TrainConfig
     from training.data import Dataset as LoadedDataset
     from training.nets import ResNet
 
 RUNS = Path("runs")
+# The training options' defaults are the config's own.
+DEFAULTS = TrainConfig()
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 
 Dataset = Annotated[str, typer.Option(help="mnist-5k | mnist | fashion-mnist | cifar10 | folder")]
 DataDir = Annotated[Path | None, typer.Option(help="Directory of the dataset files.")]
@@ -84,23 +90,23 @@ def _require_torch() -> None:
         raise typer.Exit(2) from None
 
 
-def _train_config(
-    dataset: str,
-    data_dir: Path | None,
-    objective: str,
-    depth: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    train_limit: int | None,
-    dry_run: bool,
-    recipe: str,
-    steps: int,
+def training_options(
+    dataset: Dataset = DEFAULTS.dataset,
+    data_dir: DataDir = None,
+    objective: ObjectiveOption = DEFAULTS.objective,
+    depth: DepthOption = DEFAULTS.depth,
+    recipe: RecipeOption = DEFAULTS.recipe,
+    steps: StepsOption = DEFAULTS.steps,
+    epochs: EpochsOption = DEFAULTS.epochs,
+    batch_size: BatchSize = DEFAULTS.batch_size,
+    lr: LearningRate = DEFAULTS.lr,
+    seed: Seed = DEFAULTS.seed,
+    train_limit: TrainLimit = None,
+    dry_run: DryRun = False,
 ) -> TrainConfig:
-    from training.config import RECIPES, TrainConfig
-
-    if objective not in get_args(Objective):
+    """The training options of `train` and `pipeline` (declared once, here), checked one by one
+    (a bad value is a one-line error naming the option) and turned into a TrainConfig."""
+    if objective not in OBJECTIVES:
         raise typer.BadParameter("must be rce or ce", param_hint="--objective")
     if recipe not in RECIPES:
         raise typer.BadParameter(f"must be one of {', '.join(RECIPES)}", param_hint="--recipe")
@@ -115,7 +121,7 @@ def _train_config(
         steps=steps,
         dataset=dataset,
         data_dir=str(data_dir) if data_dir else None,
-        objective=objective,  # type: ignore[arg-type]
+        objective=objective,
         depth=depth,
         epochs=epochs,
         batch_size=batch_size,
@@ -126,31 +132,42 @@ def _train_config(
     )
 
 
+def with_training_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with the options of `training_options` added to what Typer sees; the command
+    itself takes the TrainConfig they describe as `config`."""
+    # Evaluated annotations: Typer reads the options' help from them (this module postpones them).
+    shared = inspect.signature(training_options, eval_str=True).parameters
+    own = [
+        p
+        for p in inspect.signature(command, eval_str=True).parameters.values()
+        if p.name != "config"
+    ]
+
+    @functools.wraps(command)
+    def run(**values: Any) -> None:
+        config = training_options(**{name: values.pop(name) for name in shared})
+        command(config=config, **values)
+
+    # A parameter without a default may not follow one with a default: required ones first.
+    required = [p for p in own if p.default is inspect.Parameter.empty]
+    optional = [p for p in own if p.default is not inspect.Parameter.empty]
+    run.__signature__ = inspect.Signature([*required, *shared.values(), *optional])  # type: ignore[attr-defined]
+    hints = {**training_options.__annotations__, **command.__annotations__}
+    run.__annotations__ = {k: v for k, v in hints.items() if k not in ("config", "return")}
+    return run
+
+
+@with_training_options
 def train(
+    config: TrainConfig,
     checkpoint: Checkpoint = RUNS / "model.pt",
-    dataset: Dataset = "mnist-5k",
-    data_dir: DataDir = None,
-    objective: ObjectiveOption = "rce",
-    depth: DepthOption = 32,
-    recipe: RecipeOption = "official",
-    steps: StepsOption = 20_000,
-    epochs: EpochsOption = 30,
-    batch_size: BatchSize = 128,
-    lr: LearningRate = 0.1,
-    seed: Seed = 0,
-    train_limit: TrainLimit = None,
     resume: Annotated[bool, typer.Option(help="Continue from --checkpoint.")] = False,
-    dry_run: DryRun = False,
 ) -> None:
     """Train a ResNet with RCE or CE; run under `torchrun` for data-parallel training."""
     _require_torch()
     from training.data import DatasetError
     from training.train import train as run_training
 
-    config = _train_config(
-        dataset, data_dir, objective, depth, epochs, batch_size, lr, seed, train_limit, dry_run,
-        recipe, steps,
-    )  # fmt: skip
     try:
         payload = run_training(config, checkpoint, resume=resume)
     except DatasetError as error:
@@ -233,26 +250,16 @@ def _export(
         raise typer.Exit(2) from None
 
 
+@with_training_options
 def pipeline(
+    config: TrainConfig,
     name: Annotated[str, typer.Option(help="Model name in the repository.")],
     version: VersionOption = 1,
-    dataset: Dataset = "mnist-5k",
-    data_dir: DataDir = None,
-    objective: ObjectiveOption = "rce",
-    depth: DepthOption = 32,
-    recipe: RecipeOption = "official",
-    steps: StepsOption = 20_000,
-    epochs: EpochsOption = 30,
-    batch_size: BatchSize = 128,
-    lr: LearningRate = 0.1,
-    seed: Seed = 0,
-    train_limit: TrainLimit = None,
     target_fpr: TargetFpr = TARGET_FPR,
     bank_per_class: BankPerClass = BANK_PER_CLASS,
     model_dir: ModelDir = Path("models"),
     work_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = RUNS,
     overwrite: Overwrite = False,
-    dry_run: DryRun = False,
     force: Force = False,
 ) -> None:
     """train -> calibrate -> export in one command."""
@@ -261,10 +268,6 @@ def pipeline(
     from training.checkpoints import load_trained_model
     from training.train import train as run_training
 
-    config = _train_config(
-        dataset, data_dir, objective, depth, epochs, batch_size, lr, seed, train_limit, dry_run,
-        recipe, steps,
-    )  # fmt: skip
     checkpoint = work_dir / f"{name}-v{version}.pt"
     run_training(config, checkpoint)
     model, config, data = load_trained_model(checkpoint)
