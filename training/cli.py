@@ -23,7 +23,7 @@ from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC, TARGET_FPR
 
 if TYPE_CHECKING:
     from training.calibrate import Calibration
-    from training.data import Dataset as LoadedDataset
+    from training.data import Dataset
     from training.nets import ResNet
 
 RUNS = Path("runs")
@@ -31,7 +31,9 @@ RUNS = Path("runs")
 DEFAULTS = TrainConfig()
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 
-Dataset = Annotated[str, typer.Option(help="mnist-5k | mnist | fashion-mnist | cifar10 | folder")]
+DatasetOption = Annotated[
+    str, typer.Option(help="mnist-5k | mnist | fashion-mnist | cifar10 | folder")
+]
 DataDir = Annotated[Path | None, typer.Option(help="Directory of the dataset files.")]
 ObjectiveOption = Annotated[str, typer.Option(help="rce (reverse cross-entropy) or ce (baseline).")]
 Checkpoint = Annotated[Path, typer.Option(help="Checkpoint file (.pt).")]
@@ -91,7 +93,7 @@ def _require_torch() -> None:
 
 
 def training_options(
-    dataset: Dataset = DEFAULTS.dataset,
+    dataset: DatasetOption = DEFAULTS.dataset,
     data_dir: DataDir = None,
     objective: ObjectiveOption = DEFAULTS.objective,
     depth: DepthOption = DEFAULTS.depth,
@@ -230,7 +232,7 @@ def export(
 def _export(
     model: ResNet,
     config: TrainConfig,
-    data: LoadedDataset,
+    data: Dataset,
     calibration: Calibration,
     model_dir: Path,
     name: str,
@@ -487,7 +489,7 @@ def masking_check(
 
 
 def ablation(
-    dataset: Dataset = "mnist-5k",
+    dataset: DatasetOption = "mnist-5k",
     data_dir: DataDir = None,
     variants: Annotated[
         str,
