@@ -489,7 +489,7 @@ def masking_check(
 
 
 def ablation(
-    dataset: DatasetOption = "mnist-5k",
+    dataset: DatasetOption = DEFAULTS.dataset,
     data_dir: DataDir = None,
     variants: Annotated[
         str,

@@ -32,7 +32,7 @@ from training.calibrate import Calibration
 from training.checkpoints import load_trained_model
 from training.data import Dataset, to_tensor
 from training.deployed import DeployedModel, detector_outputs
-from training.parity import ParityError, check_parity, onnx_outputs
+from training.parity import CHECK_IMAGES, ParityError, check_parity, onnx_outputs
 from training.provenance import source_commit
 from training.results import (
     AttackResult,
@@ -45,7 +45,6 @@ from training.results import (
 from training.runtime import seed_everything
 
 logger = logging.getLogger(__name__)
-ONNX_CHECK_IMAGES = 64
 
 
 class EvaluationError(Exception):
@@ -124,7 +123,7 @@ def load_model_under_test(
             )
     detector = result.deployed(network).eval()
     detector.requires_grad_(False)
-    images = dataset.test.images[:ONNX_CHECK_IMAGES]
+    images = dataset.test.images[:CHECK_IMAGES]
     try:
         errors = check_parity(artifact / MODEL_FILE, detector, to_tensor(images).numpy())
     except ParityError as error:

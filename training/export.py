@@ -39,13 +39,12 @@ from training.config import TrainConfig
 from training.data import Dataset, to_tensor
 from training.deployed import DeployedModel, detector_outputs
 from training.nets import WIDTHS, ResNet, count_parameters
-from training.parity import ParityError, check_parity
+from training.parity import CHECK_IMAGES, ParityError, check_parity
 from training.provenance import library_versions, source_commit
 from training.stamp import stamp_graph
 
 logger = logging.getLogger(__name__)
 OPSET = 17
-CHECK_IMAGES = 64
 # A model must beat chance (the share of the test split's most frequent class, what a constant
 # answer scores) by this fraction of the way to 100%: 32.5% for 10 balanced classes.
 MIN_GAIN_OVER_CHANCE = 0.25

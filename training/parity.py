@@ -26,6 +26,8 @@ ATOL: dict[str, float] = {
     **{metric: SCORES[metric].atol for metric in METRICS},
 }
 RTOL = 1e-4
+# Real test images compared (by export, evaluation and the network rebuilt from a graph).
+CHECK_IMAGES = 64
 EXACT = ("label", "accepted")
 
 

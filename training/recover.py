@@ -23,10 +23,10 @@ from training.config import TrainConfig
 from training.data import Dataset, load_dataset, to_tensor
 from training.losses import deployed_logits
 from training.nets import ResNet, build_model
+from training.parity import CHECK_IMAGES
 
 _PREFIX = "network."
 _FOLDED_INPUT = re.compile(r"/network/blocks/blocks\.(\d+)/LeakyRelu_output_0$")
-CHECK_IMAGES = 64
 LOGITS_ATOL = 1e-3
 
 

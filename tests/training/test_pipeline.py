@@ -23,7 +23,6 @@ from training.config import TrainConfig
 from training.data import load_dataset, load_mnist_5k, to_tensor
 from training.deployed import DeployedModel
 from training.export import (
-    CHECK_IMAGES,
     ExportError,
     NearChanceError,
     check_against_torch,
@@ -34,6 +33,7 @@ from training.export import (
 from training.losses import loss_for
 from training.nets import ResNet, build_model
 from training.parity import ATOL as EXPORT_ATOL
+from training.parity import CHECK_IMAGES
 from training.runtime import seed_everything
 from training.train import DRY_RUN_BATCHES, batches, lr_at_step, parameter_groups, train
 
