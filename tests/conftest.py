@@ -54,8 +54,10 @@ def build_tiny_artifact(
     root: Path, name: str = "tiny", objective: str = "rce", version: int = 1
 ) -> TinyArtifact:
     from training.calibrate import calibrate
+    from training.checkpoints import load_trained_model
+    from training.config import TrainConfig
     from training.export import export_artifact
-    from training.train import TrainConfig, load_trained_model, train
+    from training.train import train
 
     checkpoint = root / "runs" / f"{name}.pt"
     config = TrainConfig(

@@ -30,30 +30,25 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from models.manifest import Metric
-from training.attacks import AttackSettings, run_attack
+from models.manifest import METRICS, Metric, Objective
+from training.attacks import AttackSettings
 from training.calibrate import calibrate
-from training.evaluate import attack_result, score_images
-from training.losses import Objective
-from training.report import AUC_TIE, METRIC_TITLES, AttackResult
+from training.checkpoints import load_checkpoint, load_trained_model
+from training.config import RecipePart, TrainConfig
+from training.data import to_tensor
+from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC
+from training.deployed import detector_outputs
+from training.evaluate import attack_cell
+from training.report import AUC_TIE, metric_title
+from training.results import RESULTS_FILE, AttackResult, ResultsFile
 from training.robustness import MASKING_ATTACKS, ModelRobustness, robustness
-from training.train import (
-    RecipePart,
-    TrainConfig,
-    load_checkpoint,
-    load_trained_model,
-    seed_everything,
-    to_tensor,
-    train,
-)
+from training.runtime import seed_everything
+from training.train import train
 
 logger = logging.getLogger(__name__)
-RESULTS_FILE = "results.json"
-REPORT_FILE = "report.md"
 PLOT_FILE = "robustness.png"
 OBJECTIVES: tuple[Objective, ...] = ("ce", "rce")
 AUC_ATTACKS = ("fgsm", "bim", "illcm", "pgd")
-OFFICIAL_BANK = 1000
 EVERY_IMAGE = 1_000_000
 # Clean accuracy gap the issue's target allows between RCE and CE, in accuracy points.
 CLEAN_GAP = 0.005
@@ -68,7 +63,7 @@ class Variant:
     revert: tuple[RecipePart, ...] = ()
     steps_factor: int = 1
     train_limit: int | None = None
-    bank_per_class: int = OFFICIAL_BANK
+    bank_per_class: int = BANK_PER_CLASS
 
 
 VARIANTS: dict[str, Variant] = {
@@ -112,7 +107,7 @@ class VariantResult(_Strict):
     objectives: dict[str, ObjectiveResult]
 
 
-class AblationResults(_Strict):
+class AblationResults(ResultsFile):
     dataset: str
     created_at: datetime
     source_commit: str | None
@@ -213,7 +208,7 @@ def evaluate_variant(
     detector = calibration.deployed(network)
     thresholds = calibration.thresholds
     test = dataset.test
-    full = score_images(detector, to_tensor(test.images).numpy())
+    full = detector_outputs(detector, to_tensor(test.images).numpy())
     curves = robustness(
         detector, dataset, str(path), images, eps, settings, seed, variants=("pipeline",)
     )
@@ -223,16 +218,9 @@ def evaluate_variant(
     attacks = {}
     default = calibration.default_metric
     for name in AUC_ATTACKS:
-        seed_everything(seed)
-        output = run_attack(
-            name, detector, x, labels, clean["label"], clean["probabilities"],
-            thresholds[default], settings, seed,
-        )  # fmt: skip
-        adv = score_images(detector, output.adversarial)
-        attacks[name], _ = attack_result(
-            name, labels, x, output.adversarial, clean, adv, thresholds, default,
-            output.seconds, output.targets, output.params,
-        )  # fmt: skip
+        attacks[name], _ = attack_cell(
+            name, detector, x, labels, clean, thresholds, default, settings, seed
+        )
     train_images = min(config.train_limit or len(dataset.train), len(dataset.train))
     return ObjectiveResult(
         checkpoint=str(path),
@@ -293,19 +281,6 @@ def run_ablation(
     )
 
 
-def write_results(results: AblationResults, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RESULTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(results.model_dump_json(indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_results(path: Path) -> AblationResults:
-    return AblationResults.model_validate_json(path.read_text())
-
-
 def _accuracy_at(result: ObjectiveResult, attack: str, eps: float) -> float | None:
     for point in result.robustness.curves.get(f"{attack}/pipeline", []):
         if abs(point.eps - eps) < 1e-9:
@@ -313,7 +288,7 @@ def _accuracy_at(result: ObjectiveResult, attack: str, eps: float) -> float | No
     return None
 
 
-def verdicts(results: AblationResults, default_metric: Metric = "log_kd") -> list[str]:
+def verdicts(results: AblationResults, default_metric: Metric = DEFAULT_METRIC) -> list[str]:
     """Per variant, the issue's three targets in plain words (measured, not assumed)."""
     lines = []
     for name, variant in results.variants.items():
@@ -398,10 +373,11 @@ def render_report(results: AblationResults) -> str:
                 cells = [_accuracy_at(r, attack, e) for e in eps]
                 text = " | ".join("-" if c is None else f"{c:.1%}" for c in cells)
                 lines.append(f"| {name} | {objective.upper()} | {text} |")
-    for metric in ("log_kd", "confidence", "non_me"):
+    # The default metric first, then the others in the manifest's order.
+    for metric in (DEFAULT_METRIC, *(m for m in METRICS if m != DEFAULT_METRIC)):
         lines += [
             "",
-            f"## Oblivious ROC-AUC, {METRIC_TITLES[metric]}",
+            f"## Oblivious ROC-AUC, {metric_title(metric)}",
             "",
             "| Variant | Obj. | " + " | ".join(a.upper() for a in AUC_ATTACKS) + " |",
             "|---|---|" + "---:|" * len(AUC_ATTACKS),
@@ -413,7 +389,8 @@ def render_report(results: AblationResults) -> str:
                 lines.append(f"| {name} | {objective.upper()} | {text} |")
     lines += [
         "",
-        "## Detection at the calibrated threshold (K-density) and attack success",
+        f"## Detection at the calibrated threshold ({metric_title(DEFAULT_METRIC)}) and attack "
+        "success",
         "",
         "Detection = kept adversarial images rejected; success = kept / clean-correct.",
         "",
@@ -424,19 +401,11 @@ def render_report(results: AblationResults) -> str:
         for objective, r in variant.objectives.items():
             pairs: list[str] = []
             for a in AUC_ATTACKS:
-                rate = r.attacks[a].metrics["log_kd"].detection_rate
+                rate = r.attacks[a].metrics[DEFAULT_METRIC].detection_rate
                 det = "-" if rate is None else f"{rate:.1%}"
                 pairs.append(f"{det} / {r.attacks[a].success_rate:.1%}")
             lines.append(f"| {name} | {objective.upper()} | {' | '.join(pairs)} |")
     return "\n".join(lines) + "\n"
-
-
-def write_report(results: AblationResults, directory: Path) -> Path:
-    path = directory / REPORT_FILE
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render_report(results))
-    tmp.replace(path)
-    return path
 
 
 def plot_ablation(results: AblationResults, path: Path) -> Path:
@@ -445,6 +414,8 @@ def plot_ablation(results: AblationResults, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from training.plots import save_figure
 
     names = list(results.variants)
     columns = min(4, len(names))
@@ -470,7 +441,4 @@ def plot_ablation(results: AblationResults, path: Path) -> Path:
     axes.flat[0].legend(fontsize=6)
     figure.supxlabel("eps (L-inf, fraction of pixel range)", fontsize=8)
     figure.supylabel("accuracy, thresholding disabled", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -37,24 +37,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.manifest import Metric
-from training.calibrate import DeployedModel
-from training.losses import Objective, deployed_logits
-from training.scores import log_kernel_density
+from training.deployed import DeployedLogits, DeployedModel
+from training.scores import SCORES
 
-_MASKED = -1.0e4
 # The loss ART's gradient attacks (FGSM, BIM, ILLCM, PGD) follow. "ce" alone is masked on models
 # with a saturated softmax (see `training.robustness`); "both" runs the attack with each loss and
 # keeps, per image, the cross-entropy result where it succeeds and the margin result otherwise.
 AttackLoss = Literal["ce", "margin", "both"]
 ATTACK_LOSSES: tuple[AttackLoss, ...] = ("both", "ce", "margin")
 GRADIENT_ATTACKS = ("fgsm", "bim", "illcm", "pgd")
-
-OBLIVIOUS_ATTACKS = ("fgsm", "bim", "illcm", "jsma", "cw-l2", "cw-hc", "pgd")
-ADAPTIVE_ATTACKS = ("pgd-adaptive", "cw-wb")
-ATTACKS = (*OBLIVIOUS_ATTACKS, *ADAPTIVE_ATTACKS)
-# Attacks run on the smaller image budget: optimisation-based (C&W), compared at equal budget
-# (PGD), or slow in ART (JSMA: about 1.4 s per MNIST image on one thread).
-SLOW_ATTACKS = ("jsma", "cw-l2", "cw-hc", "cw-wb", "pgd", "pgd-adaptive")
 
 
 @dataclass(frozen=True)
@@ -80,19 +71,6 @@ class AttackSettings:
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
-
-
-class DeployedLogits(nn.Module):
-    """The network as the deployed classifier sees it: images in [0, 1] -> deployed logits."""
-
-    def __init__(self, network: nn.Module, objective: Objective) -> None:
-        super().__init__()
-        self.network = network.eval()
-        self.objective: Objective = objective
-
-    def forward(self, images: Tensor) -> Tensor:
-        logits, _ = self.network(images)
-        return deployed_logits(self.objective, logits)
 
 
 def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -135,27 +113,9 @@ def art_classifier(
 def score_of_class(
     detector: DeployedModel, metric: Metric, logits: Tensor, features: Tensor, classes: Tensor
 ) -> Tensor:
-    """The detection score as if `classes` were the prediction (differentiable)."""
-    if metric == "log_kd":
-        return log_kernel_density(
-            features, classes, detector.bank, detector.bank_mask, detector.sigma2
-        )
-    log_probs = F.log_softmax(logits, dim=1)
-    if metric == "confidence":
-        return log_probs.gather(1, classes[:, None]).squeeze(1).exp()
-    top = F.one_hot(classes, logits.shape[1]).bool()
-    masked = torch.where(top, torch.full_like(log_probs, _MASKED), log_probs)
-    log_g = masked - torch.logsumexp(masked, dim=1, keepdim=True)
-    return -torch.where(top, torch.zeros_like(log_g), log_g.exp() * log_g).sum(dim=1)
-
-
-def _forward(detector: DeployedModel, images: Tensor) -> tuple[Tensor, Tensor]:
-    raw, features = detector.network(images)
-    return deployed_logits(detector.objective, raw), features
-
-
-def _num_classes(detector: DeployedModel) -> int:
-    return int(detector.bank.shape[0])
+    """The detection score as if `classes` were the prediction (differentiable): the deployed
+    graph's own score function (`training.scores.SCORES`) for other classes."""
+    return SCORES[metric].function(detector.score_inputs(logits, features, classes))
 
 
 def _one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -168,14 +128,13 @@ def random_targets(labels: np.ndarray, classes: int, rng: np.random.Generator) -
     return (labels + offsets) % classes
 
 
-def _batched(
-    fn: Callable[[Tensor, slice], Tensor], images: Tensor, batch_size: int, desc: str
-) -> Tensor:
+def _batched(fn: Callable[..., Tensor], batch_size: int, desc: str, *tensors: Tensor) -> Tensor:
+    """`fn` over `batch_size` rows of every tensor at a time, the results concatenated."""
     parts = []
-    starts = range(0, images.shape[0], batch_size)
+    starts = range(0, tensors[0].shape[0], batch_size)
     for start in tqdm(starts, desc=f"{desc} batches", leave=False, disable=len(starts) < 2):
         index = slice(start, start + batch_size)
-        parts.append(fn(images[index], index))
+        parts.append(fn(*(t[index] for t in tensors)))
     return torch.cat(parts)
 
 
@@ -188,36 +147,17 @@ def cw_wb(
     settings: AttackSettings,
     kappa: float = 0.0,
     detector_term: bool = True,
-    desc: str = "cw-wb",
 ) -> Tensor:
     """C&W-L2 (Carlini & Wagner 2017) plus the paper's detector hinge, anchored to `images`.
 
     loss = ||x' - x||^2 + c * (max(max_{i!=t} Z_i - Z_t, -kappa) + max(T + m - s_t(x'), 0)),
     with binary search over c. An iterate succeeds when its label is t by at least kappa and its
     score s_t >= T. `detector_term=False` gives the oblivious C&W-L2 of the same implementation.
+    One batch: `run_attack` splits the images into batches of `batch_size`.
     """
-
-    def attack(batch: Tensor, index: slice) -> Tensor:
-        return _cw_batch(
-            detector, batch, targets[index], threshold, metric, settings, kappa, detector_term
-        )
-
-    return _batched(attack, images, settings.batch_size, desc)
-
-
-def _cw_batch(
-    detector: DeployedModel,
-    images: Tensor,
-    targets: Tensor,
-    threshold: float,
-    metric: Metric,
-    settings: AttackSettings,
-    kappa: float,
-    detector_term: bool,
-) -> Tensor:
     n = images.shape[0]
     w0 = torch.atanh((2.0 * images - 1.0).clamp(-1 + 1e-6, 1 - 1e-6))
-    target_mask = F.one_hot(targets, _num_classes(detector)).bool()
+    target_mask = F.one_hot(targets, detector.num_classes).bool()
     const = torch.full((n,), settings.cw_initial_const)
     lower, upper = torch.zeros(n), torch.full((n,), math.inf)
     best, best_l2 = images.clone(), torch.full((n,), math.inf)
@@ -232,7 +172,7 @@ def _cw_batch(
         previous = math.inf
         for step in range(settings.cw_max_iter):
             adversarial = (torch.tanh(w) + 1.0) / 2.0
-            logits, features = _forward(detector, adversarial)
+            logits, features = detector.logits_and_features(adversarial)
             l2 = (adversarial - images).flatten(1).pow(2).sum(1)
             other = logits.masked_fill(target_mask, -math.inf).max(1).values
             gap = other - logits.gather(1, targets[:, None]).squeeze(1)
@@ -270,47 +210,32 @@ def adaptive_pgd(
     threshold: float,
     metric: Metric,
     settings: AttackSettings,
-    weight: float | None = None,
 ) -> Tensor:
     """L-inf PGD on the label AND the detector: maximise
 
-    min(max_{i!=y} Z_i - Z_y, margin) - weight * max(T + margin - s_t(x'), 0)
+    min(max_{i!=y} Z_i - Z_y, margin) - w * max(T + margin - s_t(x'), 0)
 
-    with t = argmax_{i!=y} Z_i (the runner-up class, where the label is headed),
-    with signed gradient steps of `pgd_step`, projected on the eps-ball around the clean image.
-    Per image it keeps the first iterate that is misclassified and accepted, else the
-    misclassified iterate with the highest score.
+    with t = argmax_{i!=y} Z_i (the runner-up class, where the label is headed) and
+    w = `adaptive_weight`, with signed gradient steps of `pgd_step`, projected on the eps-ball
+    around the clean image. Per image it keeps the first iterate that is misclassified and
+    accepted, else the misclassified iterate with the highest score. One batch: `run_attack`
+    splits the images into batches of `batch_size`.
     """
-    weight = settings.adaptive_weight if weight is None else weight
-
-    def attack(batch: Tensor, index: slice) -> Tensor:
-        return _pgd_batch(detector, batch, labels[index], threshold, metric, settings, weight)
-
-    return _batched(attack, images, settings.batch_size, "pgd-adaptive")
-
-
-def _pgd_batch(
-    detector: DeployedModel,
-    images: Tensor,
-    labels: Tensor,
-    threshold: float,
-    metric: Metric,
-    settings: AttackSettings,
-    weight: float,
-) -> Tensor:
     n = images.shape[0]
-    label_mask = F.one_hot(labels, _num_classes(detector)).bool()
+    label_mask = F.one_hot(labels, detector.num_classes).bool()
     margin = settings.adaptive_margin
     best, best_state = images.clone(), torch.zeros(n, dtype=torch.long)
     best_score = torch.full((n,), -math.inf)
     adversarial = images.clone()
     for step in tqdm(range(settings.pgd_steps + 1), desc="adaptive PGD", leave=False):
         adversarial.requires_grad_(True)
-        logits, features = _forward(detector, adversarial)
+        logits, features = detector.logits_and_features(adversarial)
         other, runner_up = logits.masked_fill(label_mask, -math.inf).max(1)
         gap = other - logits.gather(1, labels[:, None]).squeeze(1)
         score = score_of_class(detector, metric, logits, features, runner_up)
-        objective = gap.clamp_max(margin) - weight * (threshold + margin - score).clamp_min(0.0)
+        objective = gap.clamp_max(margin) - settings.adaptive_weight * (
+            threshold + margin - score
+        ).clamp_min(0.0)
         (gradient,) = torch.autograd.grad(objective.sum(), adversarial)
         with torch.no_grad():
             missed = logits.argmax(1) != labels
@@ -393,7 +318,7 @@ def gradient_attack(
     """
     if name not in GRADIENT_ATTACKS:
         raise ValueError(f"{name!r} is not one of {GRADIENT_ATTACKS}")
-    classes = _num_classes(detector)
+    classes = detector.num_classes
     shape = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
     losses: tuple[Literal["ce", "margin"], ...] = (
         ("ce", "margin") if s.attack_loss == "both" else (s.attack_loss,)
@@ -422,6 +347,142 @@ class AttackOutput:
     params: dict[str, float | int | str]
 
 
+@dataclass(frozen=True)
+class AttackInputs:
+    """What every attack is given: float images in [0, 1], their true labels, the clean
+    predictions and probabilities of the deployed classifier, and the deployed threshold."""
+
+    detector: DeployedModel
+    images: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray
+    probabilities: np.ndarray
+    threshold: float
+    settings: AttackSettings
+    # Seeded by the run's seed alone, so C&W-L2, C&W-hc and C&W-wb aim at the same targets.
+    rng: np.random.Generator
+
+    @property
+    def classes(self) -> int:
+        return int(self.probabilities.shape[1])
+
+    @property
+    def least_likely(self) -> np.ndarray:
+        return np.asarray(self.probabilities.argmin(axis=1))
+
+    @property
+    def metric(self) -> Metric:
+        return self.detector.default_metric
+
+
+# An attack: adversarial images, the targets it aimed at (targeted attacks) and its parameters.
+Params = dict[str, float | int | str]
+AttackFunction = Callable[[AttackInputs], tuple[np.ndarray, np.ndarray | None, Params]]
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One entry of the registry: how the attack runs and on which image budget."""
+
+    run: AttackFunction
+    adaptive: bool = False  # knows the detector (Pang et al. 2018, section 4.3)
+    slow: bool = False  # runs on the smaller image budget
+
+
+def _gradient(name: str) -> AttackFunction:
+    def run(x: AttackInputs) -> tuple[np.ndarray, np.ndarray | None, Params]:
+        targeted = name == "illcm"
+        # FGSM and BIM follow the clean prediction (no label leaking), PGD the true label.
+        y = x.least_likely if targeted else x.labels if name == "pgd" else x.predictions
+        adversarial = gradient_attack(name, x.detector, x.images, y, x.settings)
+        return adversarial, x.least_likely if targeted else None, _gradient_params(name, x.settings)
+
+    return run
+
+
+def _jsma(x: AttackInputs) -> tuple[np.ndarray, np.ndarray | None, Params]:
+    from art.attacks.evasion import SaliencyMapMethod
+
+    s = x.settings
+    shape = (int(x.images.shape[1]), int(x.images.shape[2]), int(x.images.shape[3]))
+    classifier = art_classifier(x.detector, shape, x.classes)
+    attack = SaliencyMapMethod(classifier, s.jsma_theta, s.jsma_gamma, s.batch_size)
+    targets = x.least_likely
+    params: Params = {
+        "theta": s.jsma_theta, "gamma": s.jsma_gamma, "target": "least likely",
+        "implementation": "ART SaliencyMapMethod",
+    }  # fmt: skip
+    return attack.generate(x.images, y=_one_hot(targets, x.classes)), targets, params
+
+
+def _cw_budget(s: AttackSettings, kappa: float) -> Params:
+    return {
+        "kappa": kappa, "binary_search_steps": s.cw_binary_steps, "max_iter": s.cw_max_iter,
+        "learning_rate": s.cw_learning_rate, "initial_const": s.cw_initial_const,
+    }  # fmt: skip
+
+
+def _cw(name: str, detector_term: bool) -> AttackFunction:
+    def run(x: AttackInputs) -> tuple[np.ndarray, np.ndarray | None, Params]:
+        s = x.settings
+        kappa = s.cw_hc_kappa if name == "cw-hc" else 0.0
+        targets = random_targets(x.labels, x.classes, x.rng)
+        threshold = x.threshold if detector_term else 0.0
+        params = _cw_budget(s, kappa)
+        if detector_term:
+            params |= {"margin": s.adaptive_margin, "metric": x.metric, "threshold": x.threshold}
+            params |= {"target": "random != true label", "anchor": "clean image"}
+        else:
+            params |= {"target": "random != true label", "implementation": "rcegate torch C&W-L2"}
+
+        def batch(images: Tensor, aims: Tensor) -> Tensor:
+            return cw_wb(x.detector, images, aims, threshold, x.metric, s, kappa, detector_term)
+
+        adversarial = _batched(
+            batch, s.batch_size, name, torch.from_numpy(x.images), torch.from_numpy(targets)
+        )
+        return adversarial.numpy(), targets, params
+
+    return run
+
+
+def _pgd_adaptive(x: AttackInputs) -> tuple[np.ndarray, np.ndarray | None, Params]:
+    s = x.settings
+    params: Params = {
+        "eps": s.pgd_eps, "eps_step": s.pgd_step, "steps": s.pgd_steps,
+        "weight": s.adaptive_weight, "margin": s.adaptive_margin, "metric": x.metric,
+        "threshold": x.threshold,
+    }  # fmt: skip
+
+    def batch(images: Tensor, labels: Tensor) -> Tensor:
+        return adaptive_pgd(x.detector, images, labels, x.threshold, x.metric, s)
+
+    adversarial = _batched(
+        batch, s.batch_size, "pgd-adaptive", torch.from_numpy(x.images), torch.from_numpy(x.labels)
+    )
+    return adversarial.numpy(), None, params
+
+
+# The registry, in report order: adding an attack is one entry here (and a title in
+# `training.report.ATTACK_TITLES`). Slow: optimisation-based (C&W), compared at equal budget
+# (PGD), or slow in ART (JSMA: about 1.4 s per MNIST image on one thread).
+REGISTRY: dict[str, Attack] = {
+    "fgsm": Attack(_gradient("fgsm")),
+    "bim": Attack(_gradient("bim")),
+    "illcm": Attack(_gradient("illcm")),
+    "jsma": Attack(_jsma, slow=True),
+    "cw-l2": Attack(_cw("cw-l2", detector_term=False), slow=True),
+    "cw-hc": Attack(_cw("cw-hc", detector_term=False), slow=True),
+    "pgd": Attack(_gradient("pgd"), slow=True),
+    "pgd-adaptive": Attack(_pgd_adaptive, adaptive=True, slow=True),
+    "cw-wb": Attack(_cw("cw-wb", detector_term=True), adaptive=True, slow=True),
+}
+OBLIVIOUS_ATTACKS = tuple(name for name, a in REGISTRY.items() if not a.adaptive)
+ADAPTIVE_ATTACKS = tuple(name for name, a in REGISTRY.items() if a.adaptive)
+ATTACKS = (*OBLIVIOUS_ATTACKS, *ADAPTIVE_ATTACKS)
+SLOW_ATTACKS = tuple(name for name, a in REGISTRY.items() if a.slow)
+
+
 def run_attack(
     name: str,
     detector: DeployedModel,
@@ -433,70 +494,15 @@ def run_attack(
     settings: AttackSettings,
     seed: int,
 ) -> AttackOutput:
-    """Run one attack on float images in [0, 1]; `labels` are the true labels."""
-    from art.attacks.evasion import SaliencyMapMethod
-
-    if name not in ATTACKS:
+    """Run one attack of the registry on float images in [0, 1]; `labels` are the true labels."""
+    if name not in REGISTRY:
         raise ValueError(f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
-    classes = probabilities.shape[1]
-    shape = images.shape[1:]
-    classifier = art_classifier(detector, (int(shape[0]), int(shape[1]), int(shape[2])), classes)
-    # Seeded by `seed` alone so C&W-L2, C&W-hc and C&W-wb aim at the same targets.
-    rng = np.random.default_rng(seed)
+    inputs = AttackInputs(
+        detector, images, labels, predictions, probabilities, threshold, settings,
+        np.random.default_rng(seed),
+    )  # fmt: skip
     torch.manual_seed(seed)
-    s = settings
-    least_likely = probabilities.argmin(axis=1)
-    targets: np.ndarray | None = None
-    metric: Metric = detector.default_metric
     started = time.perf_counter()
-    if name in GRADIENT_ATTACKS:
-        targeted = name == "illcm"
-        targets = least_likely if targeted else None
-        params = _gradient_params(name, s)
-        # FGSM and BIM follow the clean prediction (no label leaking), PGD the true label.
-        y = least_likely if targeted else labels if name == "pgd" else predictions
-        adversarial = gradient_attack(name, detector, images, y, s)
-    elif name == "jsma":
-        targets = least_likely
-        params = {
-            "theta": s.jsma_theta, "gamma": s.jsma_gamma, "target": "least likely",
-            "implementation": "ART SaliencyMapMethod",
-        }  # fmt: skip
-        attack = SaliencyMapMethod(classifier, s.jsma_theta, s.jsma_gamma, s.batch_size)
-        adversarial = attack.generate(images, y=_one_hot(targets, classes))
-    elif name in ("cw-l2", "cw-hc"):
-        kappa = 0.0 if name == "cw-l2" else s.cw_hc_kappa
-        targets = random_targets(labels, classes, rng)
-        params = {
-            "kappa": kappa, "binary_search_steps": s.cw_binary_steps, "max_iter": s.cw_max_iter,
-            "learning_rate": s.cw_learning_rate, "initial_const": s.cw_initial_const,
-            "target": "random != true label", "implementation": "rcegate torch C&W-L2",
-        }  # fmt: skip
-        adversarial = cw_wb(
-            detector, torch.from_numpy(images), torch.from_numpy(targets), 0.0, metric, s,
-            kappa=kappa, detector_term=False, desc=name,
-        ).numpy()  # fmt: skip
-    elif name == "pgd-adaptive":
-        params = {
-            "eps": s.pgd_eps, "eps_step": s.pgd_step, "steps": s.pgd_steps,
-            "weight": s.adaptive_weight, "margin": s.adaptive_margin, "metric": metric,
-            "threshold": threshold,
-        }  # fmt: skip
-        adversarial = adaptive_pgd(
-            detector, torch.from_numpy(images), torch.from_numpy(labels), threshold, metric, s
-        ).numpy()
-    elif name == "cw-wb":
-        targets = random_targets(labels, classes, rng)
-        params = {
-            "kappa": 0.0, "binary_search_steps": s.cw_binary_steps, "max_iter": s.cw_max_iter,
-            "learning_rate": s.cw_learning_rate, "initial_const": s.cw_initial_const,
-            "margin": s.adaptive_margin, "metric": metric, "threshold": threshold,
-            "target": "random != true label", "anchor": "clean image",
-        }  # fmt: skip
-        adversarial = cw_wb(
-            detector, torch.from_numpy(images), torch.from_numpy(targets), threshold, metric, s
-        ).numpy()
-    else:
-        raise ValueError(f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
+    adversarial, targets, params = REGISTRY[name].run(inputs)
     seconds = time.perf_counter() - started
     return AttackOutput(np.clip(adversarial.astype(np.float32), 0.0, 1.0), seconds, targets, params)

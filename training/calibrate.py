@@ -3,8 +3,8 @@
 Pang et al. 2018, section 3.1: an input is accepted iff score >= T, with T chosen on clean data
 so that a target fraction (target_fpr) of clean inputs is rejected. The bank holds, per class, a
 seeded random sample (default 1000, as in the official code) of TRAINING final hidden vectors
-keyed by their TRUE label. `DeployedModel` is the whole detector as one module: the network, the
-reversed logits of RCE, the three scores and the accept decision; it is what gets exported.
+keyed by their TRUE label. A `Calibration` (bank, bandwidth, thresholds and the calibration
+table) turns a trained network into the exported detector (`training.deployed.DeployedModel`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from tqdm import tqdm
+from torch import nn
 
-from models.manifest import METRICS, CalibrationTable, Metric
-from training.data import Dataset, Split
-from training.losses import Objective, deployed_logits
-from training.scores import SIGMA2, confidence, log_kernel_density, non_maximal_entropy
-from training.train import to_tensor
+from models.files import staged_file
+from models.manifest import METRICS, CalibrationTable, Metric, Objective
+from training.data import Dataset
+from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC, TARGET_FPR
+from training.deployed import DeployedModel, detector_outputs, predict
+from training.scores import SIGMA2
 
 # FPR levels of the calibration table: fine steps at the low end, where operators choose.
 TABLE_FPR: tuple[float, ...] = tuple(
@@ -61,86 +60,6 @@ def feature_bank(
         bank[label, : index.size] = features[np.sort(index)]
         mask[label, : index.size] = 1.0
     return bank, mask
-
-
-class DeployedModel(nn.Module):
-    """images in [0, 1] -> (logits, probabilities, label, confidence, non_me, log_kd, accepted)."""
-
-    def __init__(
-        self,
-        network: nn.Module,
-        objective: Objective,
-        bank: np.ndarray,
-        bank_mask: np.ndarray,
-        sigma2: float,
-        default_metric: Metric = "log_kd",
-        threshold: float = float("-inf"),
-    ) -> None:
-        super().__init__()
-        self.network = network.eval()
-        self.objective: Objective = objective
-        self.sigma2 = float(sigma2)
-        self.default_metric: Metric = default_metric
-        self.bank: Tensor
-        self.bank_mask: Tensor
-        self.threshold: Tensor
-        self.register_buffer("bank", torch.from_numpy(bank))
-        self.register_buffer("bank_mask", torch.from_numpy(bank_mask))
-        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
-
-    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        raw_logits, features = self.network(images)
-        logits = deployed_logits(self.objective, raw_logits)
-        probabilities = F.softmax(logits, dim=1)
-        label = logits.argmax(dim=1)
-        scores = {
-            "confidence": confidence(probabilities),
-            "non_me": non_maximal_entropy(logits),
-            "log_kd": log_kernel_density(features, label, self.bank, self.bank_mask, self.sigma2),
-        }
-        accepted = scores[self.default_metric] >= self.threshold
-        return (
-            logits,
-            probabilities,
-            label,
-            scores["confidence"],
-            scores["non_me"],
-            scores["log_kd"],
-            accepted,
-        )
-
-
-@torch.no_grad()
-def score_split(
-    model: DeployedModel, split: Split, batch_size: int = 500, progress: str | None = None
-) -> dict[str, np.ndarray]:
-    """Run the deployed detector over a split: labels and every metric's scores (numpy).
-
-    `progress` names a progress bar over the split's images (none when None)."""
-    model.eval()
-    names = ("logits", "probabilities", "label", *METRICS, "accepted")
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    with tqdm(total=len(split), desc=progress, unit="img", disable=progress is None) as bar:
-        for start in range(0, len(split), batch_size):
-            outputs = model(to_tensor(split.images[start : start + batch_size]))
-            for name, value in zip(names, outputs, strict=True):
-                parts[name].append(value.numpy())
-            bar.update(len(outputs[0]))
-    return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-@torch.no_grad()
-def training_features(network: nn.Module, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Final hidden vectors of uint8 images in eval mode, with a progress bar (the slow part of
-    calibration: one forward pass over the whole training split)."""
-    network.eval()
-    parts = []
-    with tqdm(total=len(images), desc="calibrate: bank features", unit="img") as bar:
-        for start in range(0, len(images), batch_size):
-            _, features = network(to_tensor(images[start : start + batch_size]))
-            parts.append(features.numpy())
-            bar.update(len(parts[-1]))
-    return np.concatenate(parts)
 
 
 @dataclass(frozen=True)
@@ -186,10 +105,8 @@ class Calibration:
         )
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.to_payload(), tmp)
-        tmp.replace(path)
+        with staged_file(path) as staging:
+            torch.save(self.to_payload(), staging)
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
@@ -211,20 +128,22 @@ def calibrate(
     network: nn.Module,
     objective: Objective,
     dataset: Dataset,
-    target_fpr: float = 0.05,
-    bank_per_class: int = 1000,
+    target_fpr: float = TARGET_FPR,
+    bank_per_class: int = BANK_PER_CLASS,
     sigma2: float | None = None,
-    default_metric: Metric = "log_kd",
+    default_metric: Metric = DEFAULT_METRIC,
     seed: int = 0,
 ) -> Calibration:
     """Build the bank from the training split and calibrate thresholds on the calibration split."""
-    train_features = training_features(network, dataset.train.images)
+    _, train_features = predict(
+        network, objective, dataset.train.images, progress="calibrate: bank features"
+    )
     bank, mask = feature_bank(
         train_features, dataset.train.labels, dataset.num_classes, bank_per_class, seed
     )
     sigma2 = SIGMA2[objective] if sigma2 is None else sigma2
     detector = DeployedModel(network, objective, bank, mask, sigma2, default_metric)
-    scores = score_split(detector, dataset.calibration, progress="calibrate: scores")
+    scores = detector_outputs(detector, dataset.calibration.images, progress="calibrate: scores")
     thresholds: dict[Metric, float] = {
         m: calibrated_threshold(scores[m], target_fpr) for m in METRICS
     }

@@ -7,24 +7,35 @@ install reports a clear message instead of an ImportError.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import typer
 
+from models.manifest import METRICS, Objective
+from training.config import RECIPES, TrainConfig
+from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC, TARGET_FPR
+
 if TYPE_CHECKING:
     from training.calibrate import Calibration
-    from training.data import Dataset as LoadedDataset
+    from training.data import Dataset
     from training.nets import ResNet
-    from training.train import TrainConfig
 
 RUNS = Path("runs")
+# The training options' defaults are the config's own.
+DEFAULTS = TrainConfig()
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 
-Dataset = Annotated[str, typer.Option(help="mnist-5k | mnist | fashion-mnist | cifar10 | folder")]
+DatasetOption = Annotated[
+    str, typer.Option(help="mnist-5k | mnist | fashion-mnist | cifar10 | folder")
+]
 DataDir = Annotated[Path | None, typer.Option(help="Directory of the dataset files.")]
-Objective = Annotated[str, typer.Option(help="rce (reverse cross-entropy) or ce (baseline).")]
+ObjectiveOption = Annotated[str, typer.Option(help="rce (reverse cross-entropy) or ce (baseline).")]
 Checkpoint = Annotated[Path, typer.Option(help="Checkpoint file (.pt).")]
 CalibrationFile = Annotated[Path, typer.Option(help="Calibration file written by `calibrate`.")]
 ModelDir = Annotated[Path, typer.Option(help="Model repository directory.")]
@@ -81,23 +92,23 @@ def _require_torch() -> None:
         raise typer.Exit(2) from None
 
 
-def _train_config(
-    dataset: str,
-    data_dir: Path | None,
-    objective: str,
-    depth: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    train_limit: int | None,
-    dry_run: bool,
-    recipe: str,
-    steps: int,
+def training_options(
+    dataset: DatasetOption = DEFAULTS.dataset,
+    data_dir: DataDir = None,
+    objective: ObjectiveOption = DEFAULTS.objective,
+    depth: DepthOption = DEFAULTS.depth,
+    recipe: RecipeOption = DEFAULTS.recipe,
+    steps: StepsOption = DEFAULTS.steps,
+    epochs: EpochsOption = DEFAULTS.epochs,
+    batch_size: BatchSize = DEFAULTS.batch_size,
+    lr: LearningRate = DEFAULTS.lr,
+    seed: Seed = DEFAULTS.seed,
+    train_limit: TrainLimit = None,
+    dry_run: DryRun = False,
 ) -> TrainConfig:
-    from training.train import RECIPES, TrainConfig
-
-    if objective not in ("rce", "ce"):
+    """The training options of `train` and `pipeline` (declared once, here), checked one by one
+    (a bad value is a one-line error naming the option) and turned into a TrainConfig."""
+    if objective not in OBJECTIVES:
         raise typer.BadParameter("must be rce or ce", param_hint="--objective")
     if recipe not in RECIPES:
         raise typer.BadParameter(f"must be one of {', '.join(RECIPES)}", param_hint="--recipe")
@@ -112,7 +123,7 @@ def _train_config(
         steps=steps,
         dataset=dataset,
         data_dir=str(data_dir) if data_dir else None,
-        objective=objective,  # type: ignore[arg-type]
+        objective=objective,
         depth=depth,
         epochs=epochs,
         batch_size=batch_size,
@@ -123,31 +134,42 @@ def _train_config(
     )
 
 
+def with_training_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with the options of `training_options` added to what Typer sees; the command
+    itself takes the TrainConfig they describe as `config`."""
+    # Evaluated annotations: Typer reads the options' help from them (this module postpones them).
+    shared = inspect.signature(training_options, eval_str=True).parameters
+    own = [
+        p
+        for p in inspect.signature(command, eval_str=True).parameters.values()
+        if p.name != "config"
+    ]
+
+    @functools.wraps(command)
+    def run(**values: Any) -> None:
+        config = training_options(**{name: values.pop(name) for name in shared})
+        command(config=config, **values)
+
+    # A parameter without a default may not follow one with a default: required ones first.
+    required = [p for p in own if p.default is inspect.Parameter.empty]
+    optional = [p for p in own if p.default is not inspect.Parameter.empty]
+    run.__signature__ = inspect.Signature([*required, *shared.values(), *optional])  # type: ignore[attr-defined]
+    hints = {**training_options.__annotations__, **command.__annotations__}
+    run.__annotations__ = {k: v for k, v in hints.items() if k not in ("config", "return")}
+    return run
+
+
+@with_training_options
 def train(
+    config: TrainConfig,
     checkpoint: Checkpoint = RUNS / "model.pt",
-    dataset: Dataset = "mnist-5k",
-    data_dir: DataDir = None,
-    objective: Objective = "rce",
-    depth: DepthOption = 32,
-    recipe: RecipeOption = "official",
-    steps: StepsOption = 20_000,
-    epochs: EpochsOption = 30,
-    batch_size: BatchSize = 128,
-    lr: LearningRate = 0.1,
-    seed: Seed = 0,
-    train_limit: TrainLimit = None,
     resume: Annotated[bool, typer.Option(help="Continue from --checkpoint.")] = False,
-    dry_run: DryRun = False,
 ) -> None:
     """Train a ResNet with RCE or CE; run under `torchrun` for data-parallel training."""
     _require_torch()
     from training.data import DatasetError
     from training.train import train as run_training
 
-    config = _train_config(
-        dataset, data_dir, objective, depth, epochs, batch_size, lr, seed, train_limit, dry_run,
-        recipe, steps,
-    )  # fmt: skip
     try:
         payload = run_training(config, checkpoint, resume=resume)
     except DatasetError as error:
@@ -160,23 +182,23 @@ def train(
 def calibrate(
     checkpoint: Checkpoint = RUNS / "model.pt",
     out: CalibrationFile = RUNS / "calibration.pt",
-    target_fpr: TargetFpr = 0.05,
-    bank_per_class: BankPerClass = 1000,
+    target_fpr: TargetFpr = TARGET_FPR,
+    bank_per_class: BankPerClass = BANK_PER_CLASS,
     sigma2: Annotated[float | None, typer.Option(help="Default 0.1/0.26 RCE, 1/0.26 CE.")] = None,
     metric: Annotated[
-        str, typer.Option(help="Default metric: log_kd|non_me|confidence")
-    ] = "log_kd",
+        str, typer.Option(help=f"Metric of the accept decision: {' | '.join(METRICS)}.")
+    ] = DEFAULT_METRIC,
 ) -> None:
     """Build the K-density bank and calibrate per-metric thresholds on held-out clean data."""
     _require_torch()
     from training.calibrate import calibrate as run_calibration
-    from training.train import load_trained_model
+    from training.checkpoints import load_trained_model
 
-    if metric not in ("log_kd", "non_me", "confidence"):
-        raise typer.BadParameter("must be log_kd, non_me or confidence", param_hint="--metric")
+    if metric not in METRICS:
+        raise typer.BadParameter(f"must be one of {', '.join(METRICS)}", param_hint="--metric")
     model, config, data = load_trained_model(checkpoint)
     result = run_calibration(
-        model, config.objective, data, target_fpr, bank_per_class, sigma2, metric,  # type: ignore[arg-type]
+        model, config.objective, data, target_fpr, bank_per_class, sigma2, metric,
         seed=config.seed,
     )  # fmt: skip
     result.save(out)
@@ -197,7 +219,7 @@ def export(
     Refuses (exit 2) a model whose clean accuracy on its own test split is near chance."""
     _require_torch()
     from training.calibrate import Calibration
-    from training.train import load_trained_model
+    from training.checkpoints import load_trained_model
 
     model, config, data = load_trained_model(checkpoint)
     calibration_result = Calibration.load(calibration)
@@ -210,7 +232,7 @@ def export(
 def _export(
     model: ResNet,
     config: TrainConfig,
-    data: LoadedDataset,
+    data: Dataset,
     calibration: Calibration,
     model_dir: Path,
     name: str,
@@ -230,38 +252,24 @@ def _export(
         raise typer.Exit(2) from None
 
 
+@with_training_options
 def pipeline(
+    config: TrainConfig,
     name: Annotated[str, typer.Option(help="Model name in the repository.")],
     version: VersionOption = 1,
-    dataset: Dataset = "mnist-5k",
-    data_dir: DataDir = None,
-    objective: Objective = "rce",
-    depth: DepthOption = 32,
-    recipe: RecipeOption = "official",
-    steps: StepsOption = 20_000,
-    epochs: EpochsOption = 30,
-    batch_size: BatchSize = 128,
-    lr: LearningRate = 0.1,
-    seed: Seed = 0,
-    train_limit: TrainLimit = None,
-    target_fpr: TargetFpr = 0.05,
-    bank_per_class: BankPerClass = 1000,
+    target_fpr: TargetFpr = TARGET_FPR,
+    bank_per_class: BankPerClass = BANK_PER_CLASS,
     model_dir: ModelDir = Path("models"),
     work_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = RUNS,
     overwrite: Overwrite = False,
-    dry_run: DryRun = False,
     force: Force = False,
 ) -> None:
     """train -> calibrate -> export in one command."""
     _require_torch()
     from training.calibrate import calibrate as run_calibration
-    from training.train import load_trained_model
+    from training.checkpoints import load_trained_model
     from training.train import train as run_training
 
-    config = _train_config(
-        dataset, data_dir, objective, depth, epochs, batch_size, lr, seed, train_limit, dry_run,
-        recipe, steps,
-    )  # fmt: skip
     checkpoint = work_dir / f"{name}-v{version}.pt"
     run_training(config, checkpoint)
     model, config, data = load_trained_model(checkpoint)
@@ -327,8 +335,8 @@ def evaluate(
     from training.evaluate import EvaluationError, load_model_under_test
     from training.evaluate import evaluate as run_evaluation
     from training.plots import write_figures
-    from training.report import write_report, write_results
-    from training.train import seed_everything
+    from training.report import render_report, write_report
+    from training.runtime import seed_everything
 
     if len(artifact) != len(checkpoint) or (calibration and len(calibration) != len(artifact)):
         raise typer.BadParameter("give one --checkpoint (and --calibration) per --artifact")
@@ -361,7 +369,7 @@ def evaluate(
         )
         results = results.model_copy(update={"training_cost": cost})
     out.mkdir(parents=True, exist_ok=True)
-    paths = [write_results(results, out), write_report(results, out)]
+    paths = [results.write(out), write_report(render_report(results), out)]
     paths += write_figures(evaluation.results, evaluation.scores, out)
     typer.echo(json.dumps({"written": [str(p) for p in paths]}))
 
@@ -376,9 +384,10 @@ def report(
 ) -> None:
     """Re-render report.md from results.json (optionally adding the training-cost figures)."""
     _require_torch()
-    from training.report import read_results, write_report, write_results
+    from training.report import render_report, write_report
+    from training.results import EvaluationResults
 
-    evaluation = read_results(results)
+    evaluation = EvaluationResults.read(results)
     if cost_repeats > 0:
         from training.cost import training_cost
         from training.data import load_dataset
@@ -387,8 +396,8 @@ def report(
         depth = cost_depth or int(timed.architecture.removeprefix("preact-resnet"))
         cost = training_cost(load_dataset(evaluation.dataset), depth, cost_images, cost_repeats)
         evaluation = evaluation.model_copy(update={"training_cost": cost})
-        write_results(evaluation, results.parent)
-    typer.echo(str(write_report(evaluation, results.parent)))
+        evaluation.write(results.parent)
+    typer.echo(str(write_report(render_report(evaluation), results.parent)))
 
 
 def masking_check(
@@ -414,24 +423,24 @@ def masking_check(
     applies the checks of Carlini et al. 2019 and writes results.json, report.md and
     robustness.png. Exit code 1 when a check fails."""
     _require_torch()
-    import numpy as np
     import torch
 
     from training.attacks import AttackSettings
-    from training.calibrate import DeployedModel
-    from training.export import _source_commit
+    from training.checkpoints import load_trained_model
+    from training.deployed import DeployedModel
+    from training.provenance import source_commit
     from training.recover import load_artifact_network
+    from training.report import write_report
     from training.robustness import (
         PLOT_FILE,
         MaskingResults,
         all_passed,
         created_now,
         plot_robustness,
+        render_report,
         robustness,
-        write_report,
-        write_results,
     )
-    from training.train import load_trained_model, seed_everything
+    from training.runtime import seed_everything
 
     _check_attack_loss(attack_loss)
     sources = [*(checkpoint or []), *(artifact or [])]
@@ -452,11 +461,9 @@ def masking_check(
         network.requires_grad_(False)
         names.add(dataset.name)
         # Thresholding is disabled: the detector only carries the network and its objective.
-        classes, dim = dataset.num_classes, network.feature_dim
-        detector = DeployedModel(
-            network, objective, np.zeros((classes, 1, dim), np.float32),
-            np.ones((classes, 1), np.float32), 1.0,
-        )  # fmt: skip
+        detector = DeployedModel.classifier_only(
+            network, objective, dataset.num_classes, network.feature_dim
+        )
         if objective in models:
             raise typer.BadParameter(f"two {objective} models; give one per objective")
         models[objective] = robustness(detector, dataset, str(path), images, grid, settings, seed)
@@ -465,7 +472,7 @@ def masking_check(
     results = MaskingResults(
         dataset=names.pop(),
         created_at=created_now(),
-        source_commit=_source_commit(),
+        source_commit=source_commit(),
         seed=seed,
         eps=list(grid),
         bim_steps=bim_steps,
@@ -474,7 +481,7 @@ def masking_check(
         models=models,
     )
     out.mkdir(parents=True, exist_ok=True)
-    paths = [write_results(results, out), write_report(results, out)]
+    paths = [results.write(out), write_report(render_report(results), out)]
     paths.append(plot_robustness(results, out / PLOT_FILE))
     typer.echo(json.dumps({"written": [str(p) for p in paths], "passed": all_passed(results)}))
     if not all_passed(results):
@@ -482,7 +489,7 @@ def masking_check(
 
 
 def ablation(
-    dataset: Dataset = "mnist-5k",
+    dataset: DatasetOption = DEFAULTS.dataset,
     data_dir: DataDir = None,
     variants: Annotated[
         str,
@@ -503,7 +510,7 @@ def ablation(
     eps: Annotated[str, typer.Option(help="Comma-separated L-inf budgets ([0,1] scale).")] = (
         "0,0.05,0.1,0.2,0.3"
     ),
-    target_fpr: Annotated[float, typer.Option(help="Target FPR of the thresholds.")] = 0.05,
+    target_fpr: Annotated[float, typer.Option(help="Target FPR of the thresholds.")] = TARGET_FPR,
     jobs: Annotated[int, typer.Option(help="Checkpoints trained in parallel.")] = 2,
     threads: Annotated[int, typer.Option(help="Torch threads per training process.")] = 1,
     attack_loss: AttackLossOption = "both",
@@ -518,12 +525,12 @@ def ablation(
         VARIANTS,
         Plan,
         plot_ablation,
+        render_report,
         run_ablation,
-        write_report,
-        write_results,
     )
     from training.attacks import AttackSettings
-    from training.export import _source_commit
+    from training.provenance import source_commit
+    from training.report import write_report
     from training.robustness import created_now
 
     _check_attack_loss(attack_loss)
@@ -538,9 +545,9 @@ def ablation(
     results = run_ablation(
         plan, [VARIANTS[v] for v in chosen], images, grid,
         AttackSettings(attack_loss=attack_loss),  # type: ignore[arg-type]
-        target_fpr, jobs, threads, created_now(), _source_commit(),
+        target_fpr, jobs, threads, created_now(), source_commit(),
     )  # fmt: skip
-    paths = [write_results(results, out), write_report(results, out)]
+    paths = [results.write(out), write_report(render_report(results), out)]
     paths.append(plot_ablation(results, out / PLOT_FILE))
     typer.echo(json.dumps({"written": [str(p) for p in paths]}))
 

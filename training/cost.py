@@ -13,10 +13,13 @@ import time
 
 import torch
 
+from models.manifest import Objective
+from training.config import TrainConfig
 from training.data import Dataset
-from training.losses import Objective
-from training.report import TrainingCost
-from training.train import TrainConfig, _train_epoch, build_model, seed_everything
+from training.nets import build_model
+from training.results import TrainingCost
+from training.runtime import seed_everything
+from training.train import train_epoch
 
 
 def epoch_seconds(dataset: Dataset, objective: Objective, depth: int, images: int) -> float:
@@ -27,7 +30,7 @@ def epoch_seconds(dataset: Dataset, objective: Objective, depth: int, images: in
     optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9, weight_decay=2e-4)
     split = dataset.train.head(images)
     started = time.perf_counter()
-    _train_epoch(model, optimizer, config, split, 0, 0, 1, torch.Generator().manual_seed(0))
+    train_epoch(model, optimizer, config, split, 0, 0, 1, torch.Generator().manual_seed(0))
     return time.perf_counter() - started
 
 

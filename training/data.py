@@ -10,6 +10,8 @@ file raises `DatasetError` naming the file and what was expected.
   to Debian's `dataset-fashion-mnist` location. The calibration split is held out of train.
 - `cifar10`: the python pickle batches (`data_batch_1..5`, `test_batch`).
 - `folder`: one sub-directory per class of PNG/JPEG files, split by fraction.
+
+`to_tensor` turns those uint8 images into what the exported graph takes: float32 in [0, 1].
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import torch
+from torch import Tensor
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
@@ -40,6 +44,11 @@ CIFAR10_CLASSES = [
     "dog", "frog", "horse", "ship", "truck",
 ]  # fmt: skip
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 [N, C, H, W] -> float32 in [0, 1] (the artifact's input convention)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
 
 
 class DatasetError(Exception):

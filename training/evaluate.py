@@ -25,13 +25,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.manifest import INPUT_NAME, METRICS, MODEL_FILE, OUTPUT_NAMES, Manifest, Metric
+from models.manifest import METRICS, MODEL_FILE, Manifest, Metric
 from models.manifest import sha256_file as _sha256
 from training.attacks import ATTACKS, SLOW_ATTACKS, AttackSettings, run_attack
-from training.calibrate import Calibration, DeployedModel
-from training.data import Dataset
-from training.export import _source_commit
-from training.report import (
+from training.calibrate import Calibration
+from training.checkpoints import load_trained_model
+from training.data import Dataset, to_tensor
+from training.deployed import DeployedModel, detector_outputs
+from training.parity import CHECK_IMAGES, ParityError, check_parity, onnx_outputs
+from training.provenance import source_commit
+from training.results import (
     AttackResult,
     CleanResult,
     Distortion,
@@ -39,11 +42,9 @@ from training.report import (
     MetricResult,
     ModelResult,
 )
-from training.train import load_trained_model, seed_everything, to_tensor
+from training.runtime import seed_everything
 
 logger = logging.getLogger(__name__)
-ONNX_CHECK_IMAGES = 64
-ONNX_ATOL = {"logits": 1e-3, "probabilities": 1e-4, "non_me": 1e-3, "log_kd": 1e-2}
 
 
 class EvaluationError(Exception):
@@ -122,59 +123,13 @@ def load_model_under_test(
             )
     detector = result.deployed(network).eval()
     detector.requires_grad_(False)
-    images = dataset.test.images[:ONNX_CHECK_IMAGES]
-    errors = compare_with_onnx(artifact / MODEL_FILE, detector, to_tensor(images).numpy())
+    images = dataset.test.images[:CHECK_IMAGES]
+    try:
+        errors = check_parity(artifact / MODEL_FILE, detector, to_tensor(images).numpy())
+    except ParityError as error:
+        raise EvaluationError(f"{artifact / MODEL_FILE}: {error}") from error
     logger.info("%s: torch detector matches ONNX Runtime (max abs error %s)", artifact, errors)
     return ModelUnderTest(artifact, manifest, detector, dataset, errors)
-
-
-def _onnx_session(path: Path) -> object:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
-    session = _onnx_session(path)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
-    for start in range(0, len(images), batch_size):
-        batch = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)
-        outputs = session.run(None, {INPUT_NAME: batch})  # type: ignore[attr-defined]
-        for name, value in zip(OUTPUT_NAMES, outputs, strict=True):
-            parts[name].append(value)
-    return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-def compare_with_onnx(path: Path, detector: DeployedModel, images: np.ndarray) -> dict[str, float]:
-    """Max abs error per output between the torch detector and the ONNX artifact; raises if
-    labels differ or any error exceeds its tolerance (the attacks would hit the wrong model)."""
-    ours = score_images(detector, images)
-    theirs = onnx_outputs(path, images)
-    if not np.array_equal(ours["label"], theirs["label"]):
-        raise EvaluationError(f"{path}: ONNX Runtime and the torch detector disagree on labels")
-    errors: dict[str, float] = {}
-    for name, atol in ONNX_ATOL.items():
-        errors[name] = float(np.max(np.abs(ours[name] - theirs[name])))
-        if errors[name] > atol:
-            raise EvaluationError(
-                f"{path}: ONNX Runtime and the torch detector disagree on {name} "
-                f"(max abs error {errors[name]:.3g} > {atol})"
-            )
-    return errors
-
-
-@torch.no_grad()
-def score_images(
-    detector: DeployedModel, images: np.ndarray, batch_size: int = 500
-) -> dict[str, np.ndarray]:
-    """The detector's outputs for float images in [0, 1], as numpy."""
-    names = ("logits", "probabilities", "label", *METRICS, "accepted")
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-        for name, value in zip(names, detector(batch), strict=True):
-            parts[name].append(value.numpy())
-    return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def attack_result(
@@ -246,6 +201,37 @@ def attack_result(
     return result, scores
 
 
+def attack_cell(
+    name: str,
+    detector: DeployedModel,
+    images: np.ndarray,
+    labels: np.ndarray,
+    clean: dict[str, np.ndarray],
+    thresholds: dict[Metric, float],
+    default_metric: Metric,
+    settings: AttackSettings,
+    seed: int,
+    artifact: Path | None = None,
+) -> tuple[AttackResult, AttackScores]:
+    """Run attack `name` (seeded) on float `images` whose clean detector outputs are `clean`,
+    score the adversarial images and measure the cell; with `artifact`, also the fraction of
+    adversarial images on which its ONNX graph predicts the torch detector's label."""
+    seed_everything(seed)
+    output = run_attack(
+        name, detector, images, labels, clean["label"], clean["probabilities"],
+        thresholds[default_metric], settings, seed,
+    )  # fmt: skip
+    adv = detector_outputs(detector, output.adversarial)
+    agreement = None
+    if artifact is not None:
+        onnx_labels = onnx_outputs(artifact / MODEL_FILE, output.adversarial)["label"]
+        agreement = float((onnx_labels == adv["label"]).mean())
+    return attack_result(
+        name, labels, images, output.adversarial, clean, adv, thresholds, default_metric,
+        output.seconds, output.targets, output.params, agreement,
+    )  # fmt: skip
+
+
 def evaluate_model(
     model: ModelUnderTest,
     attacks: tuple[str, ...],
@@ -258,7 +244,7 @@ def evaluate_model(
     thresholds: dict[Metric, float] = dict(model.manifest.detection.thresholds)
     default_metric = model.manifest.detection.default_metric
     test = dataset.test
-    full = score_images(detector, to_tensor(test.images).numpy())
+    full = detector_outputs(detector, to_tensor(test.images).numpy())
     clean_result = CleanResult(
         images=len(test),
         accuracy=float((full["label"] == test.labels).mean()),
@@ -273,17 +259,9 @@ def evaluate_model(
         images = to_tensor(test.images[index]).numpy()
         labels = test.labels[index]
         clean = {k: v[index] for k, v in full.items()}
-        seed_everything(seed)
-        output = run_attack(
-            attack, detector, images, labels, clean["label"], clean["probabilities"],
-            thresholds[default_metric], settings, seed,
-        )  # fmt: skip
-        adv = score_images(detector, output.adversarial)
-        onnx_labels = onnx_outputs(model.artifact / MODEL_FILE, output.adversarial)["label"]
-        results[attack], scores[attack] = attack_result(
-            attack, labels, images, output.adversarial, clean, adv, thresholds, default_metric,
-            output.seconds, output.targets, output.params,
-            float((onnx_labels == adv["label"]).mean()),
+        results[attack], scores[attack] = attack_cell(
+            attack, detector, images, labels, clean, thresholds, default_metric, settings, seed,
+            model.artifact,
         )  # fmt: skip
     manifest = model.manifest
     return (
@@ -331,7 +309,7 @@ def evaluate(
         EvaluationResults(
             dataset=first.name,
             created_at=datetime.now(UTC).replace(microsecond=0),
-            source_commit=_source_commit(),
+            source_commit=source_commit(),
             seed=seed,
             images_fast=min(n_fast, len(first.test)),
             images_slow=min(n_slow, len(first.test)),

@@ -11,20 +11,16 @@ its destination and renamed into place: never half an artifact.
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
-import tempfile
 import warnings
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
+from models.files import staged_directory
 from models.manifest import (
     INPUT_NAME,
     METRICS,
@@ -38,27 +34,17 @@ from models.manifest import (
     SplitInfo,
     sha256_file,
 )
-from training.calibrate import Calibration, DeployedModel, score_split
-from training.data import Dataset
+from training.calibrate import Calibration
+from training.config import TrainConfig
+from training.data import Dataset, to_tensor
+from training.deployed import DeployedModel, detector_outputs
 from training.nets import WIDTHS, ResNet, count_parameters
+from training.parity import CHECK_IMAGES, ParityError, check_parity
+from training.provenance import library_versions, source_commit
 from training.stamp import stamp_graph
-from training.train import TrainConfig, to_tensor
 
 logger = logging.getLogger(__name__)
 OPSET = 17
-CHECK_IMAGES = 64
-# ONNX Runtime vs torch: float outputs within these absolute tolerances (rtol 1e-4 on top); the
-# integer and boolean outputs exactly, except `accepted` where the default score sits within its
-# tolerance of the threshold (a float rounding there may legitimately flip the decision).
-ATOL = {
-    "logits": 1e-3,
-    "probabilities": 1e-4,
-    "confidence": 1e-4,
-    "non_me": 1e-3,
-    "log_kd": 1e-2,
-}
-RTOL = 1e-4
-EXACT = ("label", "accepted")
 # A model must beat chance (the share of the test split's most frequent class, what a constant
 # answer scores) by this fraction of the way to 100%: 32.5% for 10 balanced classes.
 MIN_GAIN_OVER_CHANCE = 0.25
@@ -95,66 +81,14 @@ def export_onnx(model: torch.nn.Module, shape: tuple[int, int, int], path: Path)
 
 
 def check_against_torch(path: Path, model: DeployedModel, images: np.ndarray) -> dict[str, float]:
-    """Compare ONNX Runtime with torch on real images, every output of the graph; raise
-    ExportError on any disagreement. Returns the max abs error of each float output."""
+    """The ONNX checker, then ONNX Runtime against torch on real uint8 images, every output of
+    the graph (`training.parity`); raise ExportError on any disagreement. Returns the max abs
+    error of each float output."""
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    unchecked = set(OUTPUT_NAMES) - set(ATOL) - set(EXACT)
-    if unchecked:
-        raise ExportError(f"no tolerance for graph outputs {sorted(unchecked)}")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    batch = to_tensor(images)
-    ort_out = dict(zip(OUTPUT_NAMES, session.run(None, {INPUT_NAME: batch.numpy()}), strict=True))
-    with torch.no_grad():
-        torch_out = dict(zip(OUTPUT_NAMES, (t.numpy() for t in model(batch)), strict=True))
-    for name in OUTPUT_NAMES:
-        if ort_out[name].shape != torch_out[name].shape:
-            raise ExportError(
-                f"ONNX Runtime and torch disagree on the shape of {name}: "
-                f"{ort_out[name].shape} vs {torch_out[name].shape}"
-            )
-    if not np.array_equal(ort_out["label"], torch_out["label"]):
-        raise ExportError("ONNX Runtime and torch disagree on predicted labels")
-    errors: dict[str, float] = {}
-    for name, atol in ATOL.items():
-        errors[name] = float(np.max(np.abs(ort_out[name] - torch_out[name]), initial=0.0))
-        if not np.allclose(ort_out[name], torch_out[name], atol=atol, rtol=RTOL):
-            raise ExportError(f"ONNX Runtime and torch disagree on {name}: {errors[name]:.3g}")
-    # `accepted` may only differ where the default score sits on the threshold.
-    score = torch_out[model.default_metric]
-    threshold = float(model.threshold)
-    borderline = np.abs(score - threshold) <= ATOL[model.default_metric] + RTOL * abs(threshold)
-    flipped = ort_out["accepted"] != torch_out["accepted"]
-    if (flipped & ~borderline).any():
-        raise ExportError(
-            f"ONNX Runtime and torch disagree on accepted for {int((flipped & ~borderline).sum())} "
-            f"image(s) whose {model.default_metric} is not near the threshold {threshold:.6g}"
-        )
-    return errors
-
-
-def _source_commit() -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _versions() -> dict[str, str]:
-    names = ("torch", "onnx", "onnxruntime", "numpy")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
+        return check_parity(path, model, to_tensor(images).numpy())
+    except ParityError as error:
+        raise ExportError(str(error)) from error
 
 
 def export_artifact(
@@ -176,7 +110,7 @@ def export_artifact(
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite to replace it")
     deployed = calibration.deployed(network).eval()
-    test_scores = score_split(deployed, dataset.test, progress="export: test accuracy")
+    test_scores = detector_outputs(deployed, dataset.test.images, progress="export: test accuracy")
     accuracy = float((test_scores["label"] == dataset.test.labels).mean())
     chance, least = minimum_accuracy(dataset.test.labels)
     if accuracy < least:
@@ -190,72 +124,64 @@ def export_artifact(
     clean_acceptance = {
         m: float((test_scores[m] >= calibration.thresholds[m]).mean()) for m in METRICS
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
     steps = tqdm(total=3, desc="export: ONNX graph", unit="step")
     try:
-        onnx_path = staging / MODEL_FILE
-        export_onnx(deployed, dataset.shape, onnx_path)
-        steps.update()
-        steps.set_description("export: ONNX Runtime vs torch")
-        errors = check_against_torch(onnx_path, deployed, dataset.test.images[:CHECK_IMAGES])
-        steps.update()
-        steps.set_description("export: manifest")
-        logger.info("ONNX Runtime matches torch (max abs error %s)", errors)
-        channels, height, width = dataset.shape
-        manifest = Manifest(
-            name=name,
-            version=version,
-            created_at=datetime.now(UTC).replace(microsecond=0),
-            source_commit=_source_commit(),
-            dataset=DatasetInfo(
-                name=dataset.name,
-                class_names=dataset.class_names,
-                split=SplitInfo(
-                    train=len(dataset.train),
-                    calibration=len(dataset.calibration),
-                    test=len(dataset.test),
-                    seed=dataset.seed,
+        with staged_directory(target) as staging:
+            onnx_path = staging / MODEL_FILE
+            export_onnx(deployed, dataset.shape, onnx_path)
+            steps.update()
+            steps.set_description("export: ONNX Runtime vs torch")
+            errors = check_against_torch(onnx_path, deployed, dataset.test.images[:CHECK_IMAGES])
+            steps.update()
+            steps.set_description("export: manifest")
+            logger.info("ONNX Runtime matches torch (max abs error %s)", errors)
+            channels, height, width = dataset.shape
+            manifest = Manifest(
+                name=name,
+                version=version,
+                created_at=datetime.now(UTC).replace(microsecond=0),
+                source_commit=source_commit(),
+                dataset=DatasetInfo(
+                    name=dataset.name,
+                    class_names=dataset.class_names,
+                    split=SplitInfo(
+                        train=len(dataset.train),
+                        calibration=len(dataset.calibration),
+                        test=len(dataset.test),
+                        seed=dataset.seed,
+                    ),
                 ),
-            ),
-            input=InputSpec(channels=channels, height=height, width=width),
-            objective=config.objective,
-            architecture=ArchitectureInfo(
-                name=f"preact-resnet{network.depth}",
-                depth=network.depth,
-                widths=list(WIDTHS),
-                feature_dim=network.feature_dim,
-                parameters=count_parameters(network),
-            ),
-            clean_test_accuracy=accuracy,
-            detection=DetectionInfo(
-                default_metric=calibration.default_metric,
-                sigma2=calibration.sigma2,
-                bank_size_per_class=[int(n) for n in calibration.bank_mask.sum(axis=1)],
-                target_fpr=calibration.target_fpr,
-                thresholds=calibration.thresholds,
-                calibration_size=calibration.calibration_size,
-                calibration_table=calibration.table,
-                clean_acceptance=clean_acceptance,
-            ),
-            sha256="0" * 64,  # set once the graph carries the binding
-            opset=OPSET,
-            library_versions=_versions(),
-            training={k: v for k, v in vars(config).items() if k != "data_dir"},
-        )
-        graph = onnx.load(str(onnx_path))
-        stamp_graph(graph, manifest.binding())
-        onnx.save(graph, str(onnx_path))
-        manifest = manifest.model_copy(update={"sha256": sha256_file(onnx_path)})
-        manifest.dump(staging)
-        staging.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+                input=InputSpec(channels=channels, height=height, width=width),
+                objective=config.objective,
+                architecture=ArchitectureInfo(
+                    name=f"preact-resnet{network.depth}",
+                    depth=network.depth,
+                    widths=list(WIDTHS),
+                    feature_dim=network.feature_dim,
+                    parameters=count_parameters(network),
+                ),
+                clean_test_accuracy=accuracy,
+                detection=DetectionInfo(
+                    default_metric=calibration.default_metric,
+                    sigma2=calibration.sigma2,
+                    bank_size_per_class=[int(n) for n in calibration.bank_mask.sum(axis=1)],
+                    target_fpr=calibration.target_fpr,
+                    thresholds=calibration.thresholds,
+                    calibration_size=calibration.calibration_size,
+                    calibration_table=calibration.table,
+                    clean_acceptance=clean_acceptance,
+                ),
+                sha256="0" * 64,  # set once the graph carries the binding
+                opset=OPSET,
+                library_versions=library_versions(),
+                training={k: v for k, v in vars(config).items() if k != "data_dir"},
+            )
+            graph = onnx.load(str(onnx_path))
+            stamp_graph(graph, manifest.binding())
+            onnx.save(graph, str(onnx_path))
+            manifest = manifest.model_copy(update={"sha256": sha256_file(onnx_path)})
+            manifest.dump(staging)
         steps.update()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     finally:
         steps.close()
     return target

@@ -9,13 +9,11 @@ else differs between the two runs.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Objective = Literal["rce", "ce"]
+from models.manifest import Objective
 
 
 def reverse_label_vectors(labels: Tensor, num_classes: int) -> Tensor:

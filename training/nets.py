@@ -5,17 +5,22 @@ vector z(x) from global average pooling that feeds the last linear layer. Inputs
 and are normalised in the model (x/255 - 0.5 on the 0..255 scale, i.e. x - 0.5 here), so the ONNX
 graph takes raw pixel fractions. `forward` returns (logits Z, features z). `bn_eps` and
 `fc_init="unit-uniform"` give the official code's BatchNorm epsilon (1e-3) and TF's
-uniform_unit_scaling_initializer(1.0) for the last layer (U(+-sqrt(3 / fan_in)), zero bias).
+uniform_unit_scaling_initializer(1.0) for the last layer (U(+-sqrt(3 / fan_in)), zero bias);
+`build_model` picks them as a training config's recipe says.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+    from training.data import Dataset
 
 WIDTHS = (16, 32, 64)
 SLOPE = 0.1
@@ -86,3 +91,14 @@ class ResNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build_model(config: TrainConfig, dataset: Dataset) -> ResNet:
+    """The network `config` describes, for `dataset`'s input shape and classes."""
+    return ResNet(
+        config.depth,
+        dataset.shape[0],
+        dataset.num_classes,
+        bn_eps=1e-3 if config.uses("bn-eps") else 1e-5,
+        fc_init="unit-uniform" if config.uses("fc-init") else "default",
+    )

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 
+from models.files import staged_file
 from models.manifest import METRICS
 from training.evaluate import AttackScores
-from training.report import ATTACK_TITLES, METRIC_TITLES, OBJECTIVE_TITLES, EvaluationResults
+from training.report import ATTACK_TITLES, OBJECTIVE_TITLES, metric_title
+from training.results import EvaluationResults
 
 matplotlib.use("Agg")
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Lay out `figure`, write it to `path` as a PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with staged_file(path) as staging:
+        # The staging name ends in .tmp: the format is given, not guessed from the suffix.
+        figure.savefig(staging, dpi=80, format="png")
+    plt.close(figure)
+    return path
 
 
 def _grid(count: int) -> tuple[int, int]:
@@ -33,7 +48,7 @@ def plot_roc(scores: dict[str, AttackScores], objective: str, path: Path) -> Non
             normal, adversarial = scores[attack].normal[metric], scores[attack].adversarial[metric]
             truth = np.concatenate([np.ones(normal.size), np.zeros(adversarial.size)])
             fpr, tpr, _ = roc_curve(truth, np.concatenate([normal, adversarial]))
-            ax.plot(fpr, tpr, label=METRIC_TITLES[metric])
+            ax.plot(fpr, tpr, label=metric_title(metric))
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5, linestyle=":")
         ax.set_title(ATTACK_TITLES.get(attack, attack), fontsize=9)
         ax.set_xlabel("false positive rate")
@@ -42,9 +57,7 @@ def plot_roc(scores: dict[str, AttackScores], objective: str, path: Path) -> Non
     for ax in list(axes.flat)[len(attacks) :]:
         ax.axis("off")
     figure.suptitle(f"ROC, {OBJECTIVE_TITLES.get(objective, objective)} model (normal = positive)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_histograms(
@@ -64,17 +77,15 @@ def plot_histograms(
         ax.hist(adversarial, bins=bins, alpha=0.6, label="adversarial")
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
         ax.set_title(ATTACK_TITLES.get(attack, attack), fontsize=9)
-        ax.set_xlabel(METRIC_TITLES.get(metric, metric))
+        ax.set_xlabel(metric_title(metric))
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(attacks) :]:
         ax.axis("off")
     figure.suptitle(
-        f"{METRIC_TITLES.get(metric, metric)} scores, {OBJECTIVE_TITLES.get(objective, objective)}"
+        f"{metric_title(metric)} scores, {OBJECTIVE_TITLES.get(objective, objective)}"
         " model (kept pairs)"
     )
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def write_figures(

@@ -19,14 +19,14 @@ import torch
 from onnx import numpy_helper
 
 from models.manifest import INPUT_NAME, MODEL_FILE, Manifest
-from training.data import Dataset, load_dataset
+from training.config import TrainConfig
+from training.data import Dataset, load_dataset, to_tensor
 from training.losses import deployed_logits
-from training.nets import ResNet
-from training.train import TrainConfig, build_model, to_tensor
+from training.nets import ResNet, build_model
+from training.parity import CHECK_IMAGES
 
 _PREFIX = "network."
 _FOLDED_INPUT = re.compile(r"/network/blocks/blocks\.(\d+)/LeakyRelu_output_0$")
-CHECK_IMAGES = 64
 LOGITS_ATOL = 1e-3
 
 

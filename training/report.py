@@ -1,22 +1,19 @@
-"""The evaluation results schema (results.json) and the Markdown report written from it.
+"""The Markdown report of an evaluation, a pure function of its results.json.
 
-`EvaluationResults` is the one documented schema: per model (keyed by objective, `ce`/`rce`), per
-attack, per metric. The Markdown report is a pure function of it, laid out like Pang et al. 2018's
-Table 2 (ROC-AUC per attack, objective and metric) and Table 3 (adaptive attacks: fraction of
-adversarial examples still rejected at the deployed threshold, and the distortion they needed).
+Laid out like Pang et al. 2018's Table 2 (ROC-AUC per attack, objective and metric) and Table 3
+(adaptive attacks: fraction of adversarial examples still rejected at the deployed threshold,
+and the distortion they needed), with the paper's claims checked against our numbers. The schema
+it reads is `training/results.py`; `write_report` writes any study's rendered report.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from models.files import write_text
+from models.manifest import METRICS
+from training.results import EvaluationResults, TrainingCost
 
-from models.manifest import METRICS, Metric
-
-SCHEMA_VERSION = 1
-RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 METRIC_TITLES = {"confidence": "Confidence", "non_me": "non-ME", "log_kd": "K-density"}
 ATTACK_TITLES = {
@@ -33,127 +30,9 @@ ATTACK_TITLES = {
 OBJECTIVE_TITLES = {"ce": "CE", "rce": "RCE"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class MetricResult(_Strict):
-    """One metric under one attack; None where no pair survived the filter."""
-
-    roc_auc: float | None = Field(description="Clean (positive) vs adversarial, kept pairs.")
-    detection_rate: float | None = Field(
-        description="Fraction of kept adversarial images rejected (score < threshold)."
-    )
-    clean_rejection_rate: float | None = Field(
-        description="Fraction of the kept pairs' clean images rejected (the realised FPR)."
-    )
-    accuracy_on_accepted: float | None = Field(
-        description="Accuracy over accepted inputs among all attacked clean images and all "
-        "their adversarial counterparts (kept or not)."
-    )
-    accepted_fraction: float = Field(description="Fraction of that mixed set accepted.")
-    threshold: float = Field(description="The model's calibrated threshold for this metric.")
-
-
-class Distortion(_Strict):
-    l2: float | None = Field(description="Mean L2 norm of the perturbation over kept pairs.")
-    linf: float | None = Field(description="Mean L-inf norm over kept pairs.")
-    l2_max: float = Field(description="Largest L2 norm over all attacked images.")
-    linf_max: float = Field(description="Largest L-inf norm over all attacked images.")
-
-
-class AttackResult(_Strict):
-    params: dict[str, float | int | str]
-    images: int = Field(description="Test images attacked.")
-    clean_correct: int = Field(description="Of those, classified correctly when clean.")
-    kept: int = Field(description="Pairs kept: clean correct AND adversarial misclassified.")
-    success_rate: float = Field(description="kept / clean_correct.")
-    targeted_success_rate: float | None = Field(
-        description="Targeted attacks: fraction of clean-correct images sent to the target."
-    )
-    undetected_success_rate: float = Field(
-        description="Fraction of clean-correct images turned into kept adversarial images "
-        "that the default metric ACCEPTS: what the attacker actually achieves."
-    )
-    distortion: Distortion
-    seconds_per_image: float = Field(description="Wall time of the attack / images attacked.")
-    onnx_label_agreement: float | None = Field(
-        description="Fraction of adversarial images on which the ONNX artifact predicts the "
-        "same label as the attacked torch detector."
-    )
-    metrics: dict[Metric, MetricResult]
-
-
-class CleanResult(_Strict):
-    images: int
-    accuracy: float
-    rejection_rate: dict[Metric, float] = Field(
-        description="Fraction of the clean test split rejected at each calibrated threshold."
-    )
-
-
-class ModelResult(_Strict):
-    name: str
-    version: int
-    objective: str
-    artifact: str
-    sha256: str
-    architecture: str
-    default_metric: Metric
-    target_fpr: float
-    thresholds: dict[Metric, float]
-    onnx_max_abs_error: dict[str, float] = Field(
-        description="Torch detector vs ONNX Runtime on real test images, checked before attacking."
-    )
-    clean: CleanResult
-    attacks: dict[str, AttackResult]
-
-
-class TrainingCost(_Strict):
-    """RCE vs CE epoch time on the same network and data (training/cost.py)."""
-
-    dataset: str
-    depth: int
-    images: int
-    repeats: int
-    threads: int
-    rce_epoch_seconds: list[float]
-    ce_epoch_seconds: list[float]
-    rce_median_seconds: float
-    ce_median_seconds: float
-    ratio: float = Field(description="rce_median_seconds / ce_median_seconds (goal <= 1.03).")
-
-
-class EvaluationResults(_Strict):
-    """results.json: everything `rcegate evaluate` measured."""
-
-    schema_version: int = SCHEMA_VERSION
-    dataset: str
-    created_at: datetime
-    source_commit: str | None
-    seed: int
-    images_fast: int = Field(description="Test images per attack for the fast attacks.")
-    images_slow: int = Field(description="Test images per attack for `slow_attacks`.")
-    slow_attacks: list[str]
-    settings: dict[str, float | int | str]
-    torch_threads: int
-    models: dict[str, ModelResult] = Field(description="Keyed by objective: ce, rce.")
-    training_cost: TrainingCost | None = Field(
-        default=None, description="RCE vs CE training epoch time, measured side by side."
-    )
-
-
-def write_results(results: EvaluationResults, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RESULTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(results.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def read_results(path: Path) -> EvaluationResults:
-    return EvaluationResults.model_validate_json(path.read_text(encoding="utf-8"))
+def metric_title(metric: str) -> str:
+    """How reports name a metric (its own name when it has no title)."""
+    return METRIC_TITLES.get(metric, metric)
 
 
 def _fmt(value: float | None, digits: int = 3, percent: bool = False) -> str:
@@ -177,7 +56,7 @@ def _metric_table(
     results: EvaluationResults, attacks: list[str], field: str, percent: bool, best: str
 ) -> list[str]:
     """Rows attack x objective, columns metrics; bold the best cell of each attack."""
-    header = "| Attack | Obj. | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
+    header = "| Attack | Obj. | " + " | ".join(metric_title(m) for m in METRICS) + " |"
     lines = [header, "|---|---|" + "---:|" * len(METRICS)]
     for attack in attacks:
         cells: dict[tuple[str, str], float | None] = {}
@@ -294,7 +173,7 @@ def verdicts(results: EvaluationResults) -> list[tuple[str, str, str, str]]:
 
 
 def render_report(results: EvaluationResults) -> str:
-    """The Markdown report; a pure function of results.json."""
+    """The Markdown report (the whole file); a pure function of results.json."""
     objectives = _objectives(results)
     oblivious = _attacks(results, ("fgsm", "bim", "illcm", "jsma", "cw-l2", "cw-hc", "pgd"))
     adaptive = _attacks(results, ("cw-l2", "cw-wb", "pgd", "pgd-adaptive"))
@@ -457,7 +336,7 @@ def render_report(results: EvaluationResults) -> str:
             f"![histograms {title}](hist-{objective}.png)",
             "",
         ]
-    return "\n".join(out)
+    return "\n".join(out) + "\n"
 
 
 def _training_cost_section(cost: TrainingCost | None) -> list[str]:
@@ -482,7 +361,8 @@ def _training_cost_section(cost: TrainingCost | None) -> list[str]:
     ]
 
 
-def write_report(results: EvaluationResults, directory: Path) -> Path:
+def write_report(markdown: str, directory: Path) -> Path:
+    """Write a rendered report to `directory/report.md` atomically; return its path."""
     path = directory / REPORT_FILE
-    path.write_text(render_report(results) + "\n", encoding="utf-8")
+    write_text(path, markdown)
     return path

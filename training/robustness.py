@@ -26,10 +26,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from training.attacks import AttackSettings, margin_loss, run_attack
-from training.calibrate import DeployedModel
-from training.data import Dataset
-from training.losses import deployed_logits
-from training.train import to_tensor
+from training.data import Dataset, to_tensor
+from training.deployed import DeployedLogits, DeployedModel
+from training.results import RESULTS_FILE, ResultsFile
 
 EPS_GRID: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 MASKING_ATTACKS = ("fgsm", "bim")
@@ -40,8 +39,6 @@ VARIANTS = ("pipeline", "ce", "margin")
 MONOTONE_TOLERANCE = 0.02
 MARGIN_TOLERANCE = 0.05
 FULL_SUCCESS = 0.9
-RESULTS_FILE = "results.json"
-REPORT_FILE = "report.md"
 PLOT_FILE = "robustness.png"
 
 
@@ -135,7 +132,7 @@ class ModelRobustness(_Strict):
     checks: list[Check]
 
 
-class MaskingResults(_Strict):
+class MaskingResults(ResultsFile):
     dataset: str
     created_at: datetime
     source_commit: str | None
@@ -240,10 +237,7 @@ def robustness(
     """Curves and checks for one model on a seeded sample of its test split; `variants` picks
     which of the three ways each attack runs (the ablation runs only the pipeline's)."""
     network, objective = detector.network, detector.objective
-
-    def logits_of(batch: Tensor) -> Tensor:
-        raw, _ = network(batch)
-        return deployed_logits(objective, raw)
+    logits_of = DeployedLogits(network, objective)
 
     order = np.random.default_rng(seed).permutation(len(dataset.test))
     index = np.sort(order[: min(images, len(dataset.test))])
@@ -303,25 +297,14 @@ def _at_eps(settings: AttackSettings, eps: float) -> AttackSettings:
     return replace(settings, eps=eps)
 
 
-def write_results(results: MaskingResults, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / RESULTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(results.model_dump_json(indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def read_results(path: Path) -> MaskingResults:
-    return MaskingResults.model_validate_json(path.read_text())
-
-
 def plot_robustness(results: MaskingResults, path: Path) -> Path:
     """Accuracy vs eps with nothing rejected, CE vs RCE, one panel per attack (Pang Fig. 2)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from training.plots import save_figure
 
     styles = {"pipeline": "-", "ce": "--", "margin": ":"}
     colours = {"ce": "tab:blue", "rce": "tab:red"}
@@ -344,10 +327,7 @@ def plot_robustness(results: MaskingResults, path: Path) -> Path:
         ax.set_ylim(0.0, 1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 _VARIANT_TITLES = {
@@ -408,14 +388,6 @@ def render_report(results: MaskingResults) -> str:
             verdict = "pass" if check.passed else "**FAIL**"
             lines.append(f"| {objective.upper()} | {check.name} | {verdict} | {check.detail} |")
     return "\n".join(lines) + "\n"
-
-
-def write_report(results: MaskingResults, directory: Path) -> Path:
-    path = directory / REPORT_FILE
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(render_report(results))
-    tmp.replace(path)
-    return path
 
 
 def all_passed(results: MaskingResults) -> bool:

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from models.files import staged_directory
 from models.manifest import MODEL_FILE, Manifest
 from models.splits import split_indices
 
@@ -96,9 +94,10 @@ def make_samples(
     import torch
 
     from training.attacks import AttackSettings, gradient_attack
-    from training.calibrate import DeployedModel
+    from training.data import to_tensor
+    from training.deployed import DeployedModel
     from training.recover import load_artifact_network
-    from training.train import seed_everything, to_tensor
+    from training.runtime import seed_everything
 
     seed_everything(seed)
     network, manifest, dataset = load_artifact_network(artifact)
@@ -139,11 +138,9 @@ def make_samples(
 
     # The attack sees the network and the deployed logits only; the detector does not steer it
     # (an oblivious attack, as in the evaluation), so the bank here is a placeholder.
-    classes, dim = dataset.num_classes, network.feature_dim
-    detector = DeployedModel(
-        network, manifest.objective, np.zeros((classes, 1, dim), np.float32),
-        np.ones((classes, 1), np.float32), 1.0,
-    )  # fmt: skip
+    detector = DeployedModel.classifier_only(
+        network, manifest.objective, dataset.num_classes, network.feature_dim
+    )
     settings = AttackSettings(eps=eps)
     params = {"name": "bim", "eps": eps, "steps": settings.bim_steps, "seed": seed}
     found = None
@@ -186,9 +183,7 @@ def _write(
     eps: float,
     seed: int,
 ) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         for sample, data in written:
             (staging / sample.file).write_bytes(data)
         record = {
@@ -200,12 +195,3 @@ def _write(
             "samples": [asdict(s) for s, _ in written],
         }
         (staging / SAMPLES_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        staging.chmod(0o755)
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -10,12 +10,11 @@ bytes, and stamping a stamped artifact changes nothing. Needs the `onnx` package
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import onnx
 
+from models.files import write_bytes
 from models.manifest import BINDING_KEY, MANIFEST_FILE, MODEL_FILE, Binding, Manifest, sha256_file
 
 
@@ -34,19 +33,6 @@ def stamp_graph(model: onnx.ModelProto, binding: Binding) -> None:
 
 def graph_binding(model: onnx.ModelProto) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == BINDING_KEY), None)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write `data` beside `path` and rename it into place: never half a file."""
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.chmod(staging, 0o644)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
 
 
 def restamp(directory: Path, force: bool = False) -> str:
@@ -73,7 +59,7 @@ def restamp(directory: Path, force: bool = False) -> str:
     data = model.SerializeToString()
     digest = hashlib.sha256(data).hexdigest()
     if digest != manifest.sha256:
-        _replace(model_path, data)
+        write_bytes(model_path, data)
         updated = manifest.model_copy(update={"sha256": digest})
-        _replace(directory / MANIFEST_FILE, (updated.model_dump_json(indent=2) + "\n").encode())
+        write_bytes(directory / MANIFEST_FILE, (updated.model_dump_json(indent=2) + "\n").encode())
     return digest

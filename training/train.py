@@ -13,8 +13,8 @@ SGD (momentum 0.9, weight decay 2e-4), lr 0.1 with step decays, batch 128, seede
   init, BatchNorm eps 1e-5. Checkpoints that predate the recipe field load as legacy.
 
 `revert` names parts of the official recipe done the legacy way instead ("bn-eps", "fc-init",
-"decay-scope"): one run per part is the ablation of `rcegate ablation`.
- Data-parallel training runs
+"decay-scope"): one run per part is the ablation of `rcegate ablation`. The config itself lives in
+`training/config.py`, checkpoint files in `training/checkpoints.py`. Data-parallel training runs
 under `torchrun` (DistributedDataParallel, gloo on CPU, nccl on GPU): each process takes its own
 shard of every epoch's permutation and rank 0 writes the checkpoint. `dry_run` stops after a few
 batches so tests exercise this exact code.
@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,83 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from training.data import Dataset, Split, load_dataset
-from training.losses import Objective, deployed_logits, loss_for
-from training.nets import ResNet
+from training.checkpoints import load_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.data import Split, load_dataset, to_tensor
+from training.deployed import accuracy
+from training.losses import deployed_logits, loss_for
+from training.nets import build_model
+from training.runtime import distributed, seed_everything
 
 logger = logging.getLogger(__name__)
 DRY_RUN_BATCHES = 3
-Recipe = Literal["official", "legacy"]
-RECIPES: tuple[Recipe, ...] = ("official", "legacy")
-RecipePart = Literal["bn-eps", "fc-init", "decay-scope"]
-RECIPE_PARTS: tuple[RecipePart, ...] = ("bn-eps", "fc-init", "decay-scope")
-OFFICIAL_STEPS = 20_000
-
-
-@dataclass
-class TrainConfig:
-    dataset: str = "mnist-5k"
-    data_dir: str | None = None
-    objective: Objective = "rce"
-    depth: int = 32
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    lr_gamma: float = 0.1
-    seed: int = 0
-    augment: bool | None = None
-    train_limit: int | None = None
-    dry_run: bool = False
-    recipe: Recipe = "official"
-    steps: int = OFFICIAL_STEPS
-    revert: list[RecipePart] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        unknown = set(self.revert) - set(RECIPE_PARTS)
-        if unknown:
-            raise ValueError(f"unknown recipe parts {sorted(unknown)}; expected {RECIPE_PARTS}")
-
-    def uses(self, part: RecipePart) -> bool:
-        """Whether the official recipe's `part` is in force (official and not reverted)."""
-        return self.official and part not in self.revert
-
-    @property
-    def use_augmentation(self) -> bool:
-        return self.augment if self.augment is not None else self.dataset == "cifar10"
-
-    @property
-    def official(self) -> bool:
-        return self.recipe == "official"
-
-    def total_steps(self, steps_per_epoch: int) -> int:
-        """SGD steps of the whole run: `steps` (official) or `epochs` full epochs (legacy)."""
-        return self.steps if self.official else self.epochs * steps_per_epoch
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        # Checkpoints and manifests written before recipes existed were trained the legacy way.
-        values = {"recipe": "legacy", **values}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(config: TrainConfig, dataset: Dataset) -> ResNet:
-    return ResNet(
-        config.depth,
-        dataset.shape[0],
-        dataset.num_classes,
-        bn_eps=1e-3 if config.uses("bn-eps") else 1e-5,
-        fc_init="unit-uniform" if config.uses("fc-init") else "default",
-    )
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
@@ -131,11 +61,6 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, An
         {"params": decayed, "weight_decay": config.weight_decay},
         {"params": rest, "weight_decay": 0.0},
     ]
-
-
-def to_tensor(images: np.ndarray) -> Tensor:
-    """uint8 [N, C, H, W] -> float32 in [0, 1] (the artifact's input convention)."""
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
 
 
 def pad_crop_flip(images: Tensor, generator: torch.Generator) -> Tensor:
@@ -175,66 +100,11 @@ def lr_at_step(config: TrainConfig, step: int) -> float:
     return config.lr * config.lr_gamma**decays
 
 
-@torch.no_grad()
-def predict(
-    model: nn.Module, objective: Objective, images: np.ndarray, batch_size: int = 500
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deployed predictions and final hidden vectors for uint8 images, in eval mode."""
-    model.eval()
-    labels, features = [], []
-    for start in range(0, len(images), batch_size):
-        logits, z = model(to_tensor(images[start : start + batch_size]))
-        labels.append(deployed_logits(objective, logits).argmax(dim=1).numpy())
-        features.append(z.numpy())
-    return np.concatenate(labels), np.concatenate(features)
-
-
-def accuracy(model: nn.Module, objective: Objective, split: Split) -> float:
-    predicted, _ = predict(model, objective, split.images)
-    return float((predicted == split.labels).mean())
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    return payload
-
-
-def load_trained_model(path: Path) -> tuple[ResNet, TrainConfig, Dataset]:
-    """Rebuild the network of a checkpoint, in eval mode, with the dataset it was trained on."""
-    payload = load_checkpoint(path)
-    config = TrainConfig.from_dict(payload["config"])
-    dataset = load_dataset(config.dataset, _data_dir(config), config.seed)
-    model = build_model(config, dataset)
-    model.load_state_dict(payload["model"])
-    return model.eval(), config, dataset
-
-
-def _data_dir(config: TrainConfig) -> Path | None:
-    return Path(config.data_dir) if config.data_dir else None
-
-
-def _distributed() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def train(config: TrainConfig, checkpoint: Path, resume: bool = False) -> dict[str, Any]:
     """Train (or resume) and write `checkpoint` after every epoch; returns the final payload."""
-    rank, world = _distributed()
+    rank, world = distributed()
     seed_everything(config.seed)
-    dataset = load_dataset(config.dataset, _data_dir(config), config.seed)
+    dataset = load_dataset(config.dataset, config.data_path, config.seed)
     train_split = dataset.train.head(config.train_limit) if config.train_limit else dataset.train
     model = build_model(config, dataset)
     optimizer = torch.optim.SGD(
@@ -261,7 +131,7 @@ def train(config: TrainConfig, checkpoint: Path, resume: bool = False) -> dict[s
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(config, first) if config.official else lr_at(config, epoch)
         started = time.perf_counter()
-        loss, correct, seen = _train_epoch(
+        loss, correct, seen = train_epoch(
             net, optimizer, config, train_split, epoch, rank, world, generator,
             schedule, min(steps_per_epoch, total_steps - first),
         )  # fmt: skip
@@ -293,7 +163,7 @@ def train(config: TrainConfig, checkpoint: Path, resume: bool = False) -> dict[s
     return payload
 
 
-def _train_epoch(
+def train_epoch(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,

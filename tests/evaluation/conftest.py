@@ -20,8 +20,10 @@ class SmallModel:
 
 def build_small_model(root: Path, objective: str) -> SmallModel:
     from training.calibrate import calibrate
+    from training.checkpoints import load_trained_model
+    from training.config import TrainConfig
     from training.export import export_artifact
-    from training.train import TrainConfig, load_trained_model, train
+    from training.train import train
 
     checkpoint = root / "runs" / f"small-{objective}.pt"
     config = TrainConfig(

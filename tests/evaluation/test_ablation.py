@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rcegate.cli import app
-from training.ablation import VARIANTS, Plan, read_results, render_report, reusable, verdicts
-from training.train import load_checkpoint
+from training.ablation import VARIANTS, AblationResults, Plan, render_report, reusable, verdicts
+from training.checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_variants_sharing_a_training_config_share_one_checkpoint(ablation) -> No
         "mnist-5k-ce-d8-s4.pt",
         "mnist-5k-rce-d8-s4.pt",
     ]
-    results = read_results(out / "results.json")
+    results = AblationResults.read(out / "results.json")
     assert set(results.variants) == {"official", "bank-100"}
     for objective in ("ce", "rce"):
         official = results.variants["official"].objectives[objective]
@@ -45,7 +45,7 @@ def test_variants_sharing_a_training_config_share_one_checkpoint(ablation) -> No
 
 def test_the_report_is_rendered_from_results_json(ablation) -> None:
     _, out = ablation
-    results = read_results(out / "results.json")
+    results = AblationResults.read(out / "results.json")
     report = (out / "report.md").read_text()
     assert report == render_report(results)
     assert all(line in report for line in verdicts(results))
@@ -73,7 +73,7 @@ def test_a_checkpoint_is_reused_only_for_the_config_it_was_trained_with(ablation
 
 def test_verdicts_flip_with_the_evidence(ablation) -> None:
     _, out = ablation
-    results = read_results(out / "results.json")
+    results = AblationResults.read(out / "results.json")
     official = results.variants["official"].objectives
     official["ce"].clean_accuracy, official["rce"].clean_accuracy = 0.99, 0.99
     assert "within 0.5 pp of CE: met" in verdicts(results)[0]

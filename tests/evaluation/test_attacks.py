@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from training.attacks import ATTACKS, AttackSettings, run_attack
-from training.evaluate import attack_result, load_model_under_test, score_images
-from training.train import to_tensor
+from training.data import to_tensor
+from training.deployed import detector_outputs
+from training.evaluate import attack_result, load_model_under_test
 
 SETTINGS = AttackSettings(
     eps=0.2, cw_binary_steps=2, cw_max_iter=15, pgd_eps=0.2, pgd_step=0.02, pgd_steps=20,
@@ -25,7 +26,7 @@ def models(small_models):
 def _correct_images(model, count):
     test = model.dataset.test
     images = to_tensor(test.images[:200]).numpy()
-    clean = score_images(model.detector, images)
+    clean = detector_outputs(model.detector, images)
     index = np.flatnonzero(clean["label"] == test.labels[:200])[:count]
     return images[index], test.labels[index], {k: v[index] for k, v in clean.items()}
 
@@ -50,7 +51,7 @@ def test_attack_perturbs_within_its_budget(models, attack):
     if attack == "jsma":
         changed = (delta > 1e-6).mean(axis=1)
         assert changed.max() <= SETTINGS.jsma_gamma + 2 / delta.shape[1]
-    adv_labels = score_images(model.detector, adversarial)["label"]
+    adv_labels = detector_outputs(model.detector, adversarial)["label"]
     # kappa 10 needs more than this test's 2 x 15 C&W iterations on a barely trained model.
     if attack != "cw-hc":
         assert (adv_labels != labels).any(), f"{attack} fooled no image"
@@ -103,7 +104,7 @@ def test_cw_attacks_stay_within_their_iteration_budget_and_record_their_distorti
     assert adversarial.dtype == np.float32 and 0.0 <= adversarial.min() <= adversarial.max() <= 1.0
     # An image the attack changed is one it sent to its target (by kappa for C&W-hc); the others
     # are returned untouched.
-    adv = score_images(model.detector, adversarial)
+    adv = detector_outputs(model.detector, adversarial)
     changed = (adversarial != images).reshape(len(images), -1).any(axis=1)
     assert (adv["label"][changed] == output.targets[changed]).all()
     logits = adv["logits"][changed]
@@ -152,7 +153,7 @@ def _rejection(model, attack, images, labels, clean):
         attack, model.detector, images, labels, clean["label"], clean["probabilities"],
         threshold, SETTINGS, seed=0,
     )  # fmt: skip
-    adv = score_images(model.detector, output.adversarial)
+    adv = detector_outputs(model.detector, output.adversarial)
     missed = adv["label"] != labels
     rejected = adv["log_kd"] < threshold
     return missed, rejected
@@ -171,7 +172,7 @@ def test_adaptive_pgd_lowers_rejection_compared_with_plain_pgd(models, objective
 
 
 def test_deployed_logits_are_what_art_attacks(models):
-    from training.attacks import DeployedLogits
+    from training.deployed import DeployedLogits
 
     model = models["rce"]
     images = torch.from_numpy(to_tensor(model.dataset.test.images[:8]).numpy())

@@ -15,16 +15,16 @@ from typer.testing import CliRunner
 
 from rcegate.cli import app
 from training.attacks import AttackSettings, run_attack
-from training.calibrate import DeployedModel
-from training.evaluate import load_model_under_test, score_images
+from training.data import to_tensor
+from training.deployed import DeployedModel, detector_outputs
+from training.evaluate import load_model_under_test
 from training.robustness import (
     CurvePoint,
+    MaskingResults,
     linf_attack,
     masking_checks,
-    read_results,
     zero_gradient_fraction,
 )
-from training.train import to_tensor
 
 SCALE = 2.0**14  # a power of two: scaled gradients keep their exact bits, hence their signs
 SETTINGS = AttackSettings(eps=0.15, bim_steps=5, pgd_eps=0.15, pgd_step=0.03, pgd_steps=5)
@@ -56,7 +56,7 @@ def ce_model(small_models):
 def sample(ce_model):
     test = ce_model.dataset.test
     images = to_tensor(test.images[:120]).numpy()
-    clean = score_images(ce_model.detector, images)
+    clean = detector_outputs(ce_model.detector, images)
     index = np.flatnonzero(clean["label"] == test.labels[:120])[:40]
     return images[index], test.labels[index], {k: v[index] for k, v in clean.items()}
 
@@ -66,7 +66,7 @@ def _fooled(detector, attack, sample, settings):
     output = run_attack(
         attack, detector, images, labels, clean["label"], clean["probabilities"], 0.0, settings, 0
     )
-    adv = score_images(detector, output.adversarial)["label"]
+    adv = detector_outputs(detector, output.adversarial)["label"]
     return output.adversarial, adv != labels
 
 
@@ -170,7 +170,7 @@ def test_masking_check_command_writes_a_passing_report(small_models, tmp_path):
             "--out", str(out), "--images", "30", "--eps", "0,0.3", "--bim-steps", "5"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    results = read_results(out / "results.json")
+    results = MaskingResults.read(out / "results.json")
     assert set(results.models) == {"ce", "rce"}
     assert results.eps == [0.0, 0.3]
     for model in results.models.values():

@@ -9,20 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from training.report import (
-    PAPER_CLEAN_ACCURACY,
-    EvaluationResults,
-    read_results,
-    render_report,
-    verdicts,
-)
+from training.report import PAPER_CLEAN_ACCURACY, render_report, verdicts
+from training.results import EvaluationResults
 
 COMMITTED = Path(__file__).resolve().parents[2] / "reports" / "mnist-5k" / "results.json"
 
 
 @pytest.fixture
 def results() -> EvaluationResults:
-    return read_results(COMMITTED)
+    return EvaluationResults.read(COMMITTED)
 
 
 def _verdict(results: EvaluationResults, claim: str) -> str:

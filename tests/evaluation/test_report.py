@@ -24,15 +24,12 @@ from training.evaluate import (
     roc_auc,
 )
 from training.plots import write_figures
-from training.report import (
+from training.report import render_report, write_report
+from training.results import (
     AttackResult,
     Distortion,
     EvaluationResults,
     MetricResult,
-    read_results,
-    render_report,
-    write_report,
-    write_results,
 )
 
 FAST = AttackSettings(cw_binary_steps=1, cw_max_iter=5, pgd_steps=5, jsma_gamma=0.02)
@@ -45,8 +42,8 @@ def evaluation(small_models):
 
 
 def test_results_json_round_trips(evaluation, tmp_path):
-    path = write_results(evaluation.results, tmp_path)
-    assert read_results(path) == evaluation.results
+    path = evaluation.results.write(tmp_path)
+    assert EvaluationResults.read(path) == evaluation.results
     assert json.loads(path.read_text())["schema_version"] == 1
 
 
@@ -76,8 +73,8 @@ def test_results_cover_every_model_attack_and_metric(evaluation):
 
 
 def test_report_has_the_paper_tables_and_figures(evaluation, tmp_path):
-    write_results(evaluation.results, tmp_path)
-    report = write_report(evaluation.results, tmp_path).read_text()
+    evaluation.results.write(tmp_path)
+    report = write_report(render_report(evaluation.results), tmp_path).read_text()
     assert "Table 2 analogue" in report and "Table 3 analogue" in report
     assert "| FGSM | CE |" in report and "| FGSM | RCE |" in report
     assert "Seconds / image" in report
@@ -85,7 +82,7 @@ def test_report_has_the_paper_tables_and_figures(evaluation, tmp_path):
     assert {p.name for p in figures} == {"roc-ce.png", "hist-ce.png", "roc-rce.png", "hist-rce.png"}
     assert all(p.stat().st_size > 1000 for p in figures)
     # The report is a pure function of results.json.
-    assert render_report(read_results(tmp_path / "results.json")) + "\n" == report
+    assert render_report(EvaluationResults.read(tmp_path / "results.json")) == report
 
 
 COMMITTED_RESULTS = [
@@ -130,7 +127,7 @@ def test_results_schema_requires_every_documented_field_and_forbids_others():
 def test_committed_results_validate_against_the_published_schema(path):
     document = json.loads(path.read_text())
     jsonschema.validate(document, EvaluationResults.model_json_schema())
-    results = read_results(path)
+    results = EvaluationResults.read(path)
     assert EvaluationResults.model_validate_json(results.model_dump_json()) == results
 
 
@@ -226,6 +223,19 @@ def test_a_calibration_that_does_not_match_the_artifact_is_refused(small_models,
         load_model_under_test(model.artifact, model.checkpoint, wrong)
 
 
+def test_a_detector_whose_decision_differs_from_the_graph_is_refused(small_models, tmp_path):
+    """Evaluation runs export's parity check: every output, `accepted` included. The same
+    network, bank and thresholds deciding on confidence instead of the graph's log_kd differ
+    from the graph in `accepted` alone, which the former check never compared."""
+    model = small_models["rce"]
+    calibration = Calibration.load(model.calibration)
+    assert calibration.default_metric == "log_kd"
+    other = tmp_path / "confidence.calibration.pt"
+    Calibration(**{**calibration.__dict__, "default_metric": "confidence"}).save(other)
+    with pytest.raises(EvaluationError, match="disagree on accepted"):
+        load_model_under_test(model.artifact, model.checkpoint, other)
+
+
 def test_a_checkpoint_that_does_not_reproduce_the_onnx_graph_is_refused(small_models, tmp_path):
     model = small_models["ce"]
     payload = torch.load(model.checkpoint, weights_only=True)
@@ -267,7 +277,7 @@ def test_evaluate_command_writes_the_report(small_models, tmp_path):
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    results = read_results(tmp_path / "results.json")
+    results = EvaluationResults.read(tmp_path / "results.json")
     cost = results.training_cost
     assert cost is not None and cost.repeats == 1 and cost.images == 64
     assert cost.ratio == pytest.approx(cost.rce_median_seconds / cost.ce_median_seconds)
@@ -278,7 +288,7 @@ def test_evaluate_command_writes_the_report(small_models, tmp_path):
 
 
 def test_report_command_rerenders_and_records_the_training_cost(evaluation, tmp_path):
-    write_results(evaluation.results, tmp_path)
+    evaluation.results.write(tmp_path)
     assert evaluation.results.training_cost is None
     result = CliRunner().invoke(
         app,
@@ -288,7 +298,7 @@ def test_report_command_rerenders_and_records_the_training_cost(evaluation, tmp_
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    results = read_results(tmp_path / "results.json")
+    results = EvaluationResults.read(tmp_path / "results.json")
     assert results.models == evaluation.results.models
     cost = results.training_cost
     assert cost is not None and cost.depth == 8
@@ -299,4 +309,4 @@ def test_report_command_rerenders_and_records_the_training_cost(evaluation, tmp_
     assert cost.ratio == cost.rce_median_seconds / cost.ce_median_seconds
     report = (tmp_path / "report.md").read_text()
     assert f"Ratio RCE / CE: **{cost.ratio:.3f}**" in report
-    assert render_report(results) + "\n" == report
+    assert render_report(results) == report

@@ -9,19 +9,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from models.manifest import METRICS, CalibrationTable
+from models.manifest import METRICS, CalibrationTable, Objective
 from training.calibrate import (
     TABLE_FPR,
     calibrate,
     calibrated_threshold,
     feature_bank,
-    score_split,
 )
 from training.data import Dataset, Split
-from training.losses import Objective
+from training.deployed import detector_outputs, predict
 from training.nets import ResNet
 from training.scores import SIGMA2
-from training.train import predict
 
 
 @given(
@@ -124,8 +122,8 @@ def test_calibration_builds_the_bank_from_train_and_thresholds_from_calibration(
             assert np.isclose(candidates, row, rtol=0, atol=1e-6).all(axis=1).any()
     # The thresholds: the floor(0.1 * 40)-th smallest calibration score of each metric.
     detector = result.deployed(network)
-    calibration_scores = score_split(detector, dataset.calibration)
-    test_scores = score_split(detector, dataset.test)
+    calibration_scores = detector_outputs(detector, dataset.calibration.images)
+    test_scores = detector_outputs(detector, dataset.test.images)
     for metric in METRICS:
         assert result.thresholds[metric] == calibrated_threshold(calibration_scores[metric], 0.1)
     assert any(

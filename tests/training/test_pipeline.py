@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 from models.manifest import INPUT_NAME, METRICS, OUTPUT_NAMES, Manifest, sha256_file
 from rcegate.cli import app
 from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact, last_json
-from training.calibrate import Calibration, DeployedModel
-from training.data import Split, load_dataset, load_mnist_5k
-from training.export import ATOL as EXPORT_ATOL
+from training.calibrate import Calibration
+from training.checkpoints import load_checkpoint, load_trained_model
+from training.config import TrainConfig
+from training.data import Split, load_dataset, load_mnist_5k, to_tensor
+from training.deployed import DeployedModel
 from training.export import (
-    CHECK_IMAGES,
     ExportError,
     NearChanceError,
     check_against_torch,
@@ -31,19 +32,11 @@ from training.export import (
     minimum_accuracy,
 )
 from training.losses import loss_for
-from training.nets import ResNet
-from training.train import (
-    DRY_RUN_BATCHES,
-    TrainConfig,
-    build_model,
-    load_checkpoint,
-    load_trained_model,
-    lr_at_step,
-    parameter_groups,
-    seed_everything,
-    to_tensor,
-    train,
-)
+from training.nets import ResNet, build_model
+from training.parity import ATOL as EXPORT_ATOL
+from training.parity import CHECK_IMAGES
+from training.runtime import seed_everything
+from training.train import DRY_RUN_BATCHES, lr_at_step, parameter_groups, train
 
 
 def run_artifact(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -10,14 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from training.train import (
-    TrainConfig,
-    build_model,
-    load_checkpoint,
-    lr_at_step,
-    parameter_groups,
-    train,
-)
+from training.checkpoints import load_checkpoint
+from training.config import TrainConfig
+from training.nets import build_model
+from training.train import lr_at_step, parameter_groups, train
 
 MNIST_LIKE = SimpleNamespace(shape=(1, 28, 28), num_classes=10)
 

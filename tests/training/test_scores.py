@@ -8,7 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from training.scores import confidence, log_kernel_density, max_non_me, non_maximal_entropy
+from models.manifest import METRICS
+from training.scores import (
+    SCORES,
+    ScoreInputs,
+    confidence,
+    log_kernel_density,
+    max_non_me,
+    non_maximal_entropy,
+    scores,
+)
 
 
 @given(
@@ -90,3 +99,22 @@ def test_log_kd_matches_a_brute_force_numpy_computation(
             assert math.isclose(got[i], math.log(kd), rel_tol=1e-6, abs_tol=1e-6)
         else:
             assert got[i] < -600
+
+
+def test_every_metric_of_the_manifest_has_one_score_in_its_order() -> None:
+    assert tuple(SCORES) == METRICS
+
+
+@given(arrays(np.float64, (6, 5), elements=st.floats(-30.0, 30.0)))
+def test_scores_of_the_predicted_class_are_the_deployed_scores(z: np.ndarray) -> None:
+    """The class-parameterised scores the adaptive attacks use equal the graph's at the
+    prediction: one score maths for both."""
+    logits = torch.from_numpy(z)
+    probabilities = torch.softmax(logits, dim=1)
+    predicted = logits.argmax(dim=1)
+    assert torch.equal(confidence(probabilities, predicted), confidence(probabilities))
+    assert torch.equal(non_maximal_entropy(logits, predicted), non_maximal_entropy(logits))
+    bank, mask = torch.zeros((5, 1, 3), dtype=torch.float64), torch.ones((5, 1))
+    features = torch.zeros((6, 3), dtype=torch.float64)
+    inputs = ScoreInputs(logits, probabilities, features, predicted, bank, mask, 1.0)
+    assert list(scores(inputs)) == list(METRICS)

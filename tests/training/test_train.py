@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from training.config import TrainConfig
 from training.data import Split
 from training.losses import cross_entropy, deployed_logits, loss_for, reverse_cross_entropy
 from training.nets import ResNet
 from training.scores import SIGMA2
-from training.train import TrainConfig, _train_epoch, batches, lr_at, pad_crop_flip, train
+from training.train import batches, lr_at, pad_crop_flip, train, train_epoch
 
 
 def test_legacy_schedule_decays_tenfold_at_half_and_three_quarters_of_the_epochs() -> None:
@@ -102,7 +103,7 @@ def test_training_augments_exactly_when_the_config_says(
     optimizer = torch.optim.SGD(model.parameters(), 0.1)
     generator = torch.Generator().manual_seed(0)
     before = generator.get_state().clone()
-    _, _, seen = _train_epoch(model, optimizer, config, split, 0, 0, 1, generator)
+    _, _, seen = train_epoch(model, optimizer, config, split, 0, 0, 1, generator)
     assert seen == 8
     # Only the augmentation draws from the training generator.
     assert (not torch.equal(generator.get_state(), before)) is expected
