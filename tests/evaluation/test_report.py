@@ -140,8 +140,15 @@ def test_committed_results_validate_against_the_published_schema(path):
             "accepted_fraction", None
         ),
         lambda d: d["models"]["ce"].__setitem__("checkpoint", "runs/x.pt"),
+        lambda d: d.__setitem__("notes", "added by hand"),
     ],
-    ids=["missing-field", "wrong-type", "null-where-not-nullable", "unknown-field"],
+    ids=[
+        "missing-field",
+        "wrong-type",
+        "null-where-not-nullable",
+        "unknown-field",
+        "unknown-top-level-field",
+    ],
 )
 def test_schema_and_reader_refuse_a_malformed_results_file(corrupt):
     document = json.loads(COMMITTED_RESULTS[0].read_text())
