@@ -20,6 +20,7 @@ import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from models.files import write_text
 from models.manifest import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, Manifest
 
 
@@ -42,7 +43,7 @@ def generate_key(path: Path) -> str:
     with os.fdopen(fd, "wb") as out:
         out.write(pem)
     public = public_key_text(key)
-    path.with_name(path.name + ".pub").write_text(public + "\n")
+    write_text(path.with_name(path.name + ".pub"), public + "\n")
     return public
 
 
@@ -61,7 +62,8 @@ def sign_artifact(directory: Path, key: Ed25519PrivateKey) -> Path:
     if digest != manifest.sha256:
         raise SigningError(f"{directory / MODEL_FILE}: sha256 does not match the manifest")
     path = directory / SIGNATURE_FILE
-    path.write_text(base64.b64encode(key.sign(data)).decode() + "\n")
+    # Atomic: a reader (the service starting) never sees half a signature.
+    write_text(path, base64.b64encode(key.sign(data)).decode() + "\n")
     return path
 
 
