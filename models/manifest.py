@@ -20,7 +20,7 @@ import json
 import math
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -39,19 +39,12 @@ Text = Annotated[str, StringConstraints(max_length=256)]
 Key = Annotated[str, StringConstraints(max_length=64)]
 
 Metric = Literal["confidence", "non_me", "log_kd"]
-METRICS: tuple[Metric, ...] = ("confidence", "non_me", "log_kd")
+# One list of detection metrics: the graph outputs one score per metric, in this order.
+METRICS: tuple[Metric, ...] = get_args(Metric)
 Objective = Literal["rce", "ce"]
 
 INPUT_NAME = "images"
-OUTPUT_NAMES: tuple[str, ...] = (
-    "logits",
-    "probabilities",
-    "label",
-    "confidence",
-    "non_me",
-    "log_kd",
-    "accepted",
-)
+OUTPUT_NAMES: tuple[str, ...] = ("logits", "probabilities", "label", *METRICS, "accepted")
 
 
 class _Strict(BaseModel):
