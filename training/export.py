@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from models.files import staged_directory
+from models.layout import version_directory
 from models.manifest import (
     INPUT_NAME,
     METRICS,
@@ -106,7 +107,7 @@ def export_artifact(
 
     Refuses (NearChanceError) a model whose clean test accuracy is below `minimum_accuracy`
     unless `force`: a barely trained network must not ship silently as a detector."""
-    target = model_dir / name / str(version)
+    target = version_directory(model_dir, name, version)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite to replace it")
     deployed = calibration.deployed(network).eval()
