@@ -35,16 +35,27 @@ BINDING_KEY = "rcegate.binding"
 # Field bounds: generous for any real artifact, small enough that a manifest stays small.
 MAX_CLASSES = 10_000
 MAX_LEVELS = 10_000  # calibration table rows
+MAX_FEATURES = 4_096  # dimension of one Mahalanobis layer
+MAX_LAYERS = 8
+MAX_KNOTS = 4_096  # clean-score quantiles per component of the combined score
 Text = Annotated[str, StringConstraints(max_length=256)]
 Key = Annotated[str, StringConstraints(max_length=64)]
+# A decision constant: NaN or infinity in one would silently move every decision.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
-Metric = Literal["confidence", "non_me", "log_kd"]
+Metric = Literal["confidence", "non_me", "log_kd", "mahalanobis", "combined"]
 # One list of detection metrics: the graph outputs one score per metric, in this order.
 METRICS: tuple[Metric, ...] = get_args(Metric)
+# The paper's three scores, which every artifact computes (schema 1 artifacts compute only
+# these): the metrics after them are optional, and a manifest lists the ones its graph has.
+PAPER_METRICS: tuple[Metric, ...] = ("confidence", "non_me", "log_kd")
 Objective = Literal["rce", "ce"]
 
 INPUT_NAME = "images"
 OUTPUT_NAMES: tuple[str, ...] = ("logits", "probabilities", "label", *METRICS, "accepted")
+# The outputs every artifact has; an artifact's outputs are these plus some metrics, in
+# OUTPUT_NAMES order.
+REQUIRED_OUTPUTS: tuple[str, ...] = ("logits", "probabilities", "label", *PAPER_METRICS, "accepted")
 
 
 class _Strict(BaseModel):
@@ -123,6 +134,81 @@ class CalibrationTable(_Strict):
         return float(np.interp(target_fpr, self.fpr, self.thresholds[metric]))
 
 
+class MahalanobisLayer(_Strict):
+    """One layer of the Mahalanobis score (Lee et al., NeurIPS 2018): class means and the tied
+    precision matrix of that layer's (spatially averaged) features over the training images,
+    and the clean calibration mean and standard deviation of its score -min_c d_c(x)."""
+
+    name: Key
+    means: list[list[Finite]] = Field(min_length=2, max_length=MAX_CLASSES)  # [L, D]
+    precision: list[list[Finite]] = Field(min_length=1, max_length=MAX_FEATURES)  # [D, D]
+    centre: Finite
+    scale: Finite = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> MahalanobisLayer:
+        dim = len(self.precision)
+        if any(len(row) != dim for row in self.precision):
+            raise ValueError(f"mahalanobis layer {self.name}: precision must be square")
+        if any(len(row) != dim for row in self.means):
+            raise ValueError(f"mahalanobis layer {self.name}: means must have {dim} columns")
+        return self
+
+    @property
+    def dim(self) -> int:
+        return len(self.precision)
+
+
+class MahalanobisInfo(_Strict):
+    """The constants of the `mahalanobis` score: the mean over `layers` of each layer's
+    standardised score (centre, scale); with one layer, Lee et al.'s score on that layer."""
+
+    source: Literal["bank", "train"] = Field(
+        description="Fitted on the K-density bank's images or on the whole training split."
+    )
+    samples_per_class: list[int] = Field(max_length=MAX_CLASSES)
+    layers: list[MahalanobisLayer] = Field(min_length=1, max_length=MAX_LAYERS)
+
+
+class CombinedInfo(_Strict):
+    """The `combined` score: min over `metrics` of each one's clean CDF, piecewise linear through
+    `knots[m]` (the clean calibration scores' quantiles at levels 0, 1/(K-1), ..., 1), extended
+    linearly below the lowest knot. Rejecting `combined < T` rejects an input when ANY of the
+    metrics is below its clean T-quantile: the union test, calibrated jointly as one score."""
+
+    metrics: list[Metric] = Field(min_length=2, max_length=len(METRICS) - 1)
+    knots: dict[Metric, list[Finite]]
+
+    @model_validator(mode="after")
+    def _check_knots(self) -> CombinedInfo:
+        if "combined" in self.metrics or len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("combined metrics must be distinct metrics other than combined")
+        if set(self.knots) != set(self.metrics):
+            raise ValueError("combined knots must be given for exactly its metrics")
+        lengths = {len(k) for k in self.knots.values()}
+        if len(lengths) != 1 or not 2 <= lengths.pop() <= MAX_KNOTS:
+            raise ValueError(f"combined knots: one length for all metrics, 2..{MAX_KNOTS}")
+        for metric, knots in self.knots.items():
+            if any(b < a for a, b in zip(knots, knots[1:], strict=False)):
+                raise ValueError(f"combined knots of {metric} must be non-decreasing")
+            if knots[-1] <= knots[0]:
+                raise ValueError(f"combined knots of {metric} must span a range")
+        return self
+
+    @property
+    def levels(self) -> list[float]:
+        size = len(next(iter(self.knots.values())))
+        return [i / (size - 1) for i in range(size)]
+
+    def component_threshold(self, metric: Metric, threshold: float) -> float:
+        """The threshold on `metric` alone that `combined >= threshold` implies: the metric's
+        clean `threshold`-quantile (the inverse of its piecewise-linear CDF)."""
+        knots = self.knots[metric]
+        if threshold < 0:
+            return knots[0] + threshold * (knots[-1] - knots[0])
+        return float(np.interp(threshold, self.levels, knots))
+
+
 class DetectionInfo(_Strict):
     default_metric: Metric = "log_kd"
     sigma2: float = Field(gt=0)
@@ -134,6 +220,12 @@ class DetectionInfo(_Strict):
     clean_acceptance: dict[Metric, float] = Field(
         default_factory=dict,
         description="Fraction of the clean TEST split accepted at each metric's threshold.",
+    )
+    mahalanobis: MahalanobisInfo | None = Field(
+        default=None, description="Constants of the `mahalanobis` score (absent before it)."
+    )
+    combined: CombinedInfo | None = Field(
+        default=None, description="Constants of the `combined` score (absent before it)."
     )
 
 
@@ -160,6 +252,44 @@ class Manifest(_Strict):
         max_length=256,
         description="The training config the checkpoint was made with.",
     )
+
+    @model_validator(mode="after")
+    def _check_metrics(self) -> Manifest:
+        """The outputs are the required ones plus some metrics, in graph order, and every
+        metric the graph computes has its threshold, its table row and its constants."""
+        extra = set(self.outputs) - set(OUTPUT_NAMES)
+        if extra:
+            raise ValueError(f"unknown outputs {sorted(extra)}")
+        if [o for o in OUTPUT_NAMES if o in self.outputs] != self.outputs:
+            raise ValueError(f"outputs must be listed once each, in the order {OUTPUT_NAMES}")
+        missing = [o for o in REQUIRED_OUTPUTS if o not in self.outputs]
+        if missing:
+            raise ValueError(f"outputs lack {missing}")
+        d = self.detection
+        metrics = set(self.metrics)
+        if set(d.thresholds) != metrics or set(d.calibration_table.thresholds) != metrics:
+            raise ValueError(
+                "detection thresholds and calibration table must cover exactly the metrics "
+                f"of the outputs, {list(self.metrics)}"
+            )
+        if d.default_metric not in metrics:
+            raise ValueError(f"default_metric {d.default_metric} is not an output")
+        if ("mahalanobis" in metrics) != (d.mahalanobis is not None):
+            raise ValueError("detection.mahalanobis must be given iff mahalanobis is an output")
+        if d.mahalanobis is not None:
+            for layer in d.mahalanobis.layers:
+                if len(layer.means) != self.num_classes:
+                    raise ValueError(f"mahalanobis layer {layer.name}: one mean per class")
+        if ("combined" in metrics) != (d.combined is not None):
+            raise ValueError("detection.combined must be given iff combined is an output")
+        if d.combined is not None and not set(d.combined.metrics) <= metrics:
+            raise ValueError("detection.combined combines metrics the graph does not output")
+        return self
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        """The metrics this artifact's graph computes (schema 1: the paper's three)."""
+        return tuple(m for m in METRICS if m in self.outputs)
 
     @property
     def class_names(self) -> list[str]:

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.manifest import METRICS
+from models.manifest import Metric
 from service.batching import Batcher, BatchStats, Ticket
 from service.detector import Decision, Detector, Outputs
 from service.errors import (
     DeadlineExceeded,
     InvalidInput,
+    InvalidParameter,
     NotReady,
     QueueFull,
     ServiceError,
@@ -67,6 +68,7 @@ class PredictOptions:
     target_fpr: float | None = None  # None: the model's served target FPR
     mode: Mode | None = None  # None: the service's default mode
     client: str | None = None  # who asks (API key id or address), for prober tracking
+    metric: Metric | None = None  # None: the model's default metric
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,18 @@ class DataPlane:
 
     # -- the work ------------------------------------------------------------------------
 
+    def decision(self, detector: Detector, options: PredictOptions) -> Decision:
+        """The test a request is judged by (422 for a metric or target FPR the model cannot
+        serve). In enforce mode the default metric decides: a client may not pick a weaker
+        test to get an image through (annotate mode: any metric the graph computes)."""
+        mode = options.mode or self.settings.mode
+        if mode == "enforce" and options.metric not in (None, detector.metric):
+            raise InvalidParameter(
+                f"metric: in enforce mode model {detector.name} decides with "
+                f"{detector.metric}; got {options.metric!r}"
+            )
+        return detector.decision(options.target_fpr, options.metric)
+
     async def predict_encoded(
         self,
         detector: Detector,
@@ -210,7 +224,7 @@ class DataPlane:
         deadline: float,
     ) -> Prediction:
         """Decode image files (bounded pool) and answer them; admission comes first."""
-        decision = detector.decision(options.target_fpr)  # 422 before any work
+        decision = self.decision(detector, options)  # 422 before any work
         self.probers.check(options.client)
         batcher = self._batcher(detector)
         ticket = self._reserve(detector, len(images), deadline)
@@ -227,7 +241,7 @@ class DataPlane:
         self, detector: Detector, images: np.ndarray, options: PredictOptions, deadline: float
     ) -> Prediction:
         """Answer float32 [N, C, H, W] tensors in the model's value range."""
-        decision = detector.decision(options.target_fpr)
+        decision = self.decision(detector, options)
         self.probers.check(options.client)
         check_tensor(images, detector)
         batcher = self._batcher(detector)
@@ -330,7 +344,7 @@ class DataPlane:
             decision = "accepted" if ok else "rejected"
             m.images.labels(detector.name, version, decision, names[label]).inc()
         if m.detection_score is not None:
-            for metric in METRICS:
+            for metric in detector.metrics:
                 histogram = m.detection_score.labels(detector.name, metric)
                 for value in outputs.scores[metric].tolist():
                     histogram.observe(value)

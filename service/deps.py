@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request
 
+from models.manifest import Metric
 from service.dataplane import DataPlane, PredictOptions
 from service.detector import Detector
 from service.guard import Lifecycle
@@ -77,8 +78,16 @@ async def get_options(
             "the default, their scores and threshold). Default: RCEGATE_MODE."
         ),
     ] = None,
+    metric: Annotated[
+        Metric | None,
+        Query(
+            description="The metric that decides: any the model computes (422 otherwise); "
+            "in enforce mode only the model's default metric. Default: the model's default "
+            "metric (`detection.default_metric` in GET /v1/models)."
+        ),
+    ] = None,
 ) -> PredictOptions:
-    return PredictOptions(target_fpr=target_fpr, mode=mode)
+    return PredictOptions(target_fpr=target_fpr, mode=mode, metric=metric)
 
 
 OptionsDep = Annotated[PredictOptions, Depends(get_options)]

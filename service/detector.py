@@ -1,10 +1,13 @@
 """The domain core: one exported model version behind an ONNX Runtime session. numpy in, numpy out.
 
-A `Detector` runs the artifact's graph (which computes the prediction and the three scores of
-Pang et al., NeurIPS 2018) and applies the thresholding test: an image is accepted iff the
-chosen metric's score >= the threshold calibrated for the requested target FPR. The graph's own
-`accepted` output uses the deployed threshold only; the detector recomputes the decision so any
-calibrated target FPR can be served, and the self-test checks both agree at the deployed one.
+A `Detector` runs the artifact's graph (which computes the prediction, the three scores of
+Pang et al., NeurIPS 2018, and in newer artifacts the Mahalanobis and combined scores) and
+applies the thresholding test: an image is accepted iff the chosen metric's score >= the
+threshold calibrated for the requested target FPR. The manifest names the default metric; a
+request may choose any other metric the graph computes. The graph's own `accepted` output uses
+the default metric at the deployed threshold only; the detector recomputes the decision so any
+metric and calibrated target FPR can be served, and the self-test checks both agree at the
+deployed one.
 
 Loading refuses a model unless its files are trusted (`service.trust`: regular files inside the
 repository, bounded sizes, a valid signature when keys are configured), the sha256 of model.onnx
@@ -28,7 +31,6 @@ from models.manifest import (
     MANIFEST_FILE,
     METRICS,
     MODEL_FILE,
-    OUTPUT_NAMES,
     Manifest,
     Metric,
 )
@@ -56,6 +58,8 @@ OUTPUT_DTYPES: dict[str, str] = {
     "confidence": "tensor(float)",
     "non_me": "tensor(float)",
     "log_kd": "tensor(float)",
+    "mahalanobis": "tensor(float)",
+    "combined": "tensor(float)",
     "accepted": "tensor(bool)",
 }
 
@@ -83,8 +87,8 @@ class Outputs:
 
     @property
     def scores(self) -> dict[Metric, np.ndarray]:
-        """float32 [N] per metric; higher = more like clean data."""
-        return {m: self.arrays[m] for m in METRICS}
+        """float32 [N] per metric the graph computes; higher = more like clean data."""
+        return {m: self.arrays[m] for m in METRICS if m in self.arrays}
 
     @property
     def graph_accepted(self) -> np.ndarray:
@@ -128,32 +132,46 @@ class Detector:
 
     @property
     def metric(self) -> Metric:
+        """The default metric: the one that decides unless a request chooses another."""
         return self.manifest.detection.default_metric
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        """The metrics the graph computes (every artifact: the paper's three)."""
+        return self.manifest.metrics
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.manifest.input.shape
 
-    def decision(self, target_fpr: float | None = None) -> Decision:
-        """The default metric's threshold at `target_fpr` (default: the served target FPR).
+    def decision(self, target_fpr: float | None = None, metric: Metric | None = None) -> Decision:
+        """`metric`'s threshold (default: the default metric) at `target_fpr` (default: the
+        served target FPR).
 
-        Raises InvalidParameter when `target_fpr` lies outside the calibration table.
+        Raises InvalidParameter when the graph does not compute `metric` or `target_fpr` lies
+        outside the calibration table.
         """
+        chosen = self.metric if metric is None else metric
+        if chosen not in self.metrics:
+            raise InvalidParameter(
+                f"metric: model {self.name} computes {', '.join(self.metrics)}; got {chosen!r}"
+            )
         fpr = self.default_target_fpr if target_fpr is None else target_fpr
         try:
-            threshold = self.manifest.threshold(self.metric, fpr)
+            threshold = self.manifest.threshold(chosen, fpr)
         except ValueError as exc:
             raise InvalidParameter(f"target_fpr: {exc}") from None
-        return Decision(self.metric, threshold, fpr)
+        return Decision(chosen, threshold, fpr)
 
     def thresholds(self) -> dict[Metric, float]:
         """Every metric's threshold at the served target FPR (for the threshold gauge)."""
-        return {m: self.manifest.threshold(m, self.default_target_fpr) for m in METRICS}
+        return {m: self.manifest.threshold(m, self.default_target_fpr) for m in self.metrics}
 
     def run_arrays(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Run the graph on float32 [N, C, H, W] images in [0, 1]: every output by name."""
-        raw = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        return dict(zip(OUTPUT_NAMES, raw, strict=True))
+        names = self.manifest.outputs
+        raw = self.session.run(names, {INPUT_NAME: images})
+        return dict(zip(names, raw, strict=True))
 
     def run(self, images: np.ndarray) -> Outputs:
         return Outputs(self.run_arrays(images))
@@ -239,11 +257,14 @@ def _check_io(session: ort.InferenceSession, manifest: Manifest) -> None:
             f"input {INPUT_NAME!r} has shape {shape}, manifest says [batch, {dims}]"
         )
     outputs = {o.name: o.type for o in session.get_outputs()}
-    if set(manifest.outputs) != set(OUTPUT_NAMES):
-        raise ModelLoadError(f"manifest lists outputs {manifest.outputs}, expected {OUTPUT_NAMES}")
-    for name, dtype in OUTPUT_DTYPES.items():
+    for name in manifest.outputs:  # the manifest's own list is checked when it is parsed
+        dtype = OUTPUT_DTYPES[name]
         if outputs.get(name) != dtype:
             raise ModelLoadError(f"output {name!r} is {outputs.get(name)}, expected {dtype}")
+    if set(outputs) != set(manifest.outputs):
+        raise ModelLoadError(
+            f"graph outputs are {sorted(outputs)}, the manifest lists {manifest.outputs}"
+        )
 
 
 def self_test(detector: Detector) -> None:

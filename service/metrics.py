@@ -4,9 +4,10 @@ Each app owns its own `CollectorRegistry`, so several apps in one process (tests
 Labels are bounded: model names and versions come from the repository, `route` is the route
 template (never the raw path), `predicted_class` is a class name from the manifest.
 
-Detection-score buckets: one histogram family needs one bucket list, shared by its three
-metrics, so the edges are the union of a coarse range per metric and, for every loaded model and
-metric, the calibrated thresholds at the FPR levels in `BUCKET_FPR`. A bucket edge then sits on
+Detection-score buckets: one histogram family needs one bucket list, shared by its metrics
+(the paper's three, and `mahalanobis` and `combined` for models that compute them), so the
+edges are the union of a coarse range per metric and, for every loaded model and each metric it
+computes, the calibrated thresholds at the FPR levels in `BUCKET_FPR`. A bucket edge then sits on
 each threshold an operator is likely to deploy, and `bucket{le=T}` / `count` reads as the
 rejection rate at T (up to scores exactly equal to T).
 """
@@ -17,12 +18,13 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from models.manifest import METRICS
 from service.detector import Detector
 
 BUCKET_FPR = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 COARSE_BUCKETS = (
-    # confidence in [0, 1]; non_me in [0, log(L - 1)]; log_kd <= 0, far below 0 off-manifold
+    # confidence and combined in [0, 1] (combined < 0 below every clean calibration score);
+    # non_me in [0, log(L - 1)]; log_kd <= 0, far below 0 off-manifold; mahalanobis a mean of
+    # clean-standardised scores, around 0 on clean data, far below 0 off-manifold
     *(-1000.0, -300.0, -100.0, -30.0, -10.0, -3.0, -1.0),
     *(0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0, 1.5, 2.0, 2.5),
 )
@@ -37,7 +39,7 @@ def score_buckets(detectors: Iterable[Detector]) -> list[float]:
         table = detector.manifest.detection.calibration_table
         low, high = table.fpr_range
         edges.update(detector.thresholds().values())
-        for metric in METRICS:
+        for metric in detector.metrics:
             for fpr in BUCKET_FPR:
                 if low <= fpr <= high:
                     edges.add(table.threshold(metric, fpr))

@@ -14,7 +14,6 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
-from models.manifest import METRICS
 from service.access import request_client
 from service.dataplane import DataPlane, EncodedImage, Prediction, PredictOptions
 from service.detector import Detector
@@ -30,7 +29,7 @@ async def predict(
     `response_model` documents it), not validated again by the framework."""
     arrival = time.monotonic()
     options = dataclasses.replace(options, client=request_client(request.scope))
-    detector.decision(options.target_fpr)  # an invalid target_fpr fails before the body
+    plane.decision(detector, options)  # an invalid metric or target_fpr fails before the body
     plane.check_capacity(detector)
     s = plane.settings
     uploads = await read_uploads(request, s.max_body_bytes, s.max_images)
@@ -70,7 +69,9 @@ def response(
                     threshold=p.decision.threshold if scored else None,
                     target_fpr=p.decision.target_fpr,
                 ),
-                scores=Scores(**{m: float(out.scores[m][i]) for m in METRICS}) if scored else None,
+                scores=Scores(**{m: float(v[i]) for m, v in out.scores.items()})
+                if scored
+                else None,
                 original_size=ImageSize(width=width, height=height),
                 resized=bool(image is not None and image.resized),
             )

@@ -117,6 +117,8 @@ def model_info(detector: Detector, default: bool) -> ModelInfo:
         clean_test_accuracy=m.clean_test_accuracy,
         detection=DetectionSummary(
             default_metric=m.detection.default_metric,
+            metrics=list(detector.metrics),
+            combined_metrics=m.detection.combined.metrics if m.detection.combined else None,
             target_fpr=detector.default_target_fpr,
             calibrated_target_fpr=m.detection.target_fpr,
             thresholds=detector.thresholds(),

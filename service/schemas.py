@@ -11,11 +11,15 @@ from service.settings import Mode
 
 
 class Scores(BaseModel):
-    """All three detection scores; higher = more like clean data (Pang et al., NeurIPS 2018)."""
+    """Every detection score the model computes; higher = more like clean data. The paper's
+    three (Pang et al., NeurIPS 2018) always; `mahalanobis` (Lee et al., NeurIPS 2018) and
+    `combined` (K-density or Mahalanobis, calibrated jointly) null for models without them."""
 
     confidence: float
     non_me: float
     log_kd: float
+    mahalanobis: float | None = None
+    combined: float | None = None
 
 
 class DecisionInfo(BaseModel):
@@ -58,7 +62,11 @@ class InputInfo(BaseModel):
 
 
 class DetectionSummary(BaseModel):
-    default_metric: Metric
+    default_metric: Metric = Field(description="The metric that decides unless a request asks.")
+    metrics: list[Metric] = Field(description="The metrics the model computes.")
+    combined_metrics: list[Metric] | None = Field(
+        description="What `combined` combines (reject when any rejects); null without it."
+    )
     target_fpr: float = Field(description="The target FPR served when the request names none.")
     calibrated_target_fpr: float
     thresholds: dict[Metric, float] = Field(description="Per metric, at the served target FPR.")

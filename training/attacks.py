@@ -17,9 +17,15 @@ every epsilon is a fraction of the pixel range.
   plus a hinge max(T - log KD_t(x'), 0) that pushes the detection score of the target class t above
   the DEPLOYED threshold T (the paper aims at the class median; the deployed threshold is what an
   attacker of this service must beat). `adaptive_pgd` is an L-inf PGD that maximises a clipped
-  margin loss on the label while pushing the default score of the runner-up class above T.
+  margin loss on the label while pushing the score of the runner-up class above T.
+  Each aims at one metric at its deployed threshold: K-density (`cw-wb`, `pgd-adaptive`), the
+  Mahalanobis score (`-mahalanobis`) or the combined decision (`-combined`), which is attacked
+  through one hinge per component at the component's threshold (its clean T-quantile: the
+  union test's equivalent form), not through the combined score's piecewise-linear CDF, whose
+  gradient vanishes above the top knot and is coarse between knots.
   Both keep, per image, the best iterate: misclassified AND accepted with the smallest distortion
-  (C&W) or first found (PGD), else misclassified with the highest score.
+  (C&W) or first found (PGD), else misclassified with the least total shortfall below the
+  thresholds.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.manifest import Metric
-from training.deployed import DeployedLogits, DeployedModel
-from training.scores import SCORES
+from training.deployed import Activations, DeployedLogits, DeployedModel
+from training.scores import SCORES, combined
 
 # The loss ART's gradient attacks (FGSM, BIM, ILLCM, PGD) follow. "ce" alone is masked on models
 # with a saturated softmax (see `training.robustness`); "both" runs the attack with each loss and
@@ -111,11 +117,59 @@ def art_classifier(
 
 
 def score_of_class(
-    detector: DeployedModel, metric: Metric, logits: Tensor, features: Tensor, classes: Tensor
+    detector: DeployedModel, metric: Metric, activations: Activations, classes: Tensor
 ) -> Tensor:
     """The detection score as if `classes` were the prediction (differentiable): the deployed
     graph's own score function (`training.scores.SCORES`) for other classes."""
-    return SCORES[metric].function(detector.score_inputs(logits, features, classes))
+    return SCORES[metric].function(detector.score_inputs(activations, classes))
+
+
+def aims(detector: DeployedModel, metric: Metric, threshold: float) -> list[tuple[Metric, float]]:
+    """The (metric, threshold) pairs an adaptive attack on `metric` at `threshold` must clear:
+    the metric itself, or for the combined decision each component at its clean quantile."""
+    if metric not in detector.metrics:
+        raise ValueError(f"the detector has no {metric} score to attack")
+    fit = detector.combined_fit
+    if metric == "combined" and fit is not None:
+        return [(m, fit.component_threshold(m, threshold)) for m in fit.metrics]
+    return [(metric, threshold)]
+
+
+@dataclass(frozen=True)
+class DetectorTerms:
+    """What an adaptive attack sees of the detector for one iterate: the hinge to minimise,
+    whether the deployed test accepts it, and its shortfall below the thresholds (<= 0)."""
+
+    hinge: Tensor
+    accepted: Tensor
+    slack: Tensor
+
+
+def detector_terms(
+    detector: DeployedModel,
+    metric: Metric,
+    threshold: float,
+    activations: Activations,
+    classes: Tensor,
+    margin: float,
+) -> DetectorTerms:
+    """sum over `aims` of max(T_m + margin - s_m(x'), 0), each score for `classes`; accepted
+    means the deployed metric's own score for `classes` is >= `threshold`."""
+    hinge: Tensor | float = 0.0
+    slack: Tensor | float = 0.0
+    components: dict[Metric, Tensor] = {}
+    for name, bound in aims(detector, metric, threshold):
+        components[name] = score_of_class(detector, name, activations, classes)
+        hinge = hinge + (bound + margin - components[name]).clamp_min(0.0)
+        slack = slack - (bound - components[name]).clamp_min(0.0)
+    if metric == "combined" and detector.combined_fit is not None:
+        inputs = detector.score_inputs(activations, classes)
+        assert inputs.combined is not None
+        score = combined(components, inputs.combined)
+    else:
+        score = components[metric]
+    assert isinstance(hinge, Tensor) and isinstance(slack, Tensor)
+    return DetectorTerms(hinge, (score >= threshold).detach(), slack.detach())
 
 
 def _one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -151,8 +205,9 @@ def cw_wb(
     """C&W-L2 (Carlini & Wagner 2017) plus the paper's detector hinge, anchored to `images`.
 
     loss = ||x' - x||^2 + c * (max(max_{i!=t} Z_i - Z_t, -kappa) + max(T + m - s_t(x'), 0)),
-    with binary search over c. An iterate succeeds when its label is t by at least kappa and its
-    score s_t >= T. `detector_term=False` gives the oblivious C&W-L2 of the same implementation.
+    with binary search over c (the hinge summed over `aims` for the combined decision). An
+    iterate succeeds when its label is t by at least kappa and the deployed test accepts it.
+    `detector_term=False` gives the oblivious C&W-L2 of the same implementation.
     One batch: `run_attack` splits the images into batches of `batch_size`.
     """
     n = images.shape[0]
@@ -161,7 +216,7 @@ def cw_wb(
     const = torch.full((n,), settings.cw_initial_const)
     lower, upper = torch.zeros(n), torch.full((n,), math.inf)
     best, best_l2 = images.clone(), torch.full((n,), math.inf)
-    # Fallback for images never fully successful: label hit with the highest score.
+    # Fallback for images never fully successful: label hit with the least shortfall.
     fallback, fallback_score = images.clone(), torch.full((n,), -math.inf)
     margin = settings.adaptive_margin if detector_term else 0.0
     steps = tqdm(range(settings.cw_binary_steps), desc="C&W binary search", leave=False)
@@ -172,24 +227,30 @@ def cw_wb(
         previous = math.inf
         for step in range(settings.cw_max_iter):
             adversarial = (torch.tanh(w) + 1.0) / 2.0
-            logits, features = detector.logits_and_features(adversarial)
+            activations = detector.activations(adversarial)
+            logits = activations.logits
             l2 = (adversarial - images).flatten(1).pow(2).sum(1)
             other = logits.masked_fill(target_mask, -math.inf).max(1).values
             gap = other - logits.gather(1, targets[:, None]).squeeze(1)
-            score = score_of_class(detector, metric, logits, features, targets)
-            hinge = (threshold + margin - score).clamp_min(0.0) if detector_term else 0.0
+            terms = (
+                detector_terms(detector, metric, threshold, activations, targets, margin)
+                if detector_term
+                else None
+            )
+            hinge = terms.hinge if terms is not None else 0.0
             loss = l2 + const * (gap.clamp_min(-kappa) + hinge)
             optimizer.zero_grad()
             loss.sum().backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             with torch.no_grad():
                 hit = gap <= -kappa if kappa > 0 else logits.argmax(1) == targets
-                ok = hit & (score >= threshold) if detector_term else hit
+                ok = hit & terms.accepted if terms is not None else hit
                 improved = ok & (l2 < best_l2)
                 best[improved], best_l2[improved] = adversarial[improved], l2[improved]
                 round_ok |= ok
-                better = hit & (score > fallback_score)
-                fallback[better], fallback_score[better] = adversarial[better], score[better]
+                slack = terms.slack if terms is not None else -l2
+                better = hit & (slack > fallback_score)
+                fallback[better], fallback_score[better] = adversarial[better], slack[better]
             # Early abort as in the original C&W code: stop when the loss stalls.
             if step % max(settings.cw_max_iter // 10, 1) == 0:
                 total = float(loss.detach().sum())
@@ -216,10 +277,11 @@ def adaptive_pgd(
     min(max_{i!=y} Z_i - Z_y, margin) - w * max(T + margin - s_t(x'), 0)
 
     with t = argmax_{i!=y} Z_i (the runner-up class, where the label is headed) and
-    w = `adaptive_weight`, with signed gradient steps of `pgd_step`, projected on the eps-ball
-    around the clean image. Per image it keeps the first iterate that is misclassified and
-    accepted, else the misclassified iterate with the highest score. One batch: `run_attack`
-    splits the images into batches of `batch_size`.
+    w = `adaptive_weight` (the hinge summed over `aims` for the combined decision), with signed
+    gradient steps of `pgd_step`, projected on the eps-ball around the clean image. Per image it
+    keeps the first iterate that is misclassified and accepted, else the misclassified iterate
+    with the least shortfall. One batch: `run_attack` splits the images into batches of
+    `batch_size`.
     """
     n = images.shape[0]
     label_mask = F.one_hot(labels, detector.num_classes).bool()
@@ -229,22 +291,21 @@ def adaptive_pgd(
     adversarial = images.clone()
     for step in tqdm(range(settings.pgd_steps + 1), desc="adaptive PGD", leave=False):
         adversarial.requires_grad_(True)
-        logits, features = detector.logits_and_features(adversarial)
+        activations = detector.activations(adversarial)
+        logits = activations.logits
         other, runner_up = logits.masked_fill(label_mask, -math.inf).max(1)
         gap = other - logits.gather(1, labels[:, None]).squeeze(1)
-        score = score_of_class(detector, metric, logits, features, runner_up)
-        objective = gap.clamp_max(margin) - settings.adaptive_weight * (
-            threshold + margin - score
-        ).clamp_min(0.0)
+        terms = detector_terms(detector, metric, threshold, activations, runner_up, margin)
+        objective = gap.clamp_max(margin) - settings.adaptive_weight * terms.hinge
         (gradient,) = torch.autograd.grad(objective.sum(), adversarial)
         with torch.no_grad():
             missed = logits.argmax(1) != labels
-            state = missed.long() + (missed & (score >= threshold)).long()
+            state = missed.long() + (missed & terms.accepted).long()
             better = (state > best_state) | (
-                (state == best_state) & (state == 1) & (score > best_score)
+                (state == best_state) & (state == 1) & (terms.slack > best_score)
             )
             best[better], best_state[better] = adversarial[better], state[better]
-            best_score[better] = score[better]
+            best_score[better] = terms.slack[better]
             if step == settings.pgd_steps:
                 break
             adversarial = adversarial + settings.pgd_step * gradient.sign()
@@ -350,14 +411,14 @@ class AttackOutput:
 @dataclass(frozen=True)
 class AttackInputs:
     """What every attack is given: float images in [0, 1], their true labels, the clean
-    predictions and probabilities of the deployed classifier, and the deployed threshold."""
+    predictions and probabilities of the deployed classifier, and the deployed thresholds."""
 
     detector: DeployedModel
     images: np.ndarray
     labels: np.ndarray
     predictions: np.ndarray
     probabilities: np.ndarray
-    threshold: float
+    thresholds: dict[Metric, float]
     settings: AttackSettings
     # Seeded by the run's seed alone, so C&W-L2, C&W-hc and C&W-wb aim at the same targets.
     rng: np.random.Generator
@@ -370,9 +431,10 @@ class AttackInputs:
     def least_likely(self) -> np.ndarray:
         return np.asarray(self.probabilities.argmin(axis=1))
 
-    @property
-    def metric(self) -> Metric:
-        return self.detector.default_metric
+    def threshold(self, metric: Metric) -> float:
+        if metric not in self.thresholds:
+            raise ValueError(f"no deployed threshold for {metric} to attack")
+        return self.thresholds[metric]
 
 
 # An attack: adversarial images, the targets it aimed at (targeted attacks) and its parameters.
@@ -387,6 +449,7 @@ class Attack:
     run: AttackFunction
     adaptive: bool = False  # knows the detector (Pang et al. 2018, section 4.3)
     slow: bool = False  # runs on the smaller image budget
+    metric: Metric | None = None  # the metric an adaptive attack aims at
 
 
 def _gradient(name: str) -> AttackFunction:
@@ -422,21 +485,25 @@ def _cw_budget(s: AttackSettings, kappa: float) -> Params:
     }  # fmt: skip
 
 
-def _cw(name: str, detector_term: bool) -> AttackFunction:
+def _cw(name: str, metric: Metric | None = None) -> AttackFunction:
+    """C&W-L2 (kappa 0), C&W-hc (kappa 10), or with `metric` C&W-wb aimed at that metric."""
+    detector_term = metric is not None
+
     def run(x: AttackInputs) -> tuple[np.ndarray, np.ndarray | None, Params]:
         s = x.settings
         kappa = s.cw_hc_kappa if name == "cw-hc" else 0.0
         targets = random_targets(x.labels, x.classes, x.rng)
-        threshold = x.threshold if detector_term else 0.0
+        aimed: Metric = metric or "log_kd"
+        threshold = x.threshold(aimed) if detector_term else 0.0
         params = _cw_budget(s, kappa)
         if detector_term:
-            params |= {"margin": s.adaptive_margin, "metric": x.metric, "threshold": x.threshold}
+            params |= {"margin": s.adaptive_margin, "metric": aimed, "threshold": threshold}
             params |= {"target": "random != true label", "anchor": "clean image"}
         else:
             params |= {"target": "random != true label", "implementation": "rcegate torch C&W-L2"}
 
         def batch(images: Tensor, aims: Tensor) -> Tensor:
-            return cw_wb(x.detector, images, aims, threshold, x.metric, s, kappa, detector_term)
+            return cw_wb(x.detector, images, aims, threshold, aimed, s, kappa, detector_term)
 
         adversarial = _batched(
             batch, s.batch_size, name, torch.from_numpy(x.images), torch.from_numpy(targets)
@@ -446,21 +513,26 @@ def _cw(name: str, detector_term: bool) -> AttackFunction:
     return run
 
 
-def _pgd_adaptive(x: AttackInputs) -> tuple[np.ndarray, np.ndarray | None, Params]:
-    s = x.settings
-    params: Params = {
-        "eps": s.pgd_eps, "eps_step": s.pgd_step, "steps": s.pgd_steps,
-        "weight": s.adaptive_weight, "margin": s.adaptive_margin, "metric": x.metric,
-        "threshold": x.threshold,
-    }  # fmt: skip
+def _pgd_adaptive(metric: Metric) -> AttackFunction:
+    def run(x: AttackInputs) -> tuple[np.ndarray, np.ndarray | None, Params]:
+        s = x.settings
+        threshold = x.threshold(metric)
+        params: Params = {
+            "eps": s.pgd_eps, "eps_step": s.pgd_step, "steps": s.pgd_steps,
+            "weight": s.adaptive_weight, "margin": s.adaptive_margin, "metric": metric,
+            "threshold": threshold,
+        }  # fmt: skip
 
-    def batch(images: Tensor, labels: Tensor) -> Tensor:
-        return adaptive_pgd(x.detector, images, labels, x.threshold, x.metric, s)
+        def batch(images: Tensor, labels: Tensor) -> Tensor:
+            return adaptive_pgd(x.detector, images, labels, threshold, metric, s)
 
-    adversarial = _batched(
-        batch, s.batch_size, "pgd-adaptive", torch.from_numpy(x.images), torch.from_numpy(x.labels)
-    )
-    return adversarial.numpy(), None, params
+        adversarial = _batched(
+            batch, s.batch_size, "pgd-adaptive", torch.from_numpy(x.images),
+            torch.from_numpy(x.labels),
+        )  # fmt: skip
+        return adversarial.numpy(), None, params
+
+    return run
 
 
 # The registry, in report order: adding an attack is one entry here (and a title in
@@ -471,11 +543,16 @@ REGISTRY: dict[str, Attack] = {
     "bim": Attack(_gradient("bim")),
     "illcm": Attack(_gradient("illcm")),
     "jsma": Attack(_jsma, slow=True),
-    "cw-l2": Attack(_cw("cw-l2", detector_term=False), slow=True),
-    "cw-hc": Attack(_cw("cw-hc", detector_term=False), slow=True),
+    "cw-l2": Attack(_cw("cw-l2"), slow=True),
+    "cw-hc": Attack(_cw("cw-hc"), slow=True),
     "pgd": Attack(_gradient("pgd"), slow=True),
-    "pgd-adaptive": Attack(_pgd_adaptive, adaptive=True, slow=True),
-    "cw-wb": Attack(_cw("cw-wb", detector_term=True), adaptive=True, slow=True),
+    # Adaptive: the paper's target (K-density), then each score beyond the paper.
+    "pgd-adaptive": Attack(_pgd_adaptive("log_kd"), True, True, "log_kd"),
+    "cw-wb": Attack(_cw("cw-wb", "log_kd"), True, True, "log_kd"),
+    "pgd-adaptive-mahalanobis": Attack(_pgd_adaptive("mahalanobis"), True, True, "mahalanobis"),
+    "cw-wb-mahalanobis": Attack(_cw("cw-wb", "mahalanobis"), True, True, "mahalanobis"),
+    "pgd-adaptive-combined": Attack(_pgd_adaptive("combined"), True, True, "combined"),
+    "cw-wb-combined": Attack(_cw("cw-wb", "combined"), True, True, "combined"),
 }
 OBLIVIOUS_ATTACKS = tuple(name for name, a in REGISTRY.items() if not a.adaptive)
 ADAPTIVE_ATTACKS = tuple(name for name, a in REGISTRY.items() if a.adaptive)
@@ -490,15 +567,16 @@ def run_attack(
     labels: np.ndarray,
     predictions: np.ndarray,
     probabilities: np.ndarray,
-    threshold: float,
+    thresholds: dict[Metric, float],
     settings: AttackSettings,
     seed: int,
 ) -> AttackOutput:
-    """Run one attack of the registry on float images in [0, 1]; `labels` are the true labels."""
+    """Run one attack of the registry on float images in [0, 1]; `labels` are the true labels,
+    `thresholds` the deployed threshold of each metric (adaptive attacks aim at theirs)."""
     if name not in REGISTRY:
         raise ValueError(f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
     inputs = AttackInputs(
-        detector, images, labels, predictions, probabilities, threshold, settings,
+        detector, images, labels, predictions, probabilities, dict(thresholds), settings,
         np.random.default_rng(seed),
     )  # fmt: skip
     torch.manual_seed(seed)

@@ -17,9 +17,16 @@ from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import typer
 
-from models.manifest import METRICS, Objective
+from models.manifest import METRICS, Metric, Objective
 from training.config import RECIPES, TrainConfig
-from training.defaults import BANK_PER_CLASS, DEFAULT_METRIC, TARGET_FPR
+from training.defaults import (
+    BANK_PER_CLASS,
+    COMBINED_METRICS,
+    DEFAULT_METRIC,
+    MAHALANOBIS_LAYERS,
+    MAHALANOBIS_SOURCE,
+    TARGET_FPR,
+)
 
 if TYPE_CHECKING:
     from training.calibrate import Calibration
@@ -72,6 +79,30 @@ TargetFpr = Annotated[
 ]
 BankPerClass = Annotated[
     int, typer.Option(help="K-density bank size per class (a seeded sample of training features).")
+]
+MetricOption = Annotated[
+    str, typer.Option(help=f"Metric of the accept decision: {' | '.join(METRICS)}.")
+]
+MahalanobisLayersOption = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated layers of the Mahalanobis score (stage1, stage2, stage3, "
+        "features); empty: no Mahalanobis score."
+    ),
+]
+MahalanobisSourceOption = Annotated[
+    str,
+    typer.Option(
+        help="Fit its class means and tied covariance on the K-density bank's images (bank) or "
+        "on the whole training split (train)."
+    ),
+]
+CombineOption = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated metrics of the combined score (reject when any rejects, "
+        "calibrated jointly); empty: no combined score."
+    ),
 ]
 VersionOption = Annotated[int, typer.Option(help="Model version in the repository.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing NAME/VERSION directory.")]
@@ -179,30 +210,76 @@ def train(
         typer.echo(json.dumps(payload["history"][-1]))
 
 
+def _detector_options(
+    metric: str, layers: str, source: str, combine: str
+) -> tuple[Metric, tuple[str, ...], str, tuple[Metric, ...]]:
+    """The detector options of `calibrate`, `pipeline` and `reexport`, checked one by one."""
+    from training.mahalanobis import LAYERS, SOURCES
+
+    if metric not in METRICS:
+        raise typer.BadParameter(f"must be one of {', '.join(METRICS)}", param_hint="--metric")
+    chosen = tuple(x.strip() for x in layers.split(",") if x.strip())
+    if set(chosen) - set(LAYERS):
+        raise typer.BadParameter(
+            f"must be some of {', '.join(LAYERS)}", param_hint="--mahalanobis-layers"
+        )
+    if source not in SOURCES:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(SOURCES)}", param_hint="--mahalanobis-source"
+        )
+    combined = tuple(x.strip() for x in combine.split(",") if x.strip())
+    if set(combined) - set(METRICS) - {"combined"} or (combined and len(combined) < 2):
+        raise typer.BadParameter(
+            "must be two or more metrics other than combined", param_hint="--combine"
+        )
+    return metric, chosen, source, combined  # type: ignore[return-value]
+
+
 def calibrate(
     checkpoint: Checkpoint = RUNS / "model.pt",
     out: CalibrationFile = RUNS / "calibration.pt",
     target_fpr: TargetFpr = TARGET_FPR,
     bank_per_class: BankPerClass = BANK_PER_CLASS,
     sigma2: Annotated[float | None, typer.Option(help="Default 0.1/0.26 RCE, 1/0.26 CE.")] = None,
-    metric: Annotated[
-        str, typer.Option(help=f"Metric of the accept decision: {' | '.join(METRICS)}.")
-    ] = DEFAULT_METRIC,
+    metric: MetricOption = DEFAULT_METRIC,
+    mahalanobis_layers: MahalanobisLayersOption = ",".join(MAHALANOBIS_LAYERS),
+    mahalanobis_source: MahalanobisSourceOption = MAHALANOBIS_SOURCE,
+    combine: CombineOption = ",".join(COMBINED_METRICS),
 ) -> None:
-    """Build the K-density bank and calibrate per-metric thresholds on held-out clean data."""
+    """Fit the detectors (K-density bank, Mahalanobis, combined) and calibrate per-metric
+    thresholds on held-out clean data."""
     _require_torch()
     from training.calibrate import calibrate as run_calibration
     from training.checkpoints import load_trained_model
 
-    if metric not in METRICS:
-        raise typer.BadParameter(f"must be one of {', '.join(METRICS)}", param_hint="--metric")
+    options = _detector_options(metric, mahalanobis_layers, mahalanobis_source, combine)
     model, config, data = load_trained_model(checkpoint)
-    result = run_calibration(
-        model, config.objective, data, target_fpr, bank_per_class, sigma2, metric,
-        seed=config.seed,
-    )  # fmt: skip
+    result = _calibrate(run_calibration, model, config, data, target_fpr, bank_per_class, sigma2,
+                        options)  # fmt: skip
     result.save(out)
     typer.echo(json.dumps({"target_fpr": target_fpr, "thresholds": result.thresholds}))
+
+
+def _calibrate(
+    run: Callable[..., Calibration],
+    model: ResNet,
+    config: TrainConfig,
+    data: Dataset,
+    target_fpr: float,
+    bank_per_class: int,
+    sigma2: float | None,
+    options: tuple[Metric, tuple[str, ...], str, tuple[Metric, ...]],
+) -> Calibration:
+    metric, layers, source, combine = options
+    try:
+        return run(
+            model, config.objective, data, target_fpr, bank_per_class, sigma2, metric,
+            seed=config.seed, mahalanobis_layers=layers, mahalanobis_source=source,
+            combine=combine,
+        )  # fmt: skip
+    except ValueError as error:  # e.g. a default metric or a combination it cannot score
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def export(
@@ -259,6 +336,10 @@ def pipeline(
     version: VersionOption = 1,
     target_fpr: TargetFpr = TARGET_FPR,
     bank_per_class: BankPerClass = BANK_PER_CLASS,
+    metric: MetricOption = DEFAULT_METRIC,
+    mahalanobis_layers: MahalanobisLayersOption = ",".join(MAHALANOBIS_LAYERS),
+    mahalanobis_source: MahalanobisSourceOption = MAHALANOBIS_SOURCE,
+    combine: CombineOption = ",".join(COMBINED_METRICS),
     model_dir: ModelDir = Path("models"),
     work_dir: Annotated[Path, typer.Option(help="Where checkpoints go.")] = RUNS,
     overwrite: Overwrite = False,
@@ -270,15 +351,51 @@ def pipeline(
     from training.checkpoints import load_trained_model
     from training.train import train as run_training
 
+    options = _detector_options(metric, mahalanobis_layers, mahalanobis_source, combine)
     checkpoint = work_dir / f"{name}-v{version}.pt"
     run_training(config, checkpoint)
     model, config, data = load_trained_model(checkpoint)
-    result = run_calibration(
-        model, config.objective, data, target_fpr, bank_per_class, seed=config.seed
+    result = _calibrate(
+        run_calibration, model, config, data, target_fpr, bank_per_class, None, options
     )
     result.save(checkpoint.with_suffix(".calibration.pt"))
     target = _export(model, config, data, result, model_dir, name, version, overwrite, force)
     typer.echo(_summary(target))
+
+
+def reexport(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories <name>/<version>.")],
+    metric: MetricOption = DEFAULT_METRIC,
+    mahalanobis_layers: MahalanobisLayersOption = ",".join(MAHALANOBIS_LAYERS),
+    mahalanobis_source: MahalanobisSourceOption = MAHALANOBIS_SOURCE,
+    combine: CombineOption = ",".join(COMBINED_METRICS),
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Model repository to write into (default: the artifact's).")
+    ] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Version to write (default: the artifact's, replaced).")
+    ] = None,
+) -> None:
+    """Re-export artifacts with the current detectors and no checkpoint: the same weights
+    (rebuilt from model.onnx), recalibrated on the manifest's own split, exported and stamped.
+    Prints, per artifact, its sha256 and the largest change of each old metric's thresholds.
+    Re-sign signed artifacts afterwards."""
+    _require_torch()
+    from training.export import ExportError, reexport_artifact
+    from training.recover import RecoveryError
+
+    options = _detector_options(metric, mahalanobis_layers, mahalanobis_source, combine)
+    for directory in artifacts:
+        try:
+            target, changes = reexport_artifact(
+                directory, model_dir or directory.parent.parent, options[0], options[1],
+                options[2], options[3], version,  # type: ignore[arg-type]
+            )  # fmt: skip
+        except (ExportError, RecoveryError, ValueError) as error:
+            typer.echo(f"{directory}: {error}", err=True)
+            raise typer.Exit(1) from None
+        summary = json.loads(_summary(target))
+        typer.echo(json.dumps({**summary, "threshold_changes": changes}))
 
 
 def _summary(target: Path) -> str:
@@ -301,8 +418,12 @@ def evaluate(
         list[Path], typer.Option(help="Exported model directory (repeat: one CE, one RCE).")
     ],
     checkpoint: Annotated[
-        list[Path], typer.Option(help="The checkpoint behind each --artifact, in the same order.")
-    ],
+        list[Path] | None,
+        typer.Option(
+            help="The checkpoint behind each --artifact, in the same order (default: none, the "
+            "network is rebuilt from model.onnx and the detector from the manifest)."
+        ),
+    ] = None,
     calibration: Annotated[
         list[Path] | None,
         typer.Option(help="Calibration files in --artifact order (default: next to checkpoint)."),
@@ -310,9 +431,13 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report directory (reports/<dataset>).")] = Path(
         "reports"
     ),
-    attacks: Annotated[str, typer.Option(help="Comma-separated attacks.")] = (
-        "fgsm,bim,illcm,jsma,cw-l2,cw-hc,pgd,pgd-adaptive,cw-wb"
-    ),
+    attacks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated attacks (default: every attack; the adaptive ones aimed at "
+            "scores every model computes)."
+        ),
+    ] = "",
     images: Annotated[int, typer.Option(help="Test images per fast attack.")] = 500,
     slow_images: Annotated[
         int, typer.Option(help="Test images per JSMA / C&W / PGD attack.")
@@ -328,17 +453,27 @@ def evaluate(
         int, typer.Option(help="RCE-vs-CE training epochs timed per objective (0 = skip).")
     ] = 3,
     cost_images: Annotated[int, typer.Option(help="Training images per timed epoch.")] = 1024,
+    keep_training_cost: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the training-cost figures of the results.json already in --out (a "
+            "measurement of training, which evaluation does not change) instead of timing again."
+        ),
+    ] = False,
 ) -> None:
     """Attack exported models with ART + adaptive attacks; write results.json, report.md, PNGs."""
     _require_torch()
     from training.attacks import AttackSettings
-    from training.evaluate import EvaluationError, load_model_under_test
+    from training.evaluate import EvaluationError, applicable_attacks, load_model_under_test
     from training.evaluate import evaluate as run_evaluation
     from training.plots import write_figures
     from training.report import render_report, write_report
+    from training.results import EvaluationResults
     from training.runtime import seed_everything
 
-    if len(artifact) != len(checkpoint) or (calibration and len(calibration) != len(artifact)):
+    if (checkpoint and len(artifact) != len(checkpoint)) or (
+        calibration and len(calibration) != len(artifact)
+    ):
         raise typer.BadParameter("give one --checkpoint (and --calibration) per --artifact")
     _check_attack_loss(attack_loss)
     seed_everything(seed)
@@ -349,18 +484,28 @@ def evaluate(
     )  # fmt: skip
     try:
         models = [
-            load_model_under_test(a, c, calibration[i] if calibration else None)
-            for i, (a, c) in enumerate(zip(artifact, checkpoint, strict=True))
+            load_model_under_test(
+                a, checkpoint[i] if checkpoint else None, calibration[i] if calibration else None
+            )
+            for i, a in enumerate(artifact)
         ]
-        evaluation = run_evaluation(
-            models, tuple(a.strip() for a in attacks.split(",") if a.strip()), images,
-            slow_images, settings, seed,
-        )  # fmt: skip
+        chosen = tuple(a.strip() for a in attacks.split(",") if a.strip()) or applicable_attacks(
+            [m.manifest.metrics for m in models]
+        )
+        evaluation = run_evaluation(models, chosen, images, slow_images, settings, seed)
     except EvaluationError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     results = evaluation.results
-    if cost_repeats > 0:
+    previous = out / "results.json"
+    kept = (
+        EvaluationResults.read(previous).training_cost
+        if keep_training_cost and previous.is_file()
+        else None
+    )
+    if kept is not None:
+        results = results.model_copy(update={"training_cost": kept})
+    elif cost_repeats > 0:
         from training.cost import training_cost
 
         under_test = next((m for m in models if m.manifest.objective == "rce"), models[-1])
@@ -619,6 +764,17 @@ def samples(
 
 def register(app: typer.Typer) -> None:
     app.command("masking-check")(masking_check)
-    for command in (train, calibrate, export, pipeline, evaluate, report, stamp, samples, ablation):
+    for command in (
+        train,
+        calibrate,
+        export,
+        pipeline,
+        reexport,
+        evaluate,
+        report,
+        stamp,
+        samples,
+        ablation,
+    ):
         app.command()(command)
     logging.getLogger("training").setLevel(logging.INFO)

@@ -4,7 +4,8 @@ For each model (an exported artifact plus the checkpoint and calibration that pr
 torch detector is first checked against ONNX Runtime on real test images, so the attacks hit
 exactly what is deployed. Then every attack runs on a seeded sample of test images and, following
 Pang et al. 2018 (section 4), only pairs whose clean image is classified correctly and whose
-adversarial image is misclassified are kept. Per metric (confidence, non-ME, K-density):
+adversarial image is misclassified are kept. Per metric (confidence, non-ME, K-density, and the
+Mahalanobis and combined scores of artifacts that have them):
 
 - ROC-AUC with the clean images of the kept pairs as the positive class (higher score = normal),
 - detection rate: fraction of kept adversarial images rejected at the calibrated threshold,
@@ -25,10 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.manifest import METRICS, MODEL_FILE, Manifest, Metric
+from models.manifest import MODEL_FILE, Manifest, Metric
 from models.manifest import sha256_file as _sha256
-from training.attacks import ATTACKS, SLOW_ATTACKS, AttackSettings, run_attack
-from training.calibrate import Calibration
+from training.attacks import ATTACKS, REGISTRY, SLOW_ATTACKS, AttackSettings, run_attack
+from training.calibrate import Calibration, calibration_from_artifact
 from training.checkpoints import load_trained_model
 from training.data import Dataset, to_tensor
 from training.deployed import DeployedModel, detector_outputs
@@ -101,21 +102,39 @@ def keep_pairs(labels: np.ndarray, clean_pred: np.ndarray, adv_pred: np.ndarray)
 
 
 def load_model_under_test(
-    artifact: Path, checkpoint: Path, calibration: Path | None = None
+    artifact: Path, checkpoint: Path | None = None, calibration: Path | None = None
 ) -> ModelUnderTest:
-    """Load the checkpoint behind `artifact` and verify it reproduces the artifact."""
+    """Load the network and calibration behind `artifact` and verify they reproduce it: from
+    `checkpoint` (and its calibration file), or without one from the artifact itself (the
+    network rebuilt from model.onnx, the detector's constants from the manifest)."""
+    from training.recover import RecoveryError, load_artifact_network
+
     manifest = Manifest.load(artifact)
     if _sha256(artifact / MODEL_FILE) != manifest.sha256:
         raise EvaluationError(f"{artifact / MODEL_FILE}: sha256 does not match the manifest")
-    network, config, dataset = load_trained_model(checkpoint)
-    calibration = calibration or checkpoint.with_suffix(".calibration.pt")
-    result = Calibration.load(calibration)
-    if config.objective != manifest.objective or result.objective != manifest.objective:
+    if checkpoint is None:
+        try:
+            network, _, dataset = load_artifact_network(artifact)
+            result = calibration_from_artifact(network, manifest, dataset)
+        except (RecoveryError, ValueError) as error:
+            raise EvaluationError(f"{artifact}: {error}") from error
+        objective = manifest.objective
+        calibration = artifact
+    else:
+        network, config, dataset = load_trained_model(checkpoint)
+        calibration = calibration or checkpoint.with_suffix(".calibration.pt")
+        result = Calibration.load(calibration)
+        objective = config.objective
+    if objective != manifest.objective or result.objective != manifest.objective:
         raise EvaluationError(
-            f"objective mismatch: artifact {manifest.objective}, checkpoint {config.objective}, "
+            f"objective mismatch: artifact {manifest.objective}, checkpoint {objective}, "
             f"calibration {result.objective}"
         )
-    for metric in METRICS:
+    if set(result.metrics) != set(manifest.metrics):
+        raise EvaluationError(
+            f"{calibration} scores {list(result.metrics)}, the artifact {list(manifest.metrics)}"
+        )
+    for metric in manifest.metrics:
         deployed, ours = manifest.detection.thresholds[metric], result.thresholds[metric]
         if not np.isclose(deployed, ours, rtol=1e-6, atol=1e-6):
             raise EvaluationError(
@@ -154,7 +173,7 @@ def attack_result(
     scores = AttackScores({}, {})
     mixed_labels = np.concatenate([labels, labels])
     mixed_correct = np.concatenate([clean["label"], adv["label"]]) == mixed_labels
-    for metric in METRICS:
+    for metric in thresholds:
         threshold = thresholds[metric]
         normal, attacked = clean[metric][kept], adv[metric][kept]
         scores.normal[metric], scores.adversarial[metric] = normal, attacked
@@ -196,7 +215,7 @@ def attack_result(
     logger.info(
         "%s: kept %d/%d, success %.3f, AUC %s",
         name, n_kept, int(correct.sum()), result.success_rate,
-        {m: metrics[m].roc_auc for m in METRICS},
+        {m: metrics[m].roc_auc for m in metrics},
     )  # fmt: skip
     return result, scores
 
@@ -218,8 +237,8 @@ def attack_cell(
     adversarial images on which its ONNX graph predicts the torch detector's label."""
     seed_everything(seed)
     output = run_attack(
-        name, detector, images, labels, clean["label"], clean["probabilities"],
-        thresholds[default_metric], settings, seed,
+        name, detector, images, labels, clean["label"], clean["probabilities"], thresholds,
+        settings, seed,
     )  # fmt: skip
     adv = detector_outputs(detector, output.adversarial)
     agreement = None
@@ -248,7 +267,7 @@ def evaluate_model(
     clean_result = CleanResult(
         images=len(test),
         accuracy=float((full["label"] == test.labels).mean()),
-        rejection_rate={m: float((full[m] < thresholds[m]).mean()) for m in METRICS},
+        rejection_rate={m: float((full[m] < thresholds[m]).mean()) for m in thresholds},
     )
     order = np.random.default_rng(seed).permutation(len(test))
     results: dict[str, AttackResult] = {}
@@ -264,6 +283,7 @@ def evaluate_model(
             model.artifact,
         )  # fmt: skip
     manifest = model.manifest
+    d = manifest.detection
     return (
         ModelResult(
             name=manifest.name,
@@ -278,9 +298,22 @@ def evaluate_model(
             onnx_max_abs_error=model.onnx_errors,
             clean=clean_result,
             attacks=results,
+            mahalanobis_layers=(
+                [layer.name for layer in maha.layers] if (maha := d.mahalanobis) else None
+            ),
+            mahalanobis_source=d.mahalanobis.source if d.mahalanobis else None,
+            combined_metrics=list(d.combined.metrics) if d.combined else None,
         ),
         scores,
     )
+
+
+def applicable_attacks(metrics: list[tuple[Metric, ...]]) -> tuple[str, ...]:
+    """Every attack, except the adaptive ones aimed at a score some model does not compute."""
+    return tuple(
+        a for a in ATTACKS
+        if (aim := REGISTRY[a].metric) is None or all(aim in m for m in metrics)
+    )  # fmt: skip
 
 
 def evaluate(
@@ -305,6 +338,15 @@ def evaluate(
     objectives = [m.manifest.objective for m in models]
     if len(set(objectives)) != len(objectives):
         raise EvaluationError(f"one model per objective, got {objectives}")
+    for model in models:
+        lacking = [
+            a for a in attacks
+            if (aim := REGISTRY[a].metric) is not None and aim not in model.manifest.metrics
+        ]  # fmt: skip
+        if lacking:
+            raise EvaluationError(
+                f"{model.artifact} has no score for the adaptive attacks {lacking} to aim at"
+            )
     evaluation = Evaluation(
         EvaluationResults(
             dataset=first.name,

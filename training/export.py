@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,21 +25,21 @@ from models.files import staged_directory
 from models.layout import version_directory
 from models.manifest import (
     INPUT_NAME,
-    METRICS,
     MODEL_FILE,
-    OUTPUT_NAMES,
     ArchitectureInfo,
     DatasetInfo,
     DetectionInfo,
     InputSpec,
     Manifest,
+    Metric,
     SplitInfo,
     sha256_file,
 )
-from training.calibrate import Calibration
+from training.calibrate import Calibration, calibrate
 from training.config import TrainConfig
 from training.data import Dataset, to_tensor
 from training.deployed import DeployedModel, detector_outputs
+from training.mahalanobis import Source
 from training.nets import WIDTHS, ResNet, count_parameters
 from training.parity import CHECK_IMAGES, ParityError, check_parity
 from training.provenance import library_versions, source_commit
@@ -65,8 +66,9 @@ def minimum_accuracy(labels: np.ndarray) -> tuple[float, float]:
     return chance, chance + MIN_GAIN_OVER_CHANCE * (1.0 - chance)
 
 
-def export_onnx(model: torch.nn.Module, shape: tuple[int, int, int], path: Path) -> None:
+def export_onnx(model: DeployedModel, shape: tuple[int, int, int], path: Path) -> None:
     dummy = torch.zeros((2, *shape), dtype=torch.float32)
+    outputs = list(model.output_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -74,8 +76,8 @@ def export_onnx(model: torch.nn.Module, shape: tuple[int, int, int], path: Path)
             (dummy,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -123,7 +125,7 @@ def export_artifact(
             raise NearChanceError(message)
         logger.warning("exporting anyway: %s", message)
     clean_acceptance = {
-        m: float((test_scores[m] >= calibration.thresholds[m]).mean()) for m in METRICS
+        m: float((test_scores[m] >= calibration.thresholds[m]).mean()) for m in deployed.metrics
     }
     steps = tqdm(total=3, desc="export: ONNX graph", unit="step")
     try:
@@ -153,6 +155,7 @@ def export_artifact(
                     ),
                 ),
                 input=InputSpec(channels=channels, height=height, width=width),
+                outputs=list(deployed.output_names),
                 objective=config.objective,
                 architecture=ArchitectureInfo(
                     name=f"preact-resnet{network.depth}",
@@ -171,6 +174,10 @@ def export_artifact(
                     calibration_size=calibration.calibration_size,
                     calibration_table=calibration.table,
                     clean_acceptance=clean_acceptance,
+                    mahalanobis=(
+                        calibration.mahalanobis.to_info() if calibration.mahalanobis else None
+                    ),
+                    combined=calibration.combined.to_info() if calibration.combined else None,
                 ),
                 sha256="0" * 64,  # set once the graph carries the binding
                 opset=OPSET,
@@ -186,3 +193,56 @@ def export_artifact(
     finally:
         steps.close()
     return target
+
+
+def reexport_artifact(
+    artifact: Path,
+    model_dir: Path,
+    default_metric: Metric,
+    mahalanobis_layers: Sequence[str],
+    mahalanobis_source: Source,
+    combine: Sequence[Metric],
+    version: int | None = None,
+) -> tuple[Path, dict[Metric, float]]:
+    """Re-export `artifact` with the current detectors, from the artifact alone: the network
+    rebuilt from its model.onnx (exact, `training.recover`), the training config and split from
+    its manifest, then calibrate -> export as the pipeline does, into `model_dir/name/version`
+    (default: the same version, replaced). Refuses a rebuild whose K-density bank or clean test
+    accuracy differs from the manifest's; returns the new directory and, per metric the old
+    manifest already had, the largest change of its calibrated thresholds (table included)."""
+    from training.recover import load_artifact_network
+
+    old = Manifest.load(artifact)
+    network, _, dataset = load_artifact_network(artifact)
+    config = TrainConfig.from_dict(old.training)
+    d = old.detection
+    calibration = calibrate(
+        network, old.objective, dataset, d.target_fpr, max(d.bank_size_per_class), d.sigma2,
+        default_metric, config.seed, mahalanobis_layers, mahalanobis_source, combine,
+    )  # fmt: skip
+    sizes = [int(n) for n in calibration.bank_mask.sum(axis=1)]
+    if sizes != d.bank_size_per_class:
+        raise ExportError(
+            f"rebuilt bank has {sizes} per class, the manifest {d.bank_size_per_class}"
+        )
+    target = export_artifact(
+        network, config, dataset, calibration, model_dir, old.name,
+        old.version if version is None else version, overwrite=True,
+    )  # fmt: skip
+    new = Manifest.load(target)
+    if new.clean_test_accuracy != old.clean_test_accuracy:
+        raise ExportError(
+            f"{target}: clean test accuracy {new.clean_test_accuracy} differs from the original "
+            f"{old.clean_test_accuracy}: the rebuilt network is not the same"
+        )
+    changes = {
+        m: float(max(
+            abs(a - b) for a, b in zip(
+                [d.thresholds[m], *d.calibration_table.thresholds[m]],
+                [new.detection.thresholds[m], *new.detection.calibration_table.thresholds[m]],
+                strict=True,
+            )
+        ))
+        for m in old.metrics
+    }  # fmt: skip
+    return target, changes

@@ -3,7 +3,8 @@
 Depth 6n+2 (20/32/56), stage widths 16/32/64, batch norm, leaky-ReLU 0.1, and a 64-d final hidden
 vector z(x) from global average pooling that feeds the last linear layer. Inputs arrive in [0, 1]
 and are normalised in the model (x/255 - 0.5 on the 0..255 scale, i.e. x - 0.5 here), so the ONNX
-graph takes raw pixel fractions. `forward` returns (logits Z, features z). `bn_eps` and
+graph takes raw pixel fractions. `forward` returns (logits Z, features z); `forward_layers` also
+the spatially averaged output of each stage (the Mahalanobis score's layers). `bn_eps` and
 `fc_init="unit-uniform"` give the official code's BatchNorm epsilon (1e-3) and TF's
 uniform_unit_scaling_initializer(1.0) for the last layer (U(+-sqrt(3 / fan_in)), zero bias);
 `build_model` picks them as a training config's recipe says.
@@ -87,6 +88,23 @@ class ResNet(nn.Module):
         out = self.blocks(self.conv(images - 0.5))
         features = torch.flatten(F.adaptive_avg_pool2d(F.leaky_relu(self.bn(out), SLOPE), 1), 1)
         return self.fc(features), features
+
+    def forward_layers(self, images: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(logits, features, layers): `layers` maps stage1..stage3 to the spatial mean of that
+        stage's output [N, width] and `features` to z(x) (Lee et al. 2018's feature list)."""
+        layers: dict[str, Tensor] = {}
+        per_stage = len(self.blocks) // len(WIDTHS)
+        out = self.conv(images - 0.5)
+        for index, block in enumerate(self.blocks):
+            out = block(out)
+            if (index + 1) % per_stage == 0:
+                # Global average pooling, not mean(): ONNX Runtime pools the blocked (NCHWc)
+                # layout in place instead of reordering the whole feature map first.
+                pooled = F.adaptive_avg_pool2d(out, 1)
+                layers[f"stage{(index + 1) // per_stage}"] = torch.flatten(pooled, 1)
+        features = torch.flatten(F.adaptive_avg_pool2d(F.leaky_relu(self.bn(out), SLOPE), 1), 1)
+        layers["features"] = features
+        return self.fc(features), features, layers
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -44,7 +44,7 @@ def plot_roc(scores: dict[str, AttackScores], objective: str, path: Path) -> Non
     rows, columns = _grid(max(len(attacks), 1))
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows), squeeze=False)
     for ax, attack in zip(axes.flat, attacks, strict=False):
-        for metric in METRICS:
+        for metric in scores[attack].normal:
             normal, adversarial = scores[attack].normal[metric], scores[attack].adversarial[metric]
             truth = np.concatenate([np.ones(normal.size), np.zeros(adversarial.size)])
             fpr, tpr, _ = roc_curve(truth, np.concatenate([normal, adversarial]))

@@ -26,7 +26,9 @@ from training.nets import ResNet, build_model
 from training.parity import CHECK_IMAGES
 
 _PREFIX = "network."
-_FOLDED_INPUT = re.compile(r"/network/blocks/blocks\.(\d+)/LeakyRelu_output_0$")
+# The conv1 input of block i: "/network/blocks/blocks.i/..." when the graph ran the network
+# through `forward`, "/blocks.i/..." through `forward_layers` (the Mahalanobis score's graphs).
+_FOLDED_INPUT = re.compile(r"(?:^|/)blocks\.(\d+)/LeakyRelu_output_0$")
 LOGITS_ATOL = 1e-3
 
 
@@ -46,7 +48,7 @@ def network_from_onnx(path: Path, network: ResNet) -> ResNet:
         elif key.endswith("num_batches_tracked"):
             state[key] = value.clone()
     for node in graph.node:
-        match = _FOLDED_INPUT.match(node.input[0]) if node.op_type == "Conv" else None
+        match = _FOLDED_INPUT.search(node.input[0]) if node.op_type == "Conv" else None
         if match is None or node.input[1].startswith(_PREFIX) or len(node.input) < 3:
             continue
         block = f"blocks.{match.group(1)}"

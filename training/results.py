@@ -112,6 +112,15 @@ class ModelResult(_Strict):
     )
     clean: CleanResult
     attacks: dict[str, AttackResult]
+    mahalanobis_layers: list[str] | None = Field(
+        default=None, description="Layers of the Mahalanobis score; null without one."
+    )
+    mahalanobis_source: str | None = Field(
+        default=None, description="Its class means and covariance: the bank's images or train."
+    )
+    combined_metrics: list[str] | None = Field(
+        default=None, description="What the combined score combines; null without one."
+    )
 
 
 class TrainingCost(_Strict):

@@ -259,7 +259,7 @@ def robustness(
             elif variant == "pipeline":
                 output = run_attack(
                     attack, detector, x.numpy(), labels, clean, probabilities.numpy(),
-                    0.0, _at_eps(settings, eps), seed,
+                    {}, _at_eps(settings, eps), seed,
                 )  # fmt: skip
                 adversarial = torch.from_numpy(output.adversarial)
             else:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from models.manifest import INPUT_NAME, OUTPUT_NAMES
+from models.manifest import INPUT_NAME, METRICS, OUTPUT_NAMES
 from service.dataplane import Prediction, PredictOptions
 from service.errors import InvalidInput, TooManyImages
 
@@ -153,10 +153,14 @@ def byte_size_of(datatype: str, shape: Sequence[int]) -> int | None:
 
 
 def parse_options(parameters: Mapping[str, object]) -> PredictOptions:
-    """The request parameters rcegate reads: `target_fpr` (a number in (0, 1)) and `mode`
-    (annotate|enforce), as the v1 query. Other parameters are ignored, as the protocol allows."""
+    """The request parameters rcegate reads: `target_fpr` (a number in (0, 1)), `mode`
+    (annotate|enforce) and `metric` (one of the detection metrics), as the v1 query. Other
+    parameters are ignored, as the protocol allows."""
     target_fpr = parameters.get("target_fpr")
     mode = parameters.get("mode")
+    metric = parameters.get("metric")
+    if metric is not None and metric not in METRICS:
+        raise InvalidInput(f"parameter metric must be one of {', '.join(METRICS)}")
     if target_fpr is not None:
         if isinstance(target_fpr, bool) or not isinstance(target_fpr, int | float):
             raise InvalidInput(f"parameter target_fpr must be a number, got {target_fpr!r}")
@@ -165,19 +169,22 @@ def parse_options(parameters: Mapping[str, object]) -> PredictOptions:
         target_fpr = float(target_fpr)
     if mode is not None and mode not in MODES:
         raise InvalidInput(f"parameter mode must be 'annotate' or 'enforce', got {mode!r}")
-    return PredictOptions(target_fpr=target_fpr, mode=mode)  # type: ignore[arg-type]
+    return PredictOptions(target_fpr=target_fpr, mode=mode, metric=metric)  # type: ignore[arg-type]
 
 
-def select_outputs(requested: Sequence[str] | None, metric: str) -> list[str]:
-    """The outputs to return, in order: those asked for (every output when none are), then the
-    verdict (`accepted` and the decision's score) when the client left it out."""
+def select_outputs(
+    requested: Sequence[str] | None, metric: str, available: Sequence[str] = OUTPUT_NAMES
+) -> list[str]:
+    """The outputs to return, in order: those asked for (every output of the model, `available`,
+    when none are), then the verdict (`accepted` and the decision's score) when the client left
+    it out."""
     if requested is None:
-        return list(OUTPUT_NAMES)
+        return list(available)
     seen: set[str] = set()
     for name in requested:
-        if name not in OUTPUT_NAMES:
+        if name not in available:
             raise InvalidInput(
-                f"unknown output {name!r}; the model's outputs are {', '.join(OUTPUT_NAMES)}"
+                f"unknown output {name!r}; the model's outputs are {', '.join(available)}"
             )
         if name in seen:
             raise InvalidInput(f"output {name!r} is requested twice")

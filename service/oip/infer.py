@@ -47,9 +47,10 @@ class InferAnswer:
 def plan_outputs(
     detector: Detector, options: PredictOptions, requested: list[str] | None
 ) -> list[str]:
-    """Checks that need no tensor: the outputs asked for and the target FPR (400/422)."""
-    detector.decision(options.target_fpr)
-    return select_outputs(requested, detector.metric)
+    """Checks that need no tensor: the outputs asked for, the metric and the target FPR
+    (400/422)."""
+    decision = detector.decision(options.target_fpr, options.metric)
+    return select_outputs(requested, decision.metric, detector.manifest.outputs)
 
 
 async def infer(

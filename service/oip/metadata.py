@@ -13,7 +13,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from models.manifest import INPUT_NAME, OUTPUT_NAMES
+from models.manifest import INPUT_NAME
 from service.detector import OUTPUT_DTYPES, Detector
 from service.errors import ModelNotFound
 from service.oip.codec import INPUT_DATATYPE
@@ -53,7 +53,7 @@ def output_specs(detector: Detector) -> list[tuple[str, str, list[int]]]:
     classes = detector.manifest.num_classes
     return [
         (name, _OIP_TYPES[OUTPUT_DTYPES[name]], [-1, classes] if name in PER_CLASS else [-1])
-        for name in OUTPUT_NAMES
+        for name in detector.manifest.outputs
     ]
 
 
@@ -104,6 +104,7 @@ def model_config(detector: Detector, settings: Settings) -> dict[str, Any]:
         },
         "parameters": {
             "rcegate.metric": {"string_value": decision.metric},
+            "rcegate.metrics": {"string_value": ",".join(detector.metrics)},
             "rcegate.threshold": {"string_value": repr(decision.threshold)},
             "rcegate.target_fpr": {"string_value": repr(decision.target_fpr)},
             "rcegate.version": {"string_value": str(detector.version)},
