@@ -697,6 +697,45 @@ def ablation(
     typer.echo(json.dumps({"written": [str(p) for p in paths]}))
 
 
+def detector_variants(
+    artifact: Annotated[
+        list[Path], typer.Option(help="Exported model directory (repeat: one CE, one RCE).")
+    ],
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path(
+        "reports/mnist-5k/variants"
+    ),
+    images: Annotated[int, typer.Option(help="Test images per attack.")] = 300,
+    target_fpr: Annotated[float, typer.Option(help="Target FPR of every variant.")] = TARGET_FPR,
+    seed: Seed = 0,
+) -> None:
+    """Which Mahalanobis detector pays: layer sets, bank vs training split, with K-density or
+    alone, input preprocessing, under oblivious attacks; writes results.json and report.md."""
+    _require_torch()
+    from models.manifest import Manifest
+    from training.provenance import source_commit
+    from training.report import write_report
+    from training.robustness import created_now
+    from training.variants import VariantResults, measure_model, render_report
+
+    models = {}
+    datasets = set()
+    for path in artifact:
+        result = measure_model(path, images, target_fpr, seed)
+        if result.objective in models:
+            raise typer.BadParameter(f"two {result.objective} models; give one per objective")
+        models[result.objective] = result
+        datasets.add(Manifest.load(path).dataset.name)
+    if len(datasets) != 1:
+        raise typer.BadParameter(f"models come from different datasets: {sorted(datasets)}")
+    results = VariantResults(
+        dataset=datasets.pop(), created_at=created_now(), source_commit=source_commit(),
+        seed=seed, images=images, target_fpr=target_fpr, models=models,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [results.write(out), write_report(render_report(results), out)]
+    typer.echo(json.dumps({"written": [str(p) for p in paths]}))
+
+
 def _check_attack_loss(value: str) -> None:
     from training.attacks import ATTACK_LOSSES
 
@@ -764,6 +803,7 @@ def samples(
 
 def register(app: typer.Typer) -> None:
     app.command("masking-check")(masking_check)
+    app.command("detector-variants")(detector_variants)
     for command in (
         train,
         calibrate,

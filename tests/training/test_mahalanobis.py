@@ -137,3 +137,51 @@ def test_joint_calibration_rejects_the_target_fraction_of_clean_data_not_the_sum
     fresh = clean(20_000)
     spread = 5 * math.sqrt(target_fpr * (1 - target_fpr)) * (1 / math.sqrt(n) + 1 / math.sqrt(2e4))
     assert abs((fit.score(fresh) < threshold).mean() - target_fpr) <= spread
+
+
+@pytest.mark.parametrize(("source", "per_class"), [("bank", 4), ("train", 6)])
+def test_mahalanobis_is_fitted_on_the_bank_images_or_the_whole_training_split(
+    source: str, per_class: int
+) -> None:
+    from training.calibrate import calibrate
+    from training.data import Dataset, Split
+    from training.nets import ResNet
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> Split:
+        images = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+        return Split(images, np.arange(n, dtype=np.int64) % 10)
+
+    dataset = Dataset("random", [str(i) for i in range(10)], split(60), split(40), split(40), 0)
+    torch.manual_seed(0)
+    result = calibrate(
+        ResNet(8, 1, 10).eval(), "rce", dataset, 0.1, bank_per_class=4,
+        mahalanobis_source=source,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert result.mahalanobis is not None and result.mahalanobis.source == source
+    assert result.mahalanobis.samples_per_class == [per_class] * 10
+
+
+def test_the_default_models_thresholds_reject_about_the_target_fraction_of_clean_test_data() -> (
+    None
+):
+    """alibi-detect's check, on data the calibration never saw: the committed default model's
+    own test split (500 digits), every metric at its deployed threshold."""
+    from tests.conftest import DEFAULT_MODEL_DIR
+
+    manifest = Manifest.load(DEFAULT_MODEL_DIR)
+    session = ort.InferenceSession(
+        str(DEFAULT_MODEL_DIR / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    test = load_mnist_5k().test
+    names = list(manifest.metrics)
+    scores = dict(
+        zip(names, session.run(names, {INPUT_NAME: to_tensor(test.images).numpy()}), strict=True)
+    )
+    target = manifest.detection.target_fpr
+    spread = 3 * math.sqrt(target * (1 - target)) * (1 / math.sqrt(500) + 1 / math.sqrt(500))
+    for metric in names:
+        rejected = float((scores[metric] < manifest.detection.thresholds[metric]).mean())
+        assert abs(rejected - target) <= spread, (metric, rejected)
+        assert rejected == pytest.approx(1 - manifest.detection.clean_acceptance[metric])

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -119,3 +120,23 @@ def test_scores_of_the_predicted_class_are_the_deployed_scores(z: np.ndarray) ->
     inputs = ScoreInputs(logits, probabilities, features, predicted, bank, mask, 1.0)
     # Without Mahalanobis or combined constants: the paper's three, in the manifest's order.
     assert list(scores(inputs)) == list(PAPER_METRICS)
+
+
+def test_the_combined_decision_is_attacked_through_each_component_at_its_clean_quantile() -> None:
+    from training.attacks import aims
+    from training.deployed import DeployedModel
+    from training.mahalanobis import fit_combined
+    from training.nets import ResNet
+
+    rng = np.random.default_rng(0)
+    clean = {"log_kd": rng.normal(-3, 1, 500), "mahalanobis": rng.normal(0, 2, 500)}
+    fit = fit_combined(clean, ("log_kd", "mahalanobis"))
+    bank, mask = np.zeros((10, 1, 64), np.float32), np.ones((10, 1), np.float32)
+    detector = DeployedModel(ResNet(8, 1, 10), "rce", bank, mask, 1.0, "log_kd", combined=fit)
+    pairs = dict(aims(detector, "combined", 0.05))
+    for metric in ("log_kd", "mahalanobis"):
+        # the clean 5% quantile of that metric, as the knots interpolate it
+        assert pairs[metric] == pytest.approx(np.quantile(clean[metric], 0.05), abs=0.02)
+    assert aims(detector, "log_kd", -4.0) == [("log_kd", -4.0)]
+    with pytest.raises(ValueError, match="no mahalanobis score"):
+        aims(detector, "mahalanobis", 0.0)
