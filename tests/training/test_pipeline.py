@@ -88,6 +88,13 @@ class DivergesFromItsTrace(ResNet):
         logits, features = super().forward(images)
         return (logits, features) if torch.jit.is_tracing() else (logits + 0.5, features)
 
+    def forward_layers(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        logits, features, layers = super().forward_layers(images)
+        shift = 0.0 if torch.jit.is_tracing() else 0.5
+        return logits + shift, features, layers
+
 
 class FlipsOneDecision(DeployedModel):
     """The deployed detector with one image's `accepted` decision inverted (eager only)."""
@@ -142,7 +149,7 @@ def _detector(
 ) -> DeployedModel:
     return cls(
         network, calibration.objective, calibration.bank, calibration.bank_mask,
-        calibration.sigma2, "log_kd", threshold,
+        calibration.sigma2, "log_kd", threshold, calibration.mahalanobis, calibration.combined,
     ).eval()  # fmt: skip
 
 
@@ -419,5 +426,5 @@ def test_cli_calibrate_shows_progress_and_writes_the_calibration(
     args = ["calibrate", "--checkpoint", str(tiny_artifact.checkpoint), "--out", str(out)]
     result = CliRunner().invoke(app, [*args, "--bank-per-class", "20"])
     assert result.exit_code == 0, result.output
-    assert "calibrate: bank features" in result.output and "calibrate: scores" in result.output
+    assert "calibrate: training features" in result.output and "calibrate: scores" in result.output
     assert out.is_file()
