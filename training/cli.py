@@ -7,6 +7,7 @@ install reports a clear message instead of an ImportError.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import inspect
 import json
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from training.calibrate import Calibration
     from training.data import Dataset
     from training.nets import ResNet
+    from training.results import EvaluationResults
 
 RUNS = Path("runs")
 # The training options' defaults are the config's own.
@@ -460,6 +462,14 @@ def evaluate(
             "measurement of training, which evaluation does not change) instead of timing again."
         ),
     ] = False,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the other objectives' models of the results.json already in --out when "
+            "it was made with the same dataset, seed, images and settings (every cell is seeded "
+            "on its own, so evaluating CE and RCE in two processes gives the same figures)."
+        ),
+    ] = False,
 ) -> None:
     """Attack exported models with ART + adaptive attacks; write results.json, report.md, PNGs."""
     _require_torch()
@@ -496,27 +506,47 @@ def evaluate(
     except EvaluationError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    results = evaluation.results
-    previous = out / "results.json"
-    kept = (
-        EvaluationResults.read(previous).training_cost
-        if keep_training_cost and previous.is_file()
-        else None
-    )
-    if kept is not None:
-        results = results.model_copy(update={"training_cost": kept})
-    elif cost_repeats > 0:
-        from training.cost import training_cost
-
-        under_test = next((m for m in models if m.manifest.objective == "rce"), models[-1])
-        cost = training_cost(
-            under_test.dataset, under_test.manifest.architecture.depth, cost_images, cost_repeats
-        )
-        results = results.model_copy(update={"training_cost": cost})
     out.mkdir(parents=True, exist_ok=True)
-    paths = [results.write(out), write_report(render_report(results), out)]
+    # One writer at a time: two merging processes must not both miss the other's models.
+    with (out / ".results.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = evaluation.results
+        previous = out / "results.json"
+        earlier = EvaluationResults.read(previous) if previous.is_file() else None
+        if merge and earlier is not None:
+            results = _merged(results, earlier)
+        kept = earlier.training_cost if keep_training_cost and earlier is not None else None
+        if kept is not None:
+            results = results.model_copy(update={"training_cost": kept})
+        elif cost_repeats > 0:
+            from training.cost import training_cost
+
+            under_test = next((m for m in models if m.manifest.objective == "rce"), models[-1])
+            cost = training_cost(
+                under_test.dataset, under_test.manifest.architecture.depth, cost_images,
+                cost_repeats,
+            )  # fmt: skip
+            results = results.model_copy(update={"training_cost": cost})
+        paths = [results.write(out), write_report(render_report(results), out)]
     paths += write_figures(evaluation.results, evaluation.scores, out)
     typer.echo(json.dumps({"written": [str(p) for p in paths]}))
+
+
+def _merged(results: EvaluationResults, earlier: EvaluationResults) -> EvaluationResults:
+    """`results` plus the models of `earlier` it lacks, when both ran the same protocol."""
+    same = ("dataset", "seed", "images_fast", "images_slow", "settings")
+    if any(getattr(results, f) != getattr(earlier, f) for f in same):
+        typer.echo("error: --merge: the results.json in --out ran another protocol", err=True)
+        raise typer.Exit(2)
+    models = {**{k: v for k, v in earlier.models.items() if k not in results.models},
+              **results.models}  # fmt: skip
+    order = {o: i for i, o in enumerate(("ce", "rce"))}
+    models = dict(sorted(models.items(), key=lambda item: order.get(item[0], 99)))
+    slow = [
+        *earlier.slow_attacks,
+        *(a for a in results.slow_attacks if a not in earlier.slow_attacks),
+    ]
+    return results.model_copy(update={"models": models, "slow_attacks": slow})
 
 
 def report(

@@ -220,7 +220,7 @@ def test_openapi_docs_describe_every_endpoint(client: TestClient) -> None:
     body = paths["/v1/predict"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "image/png" in body
     params = {p["name"] for p in paths["/v1/predict"]["post"]["parameters"]}
-    assert params == {"target_fpr", "mode"}
+    assert params == {"target_fpr", "mode", "metric"}
 
 
 def test_inference_runs_off_the_event_loop(

@@ -16,9 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from models.manifest import Manifest
 from service.access import hash_key
 from service.demo import CSP
-from tests.conftest import ROOT
+from tests.conftest import DEFAULT_MODEL_DIR, ROOT
 from tests.service.live import live_server
 
 ASSETS = ["/demo", "/demo/app.js", "/demo/style.css"]
@@ -119,7 +120,8 @@ def test_chromium_shows_the_verdict_score_and_bars_of_a_sample(
     assert verdict in dom
     label = re.search(r'<p id="label">Label (\d+) +\(model mnist-rce v\d+\)</p>', dom)
     assert label is not None
-    score = re.search(r"log_kd score (-?[\d.]+) vs threshold (-?[\d.]+)", dom)
+    metric = Manifest.load(DEFAULT_MODEL_DIR).detection.default_metric
+    score = re.search(rf"{metric} score (-?[\d.]+) vs threshold (-?[\d.]+)", dom)
     assert score is not None
     assert (float(score[1]) >= float(score[2])) == (state == "accepted")
     assert dom.count('<div class="fill"') == 10

@@ -155,8 +155,15 @@ def test_self_test_refuses_a_manifest_threshold_the_graph_does_not_apply(
     )
 
 
+def _one_more_class(data: dict) -> None:
+    """An 11th class name, with a Mahalanobis mean for it: a manifest consistent in itself."""
+    data["dataset"]["class_names"].append("extra")
+    for layer in data["detection"]["mahalanobis"]["layers"]:
+        layer["means"].append(layer["means"][0])
+
+
 def test_self_test_refuses_a_graph_with_another_number_of_classes(broken: Path) -> None:
-    edit_manifest(broken, lambda data: data["dataset"]["class_names"].append("extra"))
+    edit_manifest(broken, _one_more_class)
     restamp(broken, force=True)  # a graph bound to that manifest: only the self-test can tell
     assert refusal(broken.parent.parent)["broken/1"] == "self-test: probabilities shape (2, 10)"
 

@@ -161,7 +161,8 @@ def test_metadata_readiness_and_config_over_both_transports(oip_server: tuple[st
         assert config["input"][0]["data_type"] == "TYPE_FP32"
         assert [int(d) for d in config["input"][0]["dims"]] == [1, 28, 28]
         assert "max_queue_delay_microseconds" in config["dynamic_batching"]
-        assert config["parameters"]["rcegate.metric"]["string_value"] == "log_kd"
+        default = manifest.detection.default_metric
+        assert config["parameters"]["rcegate.metric"]["string_value"] == default
 
 
 def test_unknown_model_and_version(oip_server: tuple[str, str]) -> None:
@@ -208,7 +209,7 @@ def test_real_digits_answer_as_on_v1(
         result.as_numpy("probabilities"), [p["probabilities"] for p in v1_answer], atol=1e-6
     )
     np.testing.assert_array_equal(result.as_numpy("accepted"), [p["accepted"] for p in v1_answer])
-    for metric in ("confidence", "non_me", "log_kd"):
+    for metric in Manifest.load(DEFAULT_MODEL_DIR).metrics:
         np.testing.assert_allclose(
             result.as_numpy(metric), [p["scores"][metric] for p in v1_answer], rtol=1e-5, atol=1e-5
         )
@@ -218,7 +219,7 @@ def test_real_digits_answer_as_on_v1(
     assert (response["id"] if isinstance(response, dict) else response.id) == "req-7"
     decision = v1_answer[0]["decision"]
     assert parameters(result) == {
-        "metric": "log_kd",
+        "metric": decision["metric"],
         "threshold": pytest.approx(decision["threshold"]),
         "target_fpr": pytest.approx(decision["target_fpr"]),
         "mode": "annotate",
@@ -232,10 +233,11 @@ def test_requested_outputs_are_honoured_and_the_verdict_always_comes_back(
     transport: str, oip_server: tuple[str, str], pngs: list[bytes]
 ) -> None:
     images = decode_pngs(pngs[:3])
+    default = Manifest.load(DEFAULT_MODEL_DIR).detection.default_metric
     result = INFER[transport](oip_server, images, outputs=["probabilities"])
-    assert output_names(result) == ["probabilities", "accepted", "log_kd"]
-    result = INFER[transport](oip_server, images, outputs=["log_kd", "label", "accepted"])
-    assert output_names(result) == ["log_kd", "label", "accepted"]
+    assert output_names(result) == ["probabilities", "accepted", default]
+    result = INFER[transport](oip_server, images, outputs=[default, "label", "accepted"])
+    assert output_names(result) == [default, "label", "accepted"]
 
 
 @pytest.mark.parametrize("transport", list(INFER))
@@ -268,7 +270,8 @@ def test_target_fpr_picks_the_calibrated_threshold(
     result = INFER[transport](oip_server, decode_pngs(pngs[:2]), parameters={"target_fpr": 0.01})
     got = parameters(result)
     assert got["target_fpr"] == pytest.approx(0.01)
-    assert got["threshold"] == pytest.approx(manifest.threshold("log_kd", 0.01), rel=1e-6)
+    metric = manifest.detection.default_metric
+    assert got["threshold"] == pytest.approx(manifest.threshold(metric, 0.01), rel=1e-6)
 
 
 # -- refusals over REST: status and the protocol's error body ------------------------------------
@@ -501,7 +504,8 @@ def test_grpc_fp32_contents_answer_as_raw_input(
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(request, timeout=30)
     assert response.id == "typed"
-    assert [o.name for o in response.outputs] == ["label", "accepted", "log_kd"]
+    default = Manifest.load(DEFAULT_MODEL_DIR).detection.default_metric
+    assert [o.name for o in response.outputs] == ["label", "accepted", default]
     label = np.frombuffer(response.raw_output_contents[0], "<i8")
     np.testing.assert_array_equal(label, grpc_infer(oip_server[1], images).as_numpy("label"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
