@@ -35,10 +35,10 @@ def _correct_images(model, count):
 def test_attack_perturbs_within_its_budget(models, attack):
     model = models["ce"]
     images, labels, clean = _correct_images(model, 6)
-    threshold = model.manifest.detection.thresholds["log_kd"]
+    thresholds = dict(model.manifest.detection.thresholds)
     output = run_attack(
         attack, model.detector, images, labels, clean["label"], clean["probabilities"],
-        threshold, SETTINGS, seed=0,
+        thresholds, SETTINGS, seed=0,
     )  # fmt: skip
     adversarial = output.adversarial
     assert adversarial.shape == images.shape and adversarial.dtype == np.float32
@@ -46,7 +46,7 @@ def test_attack_perturbs_within_its_budget(models, attack):
     delta = np.abs(adversarial - images).reshape(len(images), -1)
     if attack in ("fgsm", "bim", "illcm"):
         assert delta.max() <= SETTINGS.eps + 1e-5
-    if attack in ("pgd", "pgd-adaptive"):
+    if attack.startswith("pgd"):
         assert delta.max() <= SETTINGS.pgd_eps + 1e-5
     if attack == "jsma":
         changed = (delta > 1e-6).mean(axis=1)
@@ -66,7 +66,10 @@ def test_attack_perturbs_within_its_budget(models, attack):
             "eps_step": SETTINGS.pgd_step,
             "steps": SETTINGS.pgd_steps,
         },
-        "pgd-adaptive": {"eps": SETTINGS.pgd_eps, "steps": SETTINGS.pgd_steps},
+        **dict.fromkeys(
+            ("pgd-adaptive", "pgd-adaptive-mahalanobis", "pgd-adaptive-combined"),
+            {"eps": SETTINGS.pgd_eps, "steps": SETTINGS.pgd_steps},
+        ),
     }.get(
         attack, {"binary_search_steps": SETTINGS.cw_binary_steps, "max_iter": SETTINGS.cw_max_iter}
     )
@@ -85,7 +88,7 @@ def test_cw_attacks_stay_within_their_iteration_budget_and_record_their_distorti
     try:
         output = run_attack(
             attack, model.detector, images, labels, clean["label"], clean["probabilities"],
-            thresholds["log_kd"], SETTINGS, seed=0,
+            thresholds, SETTINGS, seed=0,
         )  # fmt: skip
     finally:
         hook.remove()
@@ -133,7 +136,7 @@ def test_cw_targets_differ_from_the_true_label(models):
     model = models["ce"]
     images, labels, clean = _correct_images(model, 6)
     output = run_attack(
-        "cw-l2", model.detector, images, labels, clean["label"], clean["probabilities"], 0.0,
+        "cw-l2", model.detector, images, labels, clean["label"], clean["probabilities"], {},
         SETTINGS, seed=0,
     )  # fmt: skip
     assert output.targets is not None and (output.targets != labels).all()
@@ -144,27 +147,30 @@ def test_unknown_attack_is_refused(models):
     images, labels, clean = _correct_images(model, 2)
     with pytest.raises(ValueError, match="unknown attack"):
         run_attack("deepfool", model.detector, images, labels, clean["label"],
-                   clean["probabilities"], 0.0, SETTINGS, seed=0)  # fmt: skip
+                   clean["probabilities"], {}, SETTINGS, seed=0)  # fmt: skip
 
 
-def _rejection(model, attack, images, labels, clean):
-    threshold = model.manifest.detection.thresholds["log_kd"]
+def _rejection(model, attack, images, labels, clean, metric="log_kd"):
+    thresholds = dict(model.manifest.detection.thresholds)
     output = run_attack(
         attack, model.detector, images, labels, clean["label"], clean["probabilities"],
-        threshold, SETTINGS, seed=0,
+        thresholds, SETTINGS, seed=0,
     )  # fmt: skip
     adv = detector_outputs(model.detector, output.adversarial)
     missed = adv["label"] != labels
-    rejected = adv["log_kd"] < threshold
+    rejected = adv[metric] < thresholds[metric]
     return missed, rejected
 
 
 @pytest.mark.parametrize("objective", ["ce", "rce"])
-def test_adaptive_pgd_lowers_rejection_compared_with_plain_pgd(models, objective):
+@pytest.mark.parametrize(
+    ("attack", "metric"), [("pgd-adaptive", "log_kd"), ("pgd-adaptive-combined", "combined")]
+)
+def test_adaptive_pgd_lowers_rejection_compared_with_plain_pgd(models, objective, attack, metric):
     model = models[objective]
     images, labels, clean = _correct_images(model, 24)
-    plain_missed, plain_rejected = _rejection(model, "pgd", images, labels, clean)
-    adaptive_missed, adaptive_rejected = _rejection(model, "pgd-adaptive", images, labels, clean)
+    plain_missed, plain_rejected = _rejection(model, "pgd", images, labels, clean, metric)
+    adaptive_missed, adaptive_rejected = _rejection(model, attack, images, labels, clean, metric)
     # Same L-inf budget and steps: the adaptive attack leaves more misclassified images that
     # the detector accepts, and fewer of its misclassified images are rejected.
     assert (adaptive_missed & ~adaptive_rejected).sum() > (plain_missed & ~plain_rejected).sum()

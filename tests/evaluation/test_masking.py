@@ -43,7 +43,7 @@ class ScaledLogits(nn.Module):
 def _scaled(detector: DeployedModel) -> DeployedModel:
     return DeployedModel(
         ScaledLogits(detector.network, SCALE), detector.objective, detector.bank.numpy(),
-        detector.bank_mask.numpy(), detector.sigma2, detector.default_metric,
+        detector.bank_mask.numpy(), detector.sigma2, "log_kd",
     )  # fmt: skip
 
 
@@ -64,7 +64,7 @@ def sample(ce_model):
 def _fooled(detector, attack, sample, settings):
     images, labels, clean = sample
     output = run_attack(
-        attack, detector, images, labels, clean["label"], clean["probabilities"], 0.0, settings, 0
+        attack, detector, images, labels, clean["label"], clean["probabilities"], {}, settings, 0
     )
     adv = detector_outputs(detector, output.adversarial)["label"]
     return output.adversarial, adv != labels

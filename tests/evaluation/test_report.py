@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from models.manifest import METRICS
 from rcegate.cli import app
 from tests.conftest import ROOT
 from training.attacks import AttackSettings
@@ -54,7 +55,7 @@ def test_results_cover_every_model_attack_and_metric(evaluation):
         assert set(model.attacks) == {"fgsm", "pgd", "pgd-adaptive", "cw-wb"}
         assert model.attacks["fgsm"].images == 16 and model.attacks["cw-wb"].images == 8
         for name, attack in model.attacks.items():
-            assert set(attack.metrics) == {"confidence", "non_me", "log_kd"}
+            assert set(attack.metrics) == set(METRICS)  # the paper's, Mahalanobis, combined
             assert attack.kept <= attack.clean_correct <= attack.images
             assert attack.success_rate == attack.kept / max(attack.clean_correct, 1)
             scores = evaluation.scores[objective][name]
@@ -317,3 +318,42 @@ def test_report_command_rerenders_and_records_the_training_cost(evaluation, tmp_
     report = (tmp_path / "report.md").read_text()
     assert f"Ratio RCE / CE: **{cost.ratio:.3f}**" in report
     assert render_report(results) == report
+
+
+def _without_timing(results: EvaluationResults) -> dict[str, object]:
+    models = results.model_dump(mode="json")["models"]
+    for model in models.values():
+        for attack in model["attacks"].values():
+            attack.pop("seconds_per_image")
+    return models  # type: ignore[no-any-return]
+
+
+def test_evaluating_the_twins_apart_from_the_artifacts_merges_into_the_same_figures(
+    small_models, tmp_path
+):
+    """No checkpoint (network from model.onnx, detector from the manifest), and CE and RCE in
+    two processes merged into one results.json: the figures of a single run."""
+    ce, rce = small_models["ce"], small_models["rce"]
+    common = ["--attacks", "fgsm", "--images", "8", "--cost-repeats", "0"]
+    together, apart = tmp_path / "together", tmp_path / "apart"
+    runs = [
+        ["--artifact", str(ce.artifact), "--artifact", str(rce.artifact), "--out", str(together)],
+        ["--artifact", str(ce.artifact), "--out", str(apart)],
+        ["--artifact", str(rce.artifact), "--out", str(apart), "--merge"],
+    ]
+    for args in runs:
+        result = CliRunner().invoke(app, ["evaluate", *args, *common])
+        assert result.exit_code == 0, result.output
+    one, merged = (EvaluationResults.read(d / "results.json") for d in (together, apart))
+    assert list(merged.models) == ["ce", "rce"]
+    assert _without_timing(merged) == _without_timing(one)
+    assert (apart / "roc-ce.png").is_file() and (apart / "roc-rce.png").is_file()
+    # Another protocol in --out is not merged into.
+    other = CliRunner().invoke(
+        app,
+        [
+            "evaluate", "--artifact", str(rce.artifact), "--out", str(apart), "--merge",
+            "--attacks", "fgsm", "--images", "4", "--cost-repeats", "0",
+        ],
+    )  # fmt: skip
+    assert other.exit_code == 2 and "ran another protocol" in other.output
