@@ -145,7 +145,7 @@ class DeployedModel(nn.Module):
         if not self.layer_names:
             raw, features = self.network(images)
             return Activations(deployed_logits(self.objective, raw), features)
-        raw, features, layers = self.network.forward_layers(images)  # type: ignore[operator]
+        raw, features, layers = self.network(images, layers=True)
         chosen = tuple(layers[name] for name in self.layer_names)
         return Activations(deployed_logits(self.objective, raw), features, chosen)
 
@@ -225,7 +225,7 @@ def layer_features(
     with tqdm(total=len(images), desc=progress, unit="img", disable=progress is None) as bar:
         for start in range(0, len(images), batch_size):
             batch = to_tensor(images[start : start + batch_size])
-            _, _, layers = network.forward_layers(batch)  # type: ignore[operator]
+            _, _, layers = network(batch, layers=True)
             for name, value in layers.items():
                 parts.setdefault(name, []).append(value.numpy())
             bar.update(len(images[start : start + batch_size]))

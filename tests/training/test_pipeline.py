@@ -84,16 +84,9 @@ class DivergesFromItsTrace(ResNet):
     every raw logit. Softmax, the label and the three scores are shift-invariant, so only the
     `logits` output of the graph disagrees with torch."""
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = super().forward(images)
-        return (logits, features) if torch.jit.is_tracing() else (logits + 0.5, features)
-
-    def forward_layers(
-        self, images: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        logits, features, layers = super().forward_layers(images)
-        shift = 0.0 if torch.jit.is_tracing() else 0.5
-        return logits + shift, features, layers
+    def forward(self, images: torch.Tensor, layers: bool = False) -> tuple[torch.Tensor, ...]:
+        out = super().forward(images, layers)
+        return out if torch.jit.is_tracing() else (out[0] + 0.5, *out[1:])
 
 
 class FlipsOneDecision(DeployedModel):
