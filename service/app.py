@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from service.access import AccessLayer, AccessLog, ApiKeys, printable
+from service.access import AccessLayer, AccessLog, ApiKeys
 from service.dataplane import DataPlane
 from service.demo import install_demo
 from service.detector import Detector
@@ -38,6 +38,7 @@ from service.repository import ModelRepository
 from service.routes import router
 from service.schemas import ErrorBody, ErrorDetail
 from service.settings import Settings
+from service.text import printable
 
 logger = logging.getLogger(__name__)
 

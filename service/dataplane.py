@@ -23,6 +23,7 @@ import numpy as np
 
 from models.manifest import METRICS
 from service.batching import Batcher, BatchStats, Ticket
+from service.budget import ParsePool
 from service.detector import Decision, Detector, Outputs
 from service.errors import (
     DeadlineExceeded,
@@ -43,6 +44,7 @@ from service.imaging import (
     probe_image,
 )
 from service.metrics import Metrics
+from service.policy import Policy
 from service.probers import ProberTracker
 from service.repository import ModelRepository
 from service.settings import Mode, Settings
@@ -103,6 +105,8 @@ class DataPlane:
             max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
         )
         self.probers = ProberTracker(settings, metrics)
+        self.parsing = ParsePool(settings.parse_workers)  # large OIP parses (service/budget.py)
+        self.policy = Policy(settings)  # modes and target FPRs a client may ask for
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -153,6 +157,7 @@ class DataPlane:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             batcher.close(left)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.parsing.close()
 
     @property
     def busy(self) -> bool:
@@ -210,7 +215,7 @@ class DataPlane:
         deadline: float,
     ) -> Prediction:
         """Decode image files (bounded pool) and answer them; admission comes first."""
-        decision = detector.decision(options.target_fpr)  # 422 before any work
+        decision, mode = self._policy(detector, options)  # 403/422 before any work
         self.probers.check(options.client)
         batcher = self._batcher(detector)
         ticket = self._reserve(detector, len(images), deadline)
@@ -221,13 +226,13 @@ class DataPlane:
             outputs = await self._infer(batcher, ticket, pixels)
         finally:
             batcher.cancel(ticket)
-        return self._decide(detector, decision, options, outputs, decoded)
+        return self._decide(detector, decision, mode, options, outputs, decoded)
 
     async def predict_arrays(
         self, detector: Detector, images: np.ndarray, options: PredictOptions, deadline: float
     ) -> Prediction:
         """Answer float32 [N, C, H, W] tensors in the model's value range."""
-        decision = detector.decision(options.target_fpr)
+        decision, mode = self._policy(detector, options)
         self.probers.check(options.client)
         check_tensor(images, detector)
         batcher = self._batcher(detector)
@@ -236,7 +241,11 @@ class DataPlane:
             outputs = await self._infer(batcher, ticket, images)
         finally:
             batcher.cancel(ticket)
-        return self._decide(detector, decision, options, outputs, None)
+        return self._decide(detector, decision, mode, options, outputs, None)
+
+    def _policy(self, detector: Detector, options: PredictOptions) -> tuple[Decision, Mode]:
+        """The decision and mode the operator's policy grants this request (service/policy.py)."""
+        return self.policy.resolve(detector, options.mode, options.target_fpr, options.client)
 
     async def _decode(
         self, images: Sequence[EncodedImage], shape: tuple[int, int, int], deadline: float
@@ -307,14 +316,14 @@ class DataPlane:
         self,
         detector: Detector,
         decision: Decision,
+        mode: Mode,
         options: PredictOptions,
         outputs: Outputs,
         decoded: list[DecodedImage] | None,
     ) -> Prediction:
         accepted = Detector.accept(outputs, decision)
-        self._record(detector, outputs, accepted)
+        self._record(detector, outputs, accepted, mode)
         self.probers.observe(options.client, len(accepted), int((~accepted).sum()))
-        mode = options.mode or self.settings.mode
         return Prediction(detector, decision, mode, outputs, accepted, decoded)
 
     # -- metrics -------------------------------------------------------------------------
@@ -322,17 +331,26 @@ class DataPlane:
     def _batch_observer(self, detector: Detector) -> BatchObserver:
         return BatchObserver(self.metrics, detector.name)
 
-    def _record(self, detector: Detector, outputs: Outputs, accepted: np.ndarray) -> None:
+    def _record(
+        self, detector: Detector, outputs: Outputs, accepted: np.ndarray, mode: Mode
+    ) -> None:
+        """Count the answered images. /metrics shows no more than the answers did (issue 21):
+        an image whose label was withheld (enforce, rejected) is counted without its class,
+        and its scores stay out of the score histogram when they were withheld too."""
         m = self.metrics
         names = detector.manifest.class_names
         version = str(detector.version)
-        for label, ok in zip(outputs.label.tolist(), accepted.tolist(), strict=True):
+        shown = accepted | (mode == "annotate")
+        scored = shown | (not self.settings.withhold_rejected)
+        for label, ok, show in zip(
+            outputs.label.tolist(), accepted.tolist(), shown.tolist(), strict=True
+        ):
             decision = "accepted" if ok else "rejected"
-            m.images.labels(detector.name, version, decision, names[label]).inc()
-        if m.detection_score is not None:
+            m.images.labels(detector.name, version, decision, names[label] if show else "").inc()
+        if m.detection_score is not None and scored.any():
             for metric in METRICS:
                 histogram = m.detection_score.labels(detector.name, metric)
-                for value in outputs.scores[metric].tolist():
+                for value in outputs.scores[metric][scored].tolist():
                     histogram.observe(value)
 
 

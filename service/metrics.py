@@ -2,7 +2,8 @@
 
 Each app owns its own `CollectorRegistry`, so several apps in one process (tests) do not collide.
 Labels are bounded: model names and versions come from the repository, `route` is the route
-template (never the raw path), `predicted_class` is a class name from the manifest.
+template (never the raw path), `method` one of the RFC 9110 methods or `other`,
+`predicted_class` a class name from the manifest (empty when the answer withheld it).
 
 Detection-score buckets: one histogram family needs one bucket list, shared by its three
 metrics, so the edges are the union of a coarse range per metric and, for every loaded model and
@@ -51,7 +52,8 @@ class Metrics:
         r = self.registry
         self.images = Counter(
             "rcegate_images",
-            "Images answered, by decision (accepted|rejected) and predicted class.",
+            "Images answered, by decision (accepted|rejected) and predicted class (empty when "
+            "the answer withheld it: a rejected image in enforce mode).",
             ["model", "version", "decision", "predicted_class"],
             registry=r,
         )
@@ -181,7 +183,8 @@ class Metrics:
         """Set the per-model gauges and create the score histogram once the models are loaded."""
         self.detection_score = Histogram(
             "rcegate_detection_score",
-            "Detection scores of answered images per metric (higher = more like clean data).",
+            "Detection scores of answered images per metric (higher = more like clean data); "
+            "scores an answer withheld (enforce mode) are not observed.",
             ["model", "metric"],
             buckets=score_buckets(detectors),
             registry=self.registry,

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.layout import version_directories
+from models.layout import misnamed_version_directories, version_directories
 from service.detector import Detector, ModelLoadError, load_detector
 from service.errors import ModelNotFound, NotReady
 from service.settings import Settings
+from service.text import printable, shown
 from service.trust import ArtifactPolicy
 
 # The model POST /v1/predict answers with when RCEGATE_DEFAULT_MODEL is unset and it is loaded.
@@ -76,11 +77,21 @@ class ModelRepository:
                     "no trusted keys: model versions are checked for consistency, not for "
                     "who made them (set RCEGATE_TRUSTED_KEYS to require signatures)"
                 )
+            if s.model_dir.is_dir():
+                for directory in misnamed_version_directories(s.model_dir):
+                    self._refuse(
+                        directory,
+                        "not a version: a version directory is named by 1-10 "
+                        "ASCII digits without a leading zero (1, 2, 10)",
+                    )
             for directory in directories:
                 self._load_one(directory)
             if not self._detectors:
-                self.error = f"no model could be loaded from {s.model_dir}"
-                logger.error("%s; the service stays unready", self.error)
+                # Said on the open readiness endpoints: no filesystem path (it is in the log).
+                self.error = "no model could be loaded (see the server log)"
+                logger.error(
+                    "no model could be loaded from %s; the service stays unready", s.model_dir
+                )
             elif s.default_model is None:
                 self.default_name = (
                     BUILTIN_DEFAULT_MODEL
@@ -103,7 +114,6 @@ class ModelRepository:
 
     def _load_one(self, directory: Path) -> None:
         s = self.settings
-        name, version = directory.parent.name, directory.name
         try:
             detector = load_detector(
                 directory,
@@ -115,8 +125,11 @@ class ModelRepository:
                 self.policy,
             )
         except ModelLoadError as exc:
-            self.refused.append(Refused(name, version, str(exc)))
-            logger.error("refused model %s/%s from %s: %s", name, version, directory, exc)
+            self._refuse(directory, str(exc))
+            return
+        except Exception as exc:  # a bug or an unforeseen entry: it refuses itself alone
+            logger.exception("loading %s crashed", directory)
+            self._refuse(directory, f"loading failed unexpectedly ({type(exc).__name__})")
             return
         self._detectors.setdefault(detector.name, {})[detector.version] = detector
         logger.info(
@@ -129,6 +142,15 @@ class ModelRepository:
             ",".join(detector.providers),
         )
 
+    def _refuse(self, directory: Path, reason: str) -> None:
+        """List a version under `refused` (GET /v1/models shows it) and log it once. The
+        reason a client reads names no absolute path: the repository's own is replaced."""
+        name, version = printable(directory.parent.name, 128), printable(directory.name, 64)
+        for root in {str(self.settings.model_dir.resolve()), str(self.settings.model_dir)}:
+            reason = reason.replace(root, "<model_dir>")
+        self.refused.append(Refused(name, version, printable(reason)))
+        logger.error("refused model %s/%s from %s: %s", name, version, directory, reason)
+
     def detectors(self) -> list[Detector]:
         """Every loaded version, sorted by name then version."""
         return [
@@ -140,12 +162,14 @@ class ModelRepository:
             raise NotReady("models are still loading")
         versions = self._detectors.get(name)
         if not versions:
-            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {sorted(self._detectors)})")
+            raise ModelNotFound(
+                f"model {shown(name)} is not loaded (loaded: {sorted(self._detectors)})"
+            )
         if version is None:
             return versions[max(versions)]
         if version not in versions:
             raise ModelNotFound(
-                f"model {name!r} has no loaded version {version} (loaded: {sorted(versions)})"
+                f"model {shown(name)} has no loaded version {version} (loaded: {sorted(versions)})"
             )
         return versions[version]
 

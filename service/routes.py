@@ -38,6 +38,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "Undecodable image, no image, or a malformed multipart body.",
+        403: "A mode or target_fpr the operator's policy does not permit this client.",
         404: "Unknown model or version.",
         413: "Body over the byte limit, too many images, or an image over the pixel limit.",
         415: "Unsupported Content-Type.",

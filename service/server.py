@@ -155,6 +155,9 @@ def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
         timeout_keep_alive=settings.keep_alive_timeout,
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=1,  # the drain already waited for the requests in flight
+        # X-Forwarded-For/-Proto only from configured proxies (uvicorn trusts 127.0.0.1 else).
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
 
 

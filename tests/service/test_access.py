@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.access import ACCESS_LOGGER, ApiKeys, Identity, printable
+from service.access import ACCESS_LOGGER, ApiKeys, Identity
 from service.errors import Unauthorized
+from service.text import printable
 from tests.service.conftest import encode
 
 PNG = {"content-type": "image/png"}
@@ -92,17 +93,26 @@ def test_keys_guard_v1_and_docs_but_not_health(
     assert KEY not in text and KEYS["ci"] not in text
 
 
-def test_metrics_can_require_a_key(make_client: Callable[..., TestClient]) -> None:
-    client = make_client(api_keys=KEYS, metrics_require_key=True)
+def test_metrics_can_require_a_metrics_key_that_no_client_key_opens(
+    make_client: Callable[..., TestClient],
+) -> None:
+    scraper = "s3cret-scraper-key"
+    client = make_client(
+        api_keys=KEYS,
+        metrics_require_key=True,
+        metrics_keys={"prometheus": hashlib.sha256(scraper.encode()).hexdigest()},
+    )
     assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", headers={"x-api-key": KEY}).status_code == 200
+    assert client.get("/metrics", headers={"x-api-key": KEY}).status_code == 401  # a client's
+    assert client.get("/metrics", headers={"x-api-key": scraper}).status_code == 200
+    assert client.get("/v1/models", headers={"x-api-key": scraper}).status_code == 401
     assert client.get("/health/live").status_code == 200
 
 
 def test_enforce_mode_withholds_scores_of_rejected_images(
     make_client: Callable[..., TestClient], digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    client = make_client(mode="enforce")
+    client = make_client(mode="enforce", client_modes=["enforce", "annotate"])
     # Real digits and random noise: at target_fpr 0.5 about half of the clean digits are
     # accepted (that is what the calibration promises; 16 make "none" a 1-in-65,536 event
     # for a calibrated model) and the noise is rejected.
@@ -235,6 +245,9 @@ def test_api_keys_come_from_the_environment_as_hashes(monkeypatch: pytest.Monkey
 
     monkeypatch.setenv("RCEGATE_API_KEYS", json.dumps(KEYS))
     monkeypatch.setenv("RCEGATE_METRICS_REQUIRE_KEY", "true")
+    with pytest.raises(ValidationError, match="metrics_require_key needs metrics_keys"):
+        Settings()
+    monkeypatch.setenv("RCEGATE_METRICS_KEYS", json.dumps({"prometheus": KEYS["ci"]}))
     settings = Settings()
     assert settings.api_keys == KEYS and settings.metrics_require_key
     monkeypatch.setenv("RCEGATE_API_KEYS", json.dumps({"ci": KEY}))  # the key, not its hash

@@ -239,7 +239,7 @@ def test_requested_outputs_are_honoured_and_the_verdict_always_comes_back(
 
 
 @pytest.mark.parametrize("transport", list(INFER))
-def test_enforce_mode_withholds_rejected_labels_and_probabilities(
+def test_enforce_mode_withholds_rejected_labels_probabilities_and_scores(
     transport: str, oip_server: tuple[str, str], pngs: list[bytes]
 ) -> None:
     noise = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
@@ -255,9 +255,12 @@ def test_enforce_mode_withholds_rejected_labels_and_probabilities(
     assert not probabilities[2:].any() and not result.as_numpy("logits")[2:].any()
     np.testing.assert_array_equal(label[:2], annotated.as_numpy("label")[:2])
     np.testing.assert_allclose(probabilities[:2].sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_array_equal(result.as_numpy("log_kd"), annotated.as_numpy("log_kd"))
+    for score in ("confidence", "non_me", "log_kd"):  # issue 21: no score of a rejected image
+        np.testing.assert_array_equal(result.as_numpy(score)[:2], annotated.as_numpy(score)[:2])
+        assert not result.as_numpy(score)[2:].any()
     assert parameters(result)["mode"] == "enforce"
     assert parameters(result)["withheld_count"] == 2
+    assert "threshold" not in parameters(result) and "threshold" in parameters(annotated)
 
 
 @pytest.mark.parametrize("transport", list(INFER))
@@ -454,13 +457,6 @@ def test_grpc_refusals(oip_server: tuple[str, str]) -> None:
         (ONE.astype(np.float64), "FP64", {}, "INVALID_ARGUMENT", "must have datatype FP32"),
         (np.zeros((1, 1, 28, 27), np.float32), "FP32", {}, "INVALID_ARGUMENT", "must have shape"),
         (NAN, "FP32", {}, "INVALID_ARGUMENT", "images contains NaN or infinite values"),
-        (
-            np.zeros((MAX_IMAGES + 1, 1, 28, 28), np.float32),
-            "FP32",
-            {},
-            "INVALID_ARGUMENT",
-            f"at most {MAX_IMAGES} images per request",
-        ),
         (ONE, "FP32", {"model_name": "nope"}, "NOT_FOUND", "'nope' is not loaded"),
         (ONE, "FP32", {"outputs": ["secret"]}, "INVALID_ARGUMENT", "unknown output 'secret'"),
         (ONE, "FP32", {"parameters": {"mode": "x"}}, "INVALID_ARGUMENT", "parameter mode"),
@@ -483,6 +479,11 @@ def test_grpc_refusals(oip_server: tuple[str, str]) -> None:
     error = raw_grpc(url, raw_request(1, ONE.tobytes()[:-4]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "needs 3136 bytes, got 3132" in str(error.details())
+    # The image count is checked from the shape, before the bytes (a message of all the
+    # images would be over this server's 128 KiB gRPC limit: RESOURCE_EXHAUSTED).
+    error = raw_grpc(url, raw_request(MAX_IMAGES + 1, ONE.tobytes()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_IMAGES} images per request" in str(error.details())
 
 
 def test_grpc_fp32_contents_answer_as_raw_input(

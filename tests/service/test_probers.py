@@ -81,15 +81,35 @@ def test_the_flag_lifts_when_the_window_slides_past_the_rejections() -> None:
     assert sample(metrics, "rcegate_flagged_clients") == 0
 
 
-def test_memory_is_bounded_and_evicted_flags_are_uncounted() -> None:
+def test_memory_is_bounded_and_flagged_clients_are_evicted_last() -> None:
     clock = Clock()
     probers, metrics = tracker(clock)
-    probers.observe("a", 40, 40)
-    for who in ("b", "c", "d"):  # capacity 3: "a" is least recently seen and goes
+    probers.observe("a", 40, 40)  # flagged
+    for who in ("b", "c", "d", "e"):  # capacity 3: the unflagged go first, "a" stays
         probers.observe(who, 1, 0)
     assert len(probers) == 3
-    assert sample(metrics, "rcegate_flagged_clients") == 0
+    assert sample(metrics, "rcegate_flagged_clients") == 1
+    with pytest.raises(Throttled):
+        probers.check("a")
+    for who in ("f", "g", "h"):  # all flagged: the least recently seen of them goes
+        probers.observe(who, 40, 40)
+    assert len(probers) == 3
+    assert sample(metrics, "rcegate_flagged_clients") == 3
     probers.check("a")  # forgotten, so not throttled
+
+
+def test_ipv6_clients_are_tracked_by_their_64_network() -> None:
+    probers, metrics = tracker(Clock())
+    for host in range(40):  # one host rotating its addresses inside its /64
+        probers.observe(f"addr:2001:db8:0:1::{host:x}", 1, 1)
+    probers.observe("addr:::ffff:192.0.2.7", 40, 40)  # IPv4-mapped: the IPv4 client
+    assert len(probers) == 2
+    with pytest.raises(Throttled):
+        probers.check("addr:2001:db8:0:1:ffff::1")
+    with pytest.raises(Throttled):
+        probers.check("addr:192.0.2.7")
+    probers.check("addr:2001:db8:0:2::1")  # another /64
+    assert sample(metrics, "rcegate_flagged_clients") == 2
 
 
 def test_without_throttle_flagged_clients_are_only_counted() -> None:

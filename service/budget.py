@@ -1,0 +1,84 @@
+"""Work budgets shared by the protocols of one worker: bytes held, and where parsing runs.
+
+- `Reservation`: bytes a request holds against `max_inflight_body_bytes`, the one budget of
+  `Lifecycle.body_bytes` that the HTTP guard fills while bodies stream in. The Open Inference
+  Protocol adds what the guard cannot see: a gzip body's inflated bytes (reserved at their
+  limit before inflating), and a gRPC message (reserved at `grpc_max_message_bytes` before it
+  is received, then at its own size until it is answered). Past the budget: 503/UNAVAILABLE
+  `body_budget`, before the work.
+- `ParsePool`: inflating and parsing over `INLINE_BYTES` run in `parse_workers` threads, off
+  the event loop; smaller ones run inline (a hop to a thread costs more than they do). Every
+  parse is bounded before it starts (service/oip/rest.py, service/oip/wire.py), and the JSON
+  parser calls back into Python per number, so a thread parsing holds the GIL for at most a
+  switch interval at a time and the event loop keeps answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import TypeVar
+
+from service.errors import BodyBudgetExceeded
+from service.guard import Lifecycle
+
+T = TypeVar("T")
+INLINE_BYTES = 64 * 1024
+
+
+class Reservation:
+    """Bytes held by one request against the shared budget; released on exit."""
+
+    def __init__(self, lifecycle: Lifecycle, budget: int) -> None:
+        self._life = lifecycle
+        self._budget = budget
+        self.size = 0
+
+    def resize(self, size: int) -> None:
+        """Hold `size` bytes from now on; BodyBudgetExceeded if more do not fit."""
+        grow = size - self.size
+        if grow > 0 and self._life.body_bytes + grow > self._budget:
+            raise BodyBudgetExceeded(
+                "too many request bodies are being received at once; retry later"
+            )
+        self._life.body_bytes += grow
+        self.size = size
+
+    def release(self) -> None:
+        self._life.body_bytes -= self.size
+        self.size = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class ParsePool:
+    """Threads for large parses; created on first use, so an idle worker holds none."""
+
+    def __init__(self, workers: int) -> None:
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def run(self, size: int, work: Callable[..., T], *args: object) -> T:
+        """`work(*args)`: inline when `size` (the bytes it parses or may produce) is small,
+        else in a pool thread."""
+        if size <= INLINE_BYTES:
+            return work(*args)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="rcegate-parse")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
