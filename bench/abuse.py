@@ -98,6 +98,9 @@ def json_bombs() -> list[tuple[str, bytes, bytes]]:
     params = b",".join(b'"p%d":1' % i for i in range(100_000))
     many_params = _document(_numbers(784), extra=b',"parameters":{' + params + b"}")
     empty_lists = _document(b",".join([b"[]"] * (2 * 1024 * 1024)))
+    # Within every bound (64 images' worth of values), parsed in full, then refused: the most
+    # parsing one request can cost.
+    parsed = _document(_numbers(64 * 784, b"0.123456789012345"), shape=b"[1,1,28,28]")
     return [
         ("gzip-20mib-numbers", b"gzip", _gzip(flat)),
         ("deflate-20mib-numbers", b"deflate", _deflate(flat)),
@@ -107,6 +110,7 @@ def json_bombs() -> list[tuple[str, bytes, bytes]]:
         ("5000-digit-shape", b"identity", huge_int),
         ("megabyte-id", b"gzip", _gzip(long_id)),
         ("100k-parameters", b"gzip", _gzip(many_params)),
+        ("largest-parsed", b"gzip", _gzip(parsed)),
     ]
 
 
@@ -382,13 +386,13 @@ def well_behaved(
 def probe_health(url: str, stop: threading.Event, latencies: list[float]) -> None:
     """GET /health/live every 100 ms on a new connection, as a kubelet does; a failure counts
     as the full 10 s timeout."""
-    import httpx
-
+    port = int(url.rsplit(":", 1)[1])
+    request = http_request(b"GET", b"/health/live")
     while not stop.wait(0.1):
         start = time.perf_counter()
         try:
-            ok = httpx.get(f"{url}/health/live", timeout=10).status_code == 200
-        except httpx.HTTPError:
+            ok = status(exchange(port, request, timeout=10)) == "200"
+        except OSError:
             ok = False
         latencies.append(time.perf_counter() - start if ok else 10.0)
 

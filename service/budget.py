@@ -10,12 +10,14 @@
   the event loop; smaller ones run inline (a hop to a thread costs more than they do). Every
   parse is bounded before it starts (service/oip/rest.py, service/oip/wire.py), and the JSON
   parser calls back into Python per number, so a thread parsing holds the GIL for at most a
-  switch interval at a time and the event loop keeps answering.
+  switch interval at a time (1 ms once the pool has started) and the event loop keeps
+  answering.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -26,6 +28,7 @@ from service.guard import Lifecycle
 
 T = TypeVar("T")
 INLINE_BYTES = 64 * 1024
+SWITCH_INTERVAL = 0.001  # seconds; sys.setswitchinterval once a parse pool starts
 
 
 class Reservation:
@@ -74,7 +77,14 @@ class ParsePool:
         else in a pool thread."""
         if size <= INLINE_BYTES:
             return work(*args)
+        return await self.offload(work, *args)
+
+    async def offload(self, work: Callable[..., T], *args: object) -> T:
+        """`work(*args)` in a pool thread, whatever its size."""
         if self._pool is None:
+            # A thread that parses holds the GIL until another thread has waited a switch
+            # interval (5 ms by default) for it; at 1 ms the event loop gets it back sooner.
+            sys.setswitchinterval(SWITCH_INTERVAL)
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="rcegate-parse")
         return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
 

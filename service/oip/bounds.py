@@ -6,7 +6,8 @@ images of the model's C x H x W values. Before parsing, on the bytes:
 
 - JSON (REST): at most `RequestBounds.json_bytes` bytes (64 KiB + 32 bytes per value of the
   largest request, after gzip/deflate inflation) and at most `json_tokens` values, counted as
-  the commas and brackets that separate them (an upper bound on the values; a cheap C scan).
+  the commas and brackets that separate them (an upper bound on the values; a cheap C scan,
+  made while a compressed body is inflated, so a bomb stops at its first excess chunk).
   Then `load_json` parses with a Python callback per number (so a parse in a pool thread gives
   the event loop the GIL every switch interval), refuses a number longer than 64 characters
   (no 4,300-digit integer conversions) and nesting that exhausts the recursion limit.
@@ -46,10 +47,13 @@ class RequestBounds:
     """The bounds of one model's requests."""
 
     values: int  # tensor values of the largest request: max_images x C x H x W
+    rows: int  # lists of the largest request's data nested as [N][C][H][W]
 
     @classmethod
     def of(cls, image_shape: tuple[int, int, int], max_images: int) -> RequestBounds:
-        return cls(max_images * math.prod(image_shape))
+        channels, height, _ = image_shape
+        rows = max_images * (1 + channels + channels * height) + 1
+        return cls(max_images * math.prod(image_shape), rows)
 
     @property
     def json_bytes(self) -> int:
@@ -66,9 +70,16 @@ class RequestBounds:
 
     @property
     def json_tokens(self) -> int:
-        """Commas + brackets + braces of the largest useful JSON: a value per number, a list
-        per row of nested data, and room for the rest of the document."""
-        return 2 * self.values + 4096
+        """Commas + brackets + braces of the largest useful JSON: a comma per value, a bracket
+        and a comma per row of nested data, and room for the rest of the document."""
+        return self.values + 2 * self.rows + 4096
+
+
+def json_tokens(data: bytes | bytearray | memoryview) -> int:
+    """An upper bound on the values of a JSON text: its commas, brackets and braces (each
+    value but one per container follows a comma; each container opens with a bracket)."""
+    view = bytes(data) if isinstance(data, memoryview) else data
+    return view.count(b",") + view.count(b"[") + view.count(b"{")
 
 
 def byte_count(text: str, what: str) -> int:
@@ -77,6 +88,13 @@ def byte_count(text: str, what: str) -> int:
     if _BYTE_COUNT.fullmatch(stripped) is None:
         raise InvalidInput(f"{what} must be a byte count, got {shown(text)}")
     return int(stripped)
+
+
+def too_many_values(bounds: RequestBounds) -> BodyTooLarge:
+    return BodyTooLarge(
+        f"the JSON holds more values than the largest request for this model "
+        f"({bounds.values} tensor values)"
+    )
 
 
 def _number(text: str) -> float:
@@ -98,12 +116,8 @@ def load_json(data: bytes, bounds: RequestBounds, hint: str = "") -> object:
             f"the JSON of an inference request for this model is at most {bounds.json_bytes} "
             f"bytes, got {len(data)} (send large tensors as binary data)"
         )
-    tokens = data.count(b",") + data.count(b"[") + data.count(b"{")
-    if tokens > bounds.json_tokens:
-        raise BodyTooLarge(
-            f"the JSON holds more values than the largest request for this model "
-            f"({bounds.values} tensor values)"
-        )
+    if json_tokens(data) > bounds.json_tokens:
+        raise too_many_values(bounds)
     try:
         return json.loads(data, parse_float=_number, parse_int=_integer)
     except RecursionError:

@@ -461,6 +461,7 @@ async def start_server(
             ("grpc.max_receive_message_length", settings.grpc_message_limit),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share
+            ("grpc.http2.bdp_probe", 0),
         ],
         maximum_concurrent_rpcs=settings.max_connections,
     )

@@ -24,7 +24,6 @@ protocol has no 422: invalid parameters are 400).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import zlib
@@ -37,7 +36,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.access import request_client
-from service.budget import Reservation
+from service.budget import ParsePool, Reservation
 from service.dataplane import DataPlane
 from service.deps import PlaneDep, RepositoryDep, SettingsDep
 from service.detector import Detector
@@ -55,7 +54,9 @@ from service.oip.bounds import (
     MAX_TEXT,
     RequestBounds,
     byte_count,
+    json_tokens,
     load_json,
+    too_many_values,
 )
 from service.oip.codec import (
     check_input_header,
@@ -218,14 +219,19 @@ async def _infer(plane: DataPlane, name: str, version: str | None, request: Requ
     plane.check_capacity(detector)
     s = plane.settings
     bounds = RequestBounds.of(detector.input_shape, s.max_images)
-    limit = min(s.max_body_bytes, bounds.body_bytes)
     encoding = content_encoding(request.headers.get("content-encoding"))
+    header_size = header_length(request.headers.get(HEADER_LENGTH), bounds)
+    # JSON alone, or a JSON header and binary tensor data: at most what the model can take.
+    useful = bounds.json_bytes if header_size is None else header_size + bounds.binary_bytes
+    limit = min(s.max_body_bytes, useful)
     body = await read_body(request, limit)
     with Reservation(plane.lifecycle, s.max_inflight_body_bytes) as held:
         if encoding != "identity":
-            body = await inflate(body, encoding, limit, held)
-        header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        framed = HEADER_LENGTH in request.headers
+            json_part = limit if header_size is None else header_size
+            inflater = Inflater(encoding, limit, json_part, bounds)
+            body = await inflater.run(body, held, plane.parsing)
+        header, binary = split_body(body, header_size)
+        framed = header_size is not None
         decoded = await plane.parsing.run(
             len(header), decode_request, header, binary, detector, s.max_images, framed, bounds
         )
@@ -254,38 +260,70 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def inflate(body: bytes, encoding: str, limit: int, held: Reservation) -> bytes:
+class Inflater:
     """A gzip or deflate body inflated up to `limit` bytes (413 beyond), `INFLATE_STEP` bytes
-    at a time: each step's output is reserved in the shared byte budget before it is made,
-    and the event loop runs other work between steps."""
-    inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-    inflated = bytearray()
-    tail = body
-    while True:
-        step = min(INFLATE_STEP, limit + 1 - len(inflated))
-        held.resize(len(inflated) + step)
+    at a time in the parse pool (zlib releases the GIL): each step's output is reserved in the
+    shared byte budget before it is made, and the JSON part's values are counted as they come
+    out, so a bomb stops at its first chunk over either bound."""
+
+    def __init__(self, encoding: str, limit: int, json_part: int, bounds: RequestBounds) -> None:
+        self.encoding = encoding
+        self.limit = limit
+        self.json_left = json_part  # bytes of the output that are JSON (the header)
+        self.bounds = bounds
+        self.tokens = 0
+        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+
+    def _step(self, data: bytes, size: int) -> bytes:
         try:
-            chunk = inflater.decompress(tail, step)
+            chunk = self._zlib.decompress(data, size)
         except zlib.error as exc:
-            raise InvalidInput(f"the {encoding} body cannot be inflated: {exc}") from None
-        inflated += chunk
-        if len(inflated) > limit:
-            raise BodyTooLarge(
-                f"the inflated request body is over the limit of {limit} bytes for this model"
-            )
-        tail = inflater.unconsumed_tail
-        if inflater.eof or (not tail and len(chunk) < step):
-            break
-        await asyncio.sleep(0)  # let the loop answer others between steps
-    held.resize(len(inflated))
-    return bytes(inflated)
+            raise InvalidInput(f"the {self.encoding} body cannot be inflated: {exc}") from None
+        if self.json_left > 0:
+            self.tokens += json_tokens(chunk[: self.json_left])
+            self.json_left -= len(chunk)
+            if self.tokens > self.bounds.json_tokens:
+                raise too_many_values(self.bounds)
+        return chunk
+
+    async def run(self, body: bytes, held: Reservation, pool: ParsePool) -> bytes:
+        inflated = bytearray()
+        tail = body
+        while True:
+            step = min(INFLATE_STEP, self.limit + 1 - len(inflated))
+            held.resize(len(inflated) + step)
+            chunk = await pool.offload(self._step, tail, step)
+            inflated += chunk
+            if len(inflated) > self.limit:
+                raise BodyTooLarge(
+                    f"the inflated request body is over the limit of {self.limit} bytes for "
+                    "this model"
+                )
+            tail = self._zlib.unconsumed_tail
+            if self._zlib.eof or (not tail and len(chunk) < step):
+                break
+        held.resize(len(inflated))
+        return bytes(inflated)
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
-    """(JSON header, binary tensor data) by Inference-Header-Content-Length."""
-    if header_length is None:
+def header_length(text: str | None, bounds: RequestBounds) -> int | None:
+    """Inference-Header-Content-Length: the JSON header's bytes (None: the body is all JSON),
+    at most the model's JSON bound (413)."""
+    if text is None:
+        return None
+    size = byte_count(text, "Inference-Header-Content-Length")
+    if size > bounds.json_bytes:
+        raise BodyTooLarge(
+            f"Inference-Header-Content-Length {size} is over the {bounds.json_bytes} bytes "
+            "a JSON header for this model may have"
+        )
+    return size
+
+
+def split_body(body: bytes, size: int | None) -> tuple[bytes, memoryview]:
+    """(JSON header, binary tensor data) by Inference-Header-Content-Length's `size`."""
+    if size is None:
         return body, memoryview(b"")
-    size = byte_count(header_length, "Inference-Header-Content-Length")
     if not 0 < size <= len(body):
         raise InvalidInput(
             f"Inference-Header-Content-Length {size} does not fit a body of {len(body)} bytes"
