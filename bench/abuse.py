@@ -5,10 +5,12 @@ Attacks, each a loop in threads of this process, cheap for the attacker (payload
 sent on raw sockets or as raw gRPC bytes, so the server, not this client, does the work):
 
 - `json-bomb`: POST /v2/models/<model>/infer with a ~20 KB gzip body inflating to 20 MiB of JSON
-  numbers, and its cousins in turn (deflate, nested lists, 100,000-deep nesting, a 5,000-digit
-  integer in `shape`, a megabyte `id`, a 100,000-entry `parameters`), with a valid key.
-- `grpc-params`: gRPC ModelInfer messages of ~9 MB with a 600,000-entry `parameters` map
-  (and a 2,000,000-entry unpacked `shape`), with a valid key.
+  numbers, and its cousins in turn (deflate, nested lists, empty lists, 100,000- and 1,000-deep
+  nesting, a 5,000-digit integer in `shape`, a megabyte `id`, a 100,000-entry `parameters`,
+  and the largest JSON every bound lets through), with a valid key.
+- `grpc-params`: gRPC ModelInfer messages with a 600,000-entry `parameters` map (~9 MB), a
+  250,000-entry one (3.7 MB, under the 4 MiB message limit) and a 1,900,000-entry unpacked
+  `shape`, with a valid key.
 - `grpc-wrong-key`: `--grpc-calls` concurrent ~19 MiB ModelInfer calls with a wrong key.
 - `grpc-slow`: gRPC calls that send headers and then nothing (a slow sender), with a valid key.
 - `methods`: HTTP requests with random methods (each a new metric series before issue 21).
@@ -101,12 +103,14 @@ def json_bombs() -> list[tuple[str, bytes, bytes]]:
     # Within every bound (64 images' worth of values), parsed in full, then refused: the most
     # parsing one request can cost.
     parsed = _document(_numbers(64 * 784, b"0.123456789012345"), shape=b"[1,1,28,28]")
+    thousand_deep = _document(b"[" * 1000 + b"0.5" + b"]" * 1000)
     return [
         ("gzip-20mib-numbers", b"gzip", _gzip(flat)),
         ("deflate-20mib-numbers", b"deflate", _deflate(flat)),
         ("gzip-20mib-nested", b"gzip", _gzip(nested)),
         ("gzip-empty-lists", b"gzip", _gzip(empty_lists)),
         ("deep-nesting", b"gzip", _gzip(deep)),
+        ("1000-deep", b"identity", thousand_deep),
         ("5000-digit-shape", b"identity", huge_int),
         ("megabyte-id", b"gzip", _gzip(long_id)),
         ("100k-parameters", b"gzip", _gzip(many_params)),
@@ -245,8 +249,9 @@ def _grpc_outcome(call: Callable[[], Any]) -> str:
 
 def grpc_params(target: str, stop: threading.Event, tally: Tally, key: str = KEY) -> None:
     messages = [
-        ("600k-parameters", infer_message(parameters=600_000)),
-        ("2m-unpacked-shape", infer_message(shape_entries=2_000_000)),
+        ("600k-parameters", infer_message(parameters=600_000)),  # 9 MB: over the 4 MiB limit
+        ("250k-parameters", infer_message(parameters=250_000)),  # 3.7 MB: under it
+        ("2m-unpacked-shape", infer_message(shape_entries=1_900_000)),
     ]
     channel, infer = _grpc_stub(target, "ModelInfer")
     metadata = (("authorization", f"Bearer {key}"),)
@@ -260,16 +265,24 @@ def grpc_params(target: str, stop: threading.Event, tally: Tally, key: str = KEY
 
 
 def grpc_wrong_key(
-    target: str, stop: threading.Event, tally: Tally, calls: int = 100, size: int = 19 << 20
+    target: str,
+    stop: threading.Event,
+    tally: Tally,
+    calls: int = 100,
+    round_seconds: float = 0.0,
+    size: int = 19 << 20,
 ) -> None:
+    """Rounds of `calls` concurrent calls, a round every `round_seconds` at most."""
     message = infer_message(raw_bytes=size)
     channel, infer = _grpc_stub(target, "ModelInfer")
     metadata = (("authorization", f"Bearer {WRONG_KEY}"),)
     with channel:
         while not stop.is_set():
+            start = time.monotonic()
             futures = [infer.future(message, metadata=metadata, timeout=30) for _ in range(calls)]
             for future in futures:
                 tally.add(_grpc_outcome(future.result))
+            stop.wait(max(0.0, round_seconds - (time.monotonic() - start)))
 
 
 def grpc_slow(target: str, stop: threading.Event, tally: Tally, calls: int = 64) -> None:
@@ -298,9 +311,10 @@ def grpc_slow(target: str, stop: threading.Event, tally: Tally, calls: int = 64)
                 tally.add(_grpc_outcome(future.result))
 
 
-def methods(port: int, stop: threading.Event, tally: Tally) -> None:
+def methods(port: int, stop: threading.Event, tally: Tally, rate: float = 0.0) -> None:
+    """Requests with random methods, at most `rate` a second (0: as fast as answered)."""
     rng = random.Random(21)
-    while not stop.is_set():
+    while not stop.wait(1 / rate if rate else 0):
         method = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(8)).encode()
         try:
             tally.add(status(exchange(port, http_request(method, b"/v1/predict"), timeout=10)))
@@ -495,28 +509,62 @@ def metrics_bytes(url: str) -> int:
     return len(httpx.get(f"{url}/metrics", timeout=30).content)
 
 
-def attack_threads(
-    attacks: list[str], url: str, grpc_target: str, stop: threading.Event, options: dict[str, int]
-) -> tuple[list[threading.Thread], dict[str, Tally]]:
+def run_attacks(
+    attacks: list[str], url: str, grpc_target: str, seconds: float, options: dict[str, float]
+) -> dict[str, dict[str, int]]:
+    """Run `attacks` for `seconds` in threads of this process: what each one got back."""
     port = int(url.rsplit(":", 1)[1])
+    stop = threading.Event()
     tallies = {name: Tally() for name in attacks}
     targets: dict[str, Callable[[], None]] = {
         "json-bomb": lambda: json_bomb(port, stop, tallies["json-bomb"]),
         "grpc-params": lambda: grpc_params(grpc_target, stop, tallies["grpc-params"]),
         "grpc-wrong-key": lambda: grpc_wrong_key(
-            grpc_target, stop, tallies["grpc-wrong-key"], options["grpc_calls"]
+            grpc_target,
+            stop,
+            tallies["grpc-wrong-key"],
+            int(options["grpc_calls"]),
+            options["grpc_round_seconds"],
         ),
         "grpc-slow": lambda: grpc_slow(grpc_target, stop, tallies["grpc-slow"]),
-        "methods": lambda: methods(port, stop, tallies["methods"]),
-        "idle": lambda: idle(port, stop, tallies["idle"], options["idle_sockets"]),
+        "methods": lambda: methods(port, stop, tallies["methods"], options["methods_rate"]),
+        "idle": lambda: idle(port, stop, tallies["idle"], int(options["idle_sockets"])),
     }
-    workers = {"json-bomb": options["json_bomb_clients"], "methods": 2}
+    workers = {"json-bomb": int(options["json_bomb_clients"])}
     threads = [
         threading.Thread(target=targets[name], name=f"abuse-{name}-{i}", daemon=True)
         for name in attacks
         for i in range(workers.get(name, 1))
     ]
-    return threads, tallies
+    for thread in threads:
+        thread.start()
+    stop.wait(seconds)  # the length of the attack
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    return {name: dict(t.counts) for name, t in tallies.items()}
+
+
+def attack_process(
+    attacks: list[str], url: str, grpc_target: str, seconds: float, options: dict[str, float]
+) -> subprocess.Popen[str]:
+    """The attacks in a process of their own (`--attack-only`), so that this process's
+    measurements do not share a GIL with them; its stdout is the tallies' JSON."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--attack-only",
+        "--url",
+        url,
+        "--grpc",
+        grpc_target,
+        "--seconds",
+        str(seconds),
+        "--attacks",
+        *attacks,
+        *(f"--{name.replace('_', '-')}={value}" for name, value in options.items()),
+    ]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def measure(
@@ -526,7 +574,7 @@ def measure(
     attacks: list[str],
     seconds: float,
     baseline_seconds: float,
-    options: dict[str, int],
+    options: dict[str, float],
 ) -> dict[str, Any]:
     """The unloaded baseline, then `seconds` of the attacks: every figure of one run."""
     png = digit_png()
@@ -539,23 +587,24 @@ def measure(
         health: list[float] = []
         rss: list[int] = []
         errors: Counter[str] = Counter()
-        threads, tallies = attack_threads(attack, url, grpc_target, stop, options)
+        attacker = attack_process(attack, url, grpc_target, duration, options) if attack else None
         watchers = [
             threading.Thread(target=well_behaved, args=(url, png, stop, latencies, errors)),
             threading.Thread(target=probe_health, args=(url, stop, health)),
             threading.Thread(target=sample_rss, args=(pid, stop, rss)),
         ]
-        for thread in [*threads, *watchers]:
+        for thread in watchers:
             thread.start()
         time.sleep(duration)  # the length of the measurement window
         stop.set()
-        for thread in [*watchers, *threads]:
+        for thread in watchers:
             thread.join(timeout=60)
+        tallies = json.loads(attacker.communicate(timeout=120)[0]) if attacker else {}
         return {
             "client": {**summary(latencies), "errors": dict(errors)},
             "health": summary(health),
             "rss_max_bytes": max(rss) if rss else None,
-            "attacks": {name: dict(t.counts) for name, t in tallies.items()},
+            "attacks": tallies,
         }
 
     baseline = client_window(baseline_seconds, [])
@@ -580,9 +629,14 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--baseline-seconds", type=float, default=5.0)
-    parser.add_argument("--json-bomb-clients", type=int, default=4)
-    parser.add_argument("--grpc-calls", type=int, default=100)
-    parser.add_argument("--idle-sockets", type=int, default=2000)
+    parser.add_argument("--json-bomb-clients", type=float, default=4)
+    parser.add_argument("--grpc-calls", type=float, default=100)
+    parser.add_argument("--grpc-round-seconds", type=float, default=0.0)
+    parser.add_argument("--methods-rate", type=float, default=0.0, help="per second; 0: no cap")
+    parser.add_argument("--idle-sockets", type=float, default=2000)
+    parser.add_argument(
+        "--attack-only", action="store_true", help="run the attacks on --url, print tallies"
+    )
     parser.add_argument("--url", help="a running server (default: start one)")
     parser.add_argument("--grpc", help="its gRPC target host:port")
     parser.add_argument("--pid", type=int, help="its process id (for RSS)")
@@ -592,8 +646,13 @@ def main() -> None:
     options = {
         "json_bomb_clients": args.json_bomb_clients,
         "grpc_calls": args.grpc_calls,
+        "grpc_round_seconds": args.grpc_round_seconds,
+        "methods_rate": args.methods_rate,
         "idle_sockets": args.idle_sockets,
     }
+    if args.attack_only:
+        print(json.dumps(run_attacks(args.attacks, args.url, args.grpc, args.seconds, options)))
+        return
     settings = dict(pair.split("=", 1) for pair in args.set)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     if args.url:

@@ -2,10 +2,10 @@
 
 - `Reservation`: bytes a request holds against `max_inflight_body_bytes`, the one budget of
   `Lifecycle.body_bytes` that the HTTP guard fills while bodies stream in. The Open Inference
-  Protocol adds what the guard cannot see: a gzip body's inflated bytes (reserved at their
-  limit before inflating), and a gRPC message (reserved at `grpc_max_message_bytes` before it
-  is received, then at its own size until it is answered). Past the budget: 503/UNAVAILABLE
-  `body_budget`, before the work.
+  Protocol adds what the guard cannot see: a gzip body's inflated bytes (reserved step by step
+  before each is inflated), and a gRPC message (reserved at twice `grpc_max_message_bytes`
+  before it is received, then at twice its own size until it is answered). Past the budget:
+  503/UNAVAILABLE `body_budget`, before the work.
 - `ParsePool`: inflating and parsing over `INLINE_BYTES` run in `parse_workers` threads, off
   the event loop; smaller ones run inline (a hop to a thread costs more than they do). Every
   parse is bounded before it starts (service/oip/rest.py, service/oip/wire.py), and the JSON
@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import TypeVar
 
-from service.errors import BodyBudgetExceeded
+from service.errors import BodyBudgetExceeded, Unavailable
 from service.guard import Lifecycle
 
 T = TypeVar("T")
@@ -32,20 +32,30 @@ SWITCH_INTERVAL = 0.001  # seconds; sys.setswitchinterval once a parse pool star
 
 
 class Reservation:
-    """Bytes held by one request against the shared budget; released on exit."""
+    """Bytes held by one request against the shared budget; released on exit. A refusal is
+    passed to `count` (the data plane's refusal counter) before it is raised."""
 
-    def __init__(self, lifecycle: Lifecycle, budget: int) -> None:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        budget: int,
+        count: Callable[[Unavailable], object] | None = None,
+    ) -> None:
         self._life = lifecycle
         self._budget = budget
+        self._count = count
         self.size = 0
 
     def resize(self, size: int) -> None:
         """Hold `size` bytes from now on; BodyBudgetExceeded if more do not fit."""
         grow = size - self.size
         if grow > 0 and self._life.body_bytes + grow > self._budget:
-            raise BodyBudgetExceeded(
+            error = BodyBudgetExceeded(
                 "too many request bodies are being received at once; retry later"
             )
+            if self._count is not None:
+                self._count(error)
+            raise error
         self._life.body_bytes += grow
         self.size = size
 

@@ -257,9 +257,10 @@ class Settings(BaseSettings):
         None,
         gt=0,
         description="Largest gRPC request message (RESOURCE_EXHAUSTED above); unset: 4 MiB, or "
-        "max_inflight_body_bytes when smaller. A call reserves this much of "
+        "half of max_inflight_body_bytes when smaller. A call reserves twice this much of "
         "max_inflight_body_bytes while its message arrives (after its API key was checked), "
-        "then the message's own size until it is answered.",
+        "then twice the message's own size (its bytes and the parsed message) until it is "
+        "answered.",
     )
     parse_workers: int = Field(
         1,
@@ -323,10 +324,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_hardening(self) -> Settings:
-        if (self.grpc_max_message_bytes or 0) > self.max_inflight_body_bytes:
+        if 2 * (self.grpc_max_message_bytes or 0) > self.max_inflight_body_bytes:
             raise ValueError(
-                f"grpc_max_message_bytes ({self.grpc_max_message_bytes}) must not exceed "
-                f"max_inflight_body_bytes ({self.max_inflight_body_bytes})"
+                f"grpc_max_message_bytes ({self.grpc_max_message_bytes}) must be at most half "
+                f"of max_inflight_body_bytes ({self.max_inflight_body_bytes})"
             )
         if self.metrics_require_key and not self.metrics_keys:
             raise ValueError(
@@ -343,7 +344,7 @@ class Settings(BaseSettings):
         """The largest gRPC request message (`grpc_max_message_bytes` or its default)."""
         if self.grpc_max_message_bytes is not None:
             return self.grpc_max_message_bytes
-        return min(4 * 1024 * 1024, self.max_inflight_body_bytes)
+        return min(4 * 1024 * 1024, self.max_inflight_body_bytes // 2)
 
     # -- end of hardening --
 

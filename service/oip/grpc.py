@@ -18,10 +18,11 @@ described). A client's own gRPC deadline shortens the request's deadline.
 Cost before trust (issue 21): every method is served from raw bytes (no deserializer), so a
 call's API key is checked from its metadata before a byte of its message is read: a call with
 a wrong key costs its headers only (the message stays in the transport's flow-control window
-and is dropped). Then ModelInfer passes the drain and the concurrency cap, the call reserves
+and is dropped). Then ModelInfer passes the drain and the concurrency cap, the call reserves twice
 `grpc_max_message_bytes` of the worker's in-flight byte budget (shared with HTTP bodies;
-UNAVAILABLE + retry-after beyond) and reads its message within `body_timeout`
-(DEADLINE_EXCEEDED), keeping the message's own size reserved until it is answered. The message
+UNAVAILABLE + retry-after beyond: gRPC's buffer and the bytes handed over) and reads its
+message within `body_timeout` (DEADLINE_EXCEEDED), keeping twice the message's own size
+reserved (the bytes and the parsed message) until it is answered. The message
 is checked on its bytes (service/oip/wire.py: field counts, lengths, at most 4,096 fields)
 before it is parsed, and parsed in the parse pool when it is over 64 KiB. Messages above
 `grpc_max_message_bytes` are refused by gRPC itself (RESOURCE_EXHAUSTED); every request but
@@ -294,6 +295,8 @@ OPEN_RPCS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 UNREAD_RPCS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 # The largest request message of every RPC but ModelInfer (a name and a version).
 SMALL_MESSAGE_BYTES = 64 * 1024
+# Copies of a request message held at once while it is received and parsed.
+COPIES = 2
 # Who is calling (`key:<id>` or `addr:<ip>`), for prober tracking in ModelInfer.
 CLIENT: ContextVar[str | None] = ContextVar("rcegate_grpc_client", default=None)
 
@@ -331,7 +334,9 @@ class Receiver:
         self, method: str, kind: type[Message], context: Any, held: Reservation
     ) -> Message:
         s = self.settings
-        held.resize(s.grpc_message_limit)  # the most gRPC will buffer for it, reserved first
+        # Reserved before a byte is read: the most gRPC may buffer for the message, twice
+        # (its buffer and the bytes handed over; then the bytes and the parsed message).
+        held.resize(COPIES * s.grpc_message_limit)
         try:
             raw = await asyncio.wait_for(context.read(), s.body_timeout)
         except TimeoutError:
@@ -340,7 +345,7 @@ class Receiver:
             ) from None
         if raw is aio.EOF or not isinstance(raw, bytes):
             raise InvalidInput("the call carried no request message")
-        held.resize(len(raw))
+        held.resize(COPIES * len(raw))
         if method != "ModelInfer" and len(raw) > SMALL_MESSAGE_BYTES:
             raise InvalidInput(
                 f"a {method} request of {len(raw)} bytes; at most {SMALL_MESSAGE_BYTES}"
@@ -369,7 +374,8 @@ def _instrumented(
             if method in UNREAD_RPCS:
                 return await rpc(kind(), context)
             budget = gate.settings.max_inflight_body_bytes
-            with gate.admitted(method), Reservation(gate.lifecycle, budget) as held:
+            refused = gate.plane.refused
+            with gate.admitted(method), Reservation(gate.lifecycle, budget, refused) as held:
                 request = await gate.receiver.receive(method, kind, context, held)
                 return await rpc(request, context)
         except ServiceError as exc:

@@ -225,7 +225,7 @@ async def _infer(plane: DataPlane, name: str, version: str | None, request: Requ
     useful = bounds.json_bytes if header_size is None else header_size + bounds.binary_bytes
     limit = min(s.max_body_bytes, useful)
     body = await read_body(request, limit)
-    with Reservation(plane.lifecycle, s.max_inflight_body_bytes) as held:
+    with Reservation(plane.lifecycle, s.max_inflight_body_bytes, plane.refused) as held:
         if encoding != "identity":
             json_part = limit if header_size is None else header_size
             inflater = Inflater(encoding, limit, json_part, bounds)

@@ -82,7 +82,8 @@ def live_server(log: Path, *args: str, **env: str) -> Iterator[Live]:
             env=clean,
             cwd=ROOT,
         )
-    url = f"http://127.0.0.1:{port}"
+    host = env.get("host", "127.0.0.1")  # an IPv6 host (`::1`) is bracketed in the URL
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     try:
         wait_ready(url, process, log)
         yield Live(url, port, process, log)
