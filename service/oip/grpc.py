@@ -251,14 +251,15 @@ class InferenceService:
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Message:  # noqa: N802
-        error: BaseException | None = None
         try:
-            return await self._infer(request, context)
+            answer = await self._infer(request, context)
         except BaseException as exc:
-            error = exc
+            # Not kept in a local: a frame holding its own exception is a reference cycle that
+            # keeps the request (megabytes) alive until the garbage collector runs.
+            count(self.metrics, "oip_grpc", exc)
             raise
-        finally:
-            count(self.metrics, "oip_grpc", error)
+        count(self.metrics, "oip_grpc", None)
+        return answer
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> Message:
         # The gate (`Gate.admitted`) already counted this call against the concurrency cap
@@ -354,6 +355,14 @@ class Receiver:
         return await self.pool.run(len(raw), parse_message, raw, kind, schema)
 
 
+def _forget(error: BaseException) -> None:
+    """Drop the frames an error carries (and with them the request message, megabytes).
+    `context.abort` raises an AbortError chained to this error, and grpc.aio's handling of it
+    forms a reference cycle: without this, every refused message stayed in memory until the
+    garbage collector ran (issue 21: 40 refused 4 MiB messages held 300 MB)."""
+    error.__traceback__ = None
+
+
 def _instrumented(
     method: str,
     rpc: Rpc,
@@ -376,8 +385,8 @@ def _instrumented(
             budget = gate.settings.max_inflight_body_bytes
             refused = gate.plane.refused
             with gate.admitted(method), Reservation(gate.lifecycle, budget, refused) as held:
-                request = await gate.receiver.receive(method, kind, context, held)
-                return await rpc(request, context)
+                # No local for the request: see `_forget` below.
+                return await rpc(await gate.receiver.receive(method, kind, context, held), context)
         except ServiceError as exc:
             code = status_code(exc)
             trailing = (
@@ -385,7 +394,9 @@ def _instrumented(
             )
             if code == grpc.StatusCode.INTERNAL:
                 logger.error("%s/%s -> %s", SERVICE, method, code.name, exc_info=exc)
+                _forget(exc)
                 await context.abort(code, "internal server error")
+            _forget(exc)
             await context.abort(code, exc.message, trailing_metadata=trailing)
             raise  # abort raised already; this line only tells mypy
         except asyncio.CancelledError:  # the client cancelled or went away: its images are freed
@@ -397,6 +408,7 @@ def _instrumented(
         except Exception as exc:
             code = grpc.StatusCode.INTERNAL
             logger.error("%s/%s -> INTERNAL", SERVICE, method, exc_info=exc)
+            _forget(exc)
             await context.abort(code, "internal server error")
             raise
         finally:

@@ -203,14 +203,15 @@ async def post_version_infer(
 
 
 async def _counted(plane: DataPlane, name: str, version: str | None, request: Request) -> Response:
-    error: BaseException | None = None
     try:
-        return await _infer(plane, name, version, request)
+        response = await _infer(plane, name, version, request)
     except BaseException as exc:
-        error = exc
+        # Not kept in a local: a frame holding its own exception is a reference cycle that
+        # keeps the request body alive until the garbage collector runs.
+        count(plane.metrics, "oip_rest", exc)
         raise
-    finally:
-        count(plane.metrics, "oip_rest", error)
+    count(plane.metrics, "oip_rest", None)
+    return response
 
 
 async def _infer(plane: DataPlane, name: str, version: str | None, request: Request) -> Response:
