@@ -104,6 +104,7 @@ def json_bombs() -> list[tuple[str, bytes, bytes]]:
     # parsing one request can cost.
     parsed = _document(_numbers(64 * 784, b"0.123456789012345"), shape=b"[1,1,28,28]")
     thousand_deep = _document(b"[" * 1000 + b"0.5" + b"]" * 1000)
+    zeros = _document(_numbers(400_000, b"0"))  # 800 KB, under the byte bound: values count
     return [
         ("gzip-20mib-numbers", b"gzip", _gzip(flat)),
         ("deflate-20mib-numbers", b"deflate", _deflate(flat)),
@@ -111,6 +112,7 @@ def json_bombs() -> list[tuple[str, bytes, bytes]]:
         ("gzip-empty-lists", b"gzip", _gzip(empty_lists)),
         ("deep-nesting", b"gzip", _gzip(deep)),
         ("1000-deep", b"identity", thousand_deep),
+        ("400k-zeros", b"identity", zeros),
         ("5000-digit-shape", b"identity", huge_int),
         ("megabyte-id", b"gzip", _gzip(long_id)),
         ("100k-parameters", b"gzip", _gzip(many_params)),

@@ -200,6 +200,7 @@ BOMBS = {
     "gzip-empty-lists": (413, "the JSON holds more values than the largest request"),
     "deep-nesting": (413, "the JSON holds more values than the largest request"),
     "1000-deep": (400, "nested too deeply"),
+    "400k-zeros": (413, "the JSON holds more values than the largest request"),
     "5000-digit-shape": (400, "a JSON number of 5000 characters"),
     "megabyte-id": (400, "id has 1048576 characters, at most 1024"),
     "100k-parameters": (413, "the JSON holds more values than the largest request"),

@@ -433,6 +433,25 @@ def test_rest_gzip_body_is_inflated(oip_server: tuple[str, str], pngs: list[byte
     )
 
 
+def test_rest_inflated_bytes_count_against_the_body_budget(oip_server: tuple[str, str]) -> None:
+    """A small gzip body holds what it inflates to: 188 KB of JSON is over this server's
+    160 KiB budget of bodies in flight, though its compressed bytes are a few hundred."""
+    import gzip
+
+    document = tensor([MAX_IMAGES, 1, 28, 28], data=[0.0] * (MAX_IMAGES * 784))
+    body = gzip.compress(json.dumps(document).encode())
+    assert len(body) < 4096
+    response = httpx.post(
+        f"http://{oip_server[0]}/v2/models/{MODEL}/infer",
+        content=body,
+        headers={"content-encoding": "gzip", "content-type": "application/json"},
+    )
+    assert response.status_code == 503, response.text
+    assert response.json() == {
+        "error": "too many request bodies are being received at once; retry later"
+    }
+
+
 # -- refusals over gRPC ---------------------------------------------------------------------------
 
 
