@@ -488,12 +488,13 @@ def test_a_client_held_to_enforce_cannot_undo_it(
 
 
 def test_open_metrics_show_no_more_than_the_answers(
-    guarded: tuple[Live, str], noise: np.ndarray
+    guarded: tuple[Live, str], noise: np.ndarray, clean: np.ndarray
 ) -> None:
     live, _ = guarded
     rejected = {"model": MODEL, "decision": "rejected"}
     before = metrics_text(live)
-    assert v2_post(live, v2_document(noise)).status_code == 200  # alice: enforce
+    # alice, enforce: two digits accepted (shown), two noise images rejected (withheld)
+    assert v2_post(live, v2_document(np.concatenate([clean, noise]))).status_code == 200
     after = metrics_text(live)
     assert (
         sample(after, "rcegate_images_total", **rejected, predicted_class="")
@@ -505,8 +506,9 @@ def test_open_metrics_show_no_more_than_the_answers(
         == sample(before, "rcegate_images_total", **rejected) + 2
     )
     count = {"model": MODEL, "metric": "log_kd"}
-    assert sample(after, "rcegate_detection_score_count", **count) == sample(
-        before, "rcegate_detection_score_count", **count
+    assert (
+        sample(after, "rcegate_detection_score_count", **count)
+        == sample(before, "rcegate_detection_score_count", **count) + 2  # the accepted two
     )
     # What an annotate answer showed, the metrics may show too.
     assert v2_post(live, v2_document(noise, mode="annotate"), MONITOR).status_code == 200

@@ -434,13 +434,14 @@ def test_rest_gzip_body_is_inflated(oip_server: tuple[str, str], pngs: list[byte
 
 
 def test_rest_inflated_bytes_count_against_the_body_budget(oip_server: tuple[str, str]) -> None:
-    """A small gzip body holds what it inflates to: 188 KB of JSON is over this server's
-    160 KiB budget of bodies in flight, though its compressed bytes are a few hundred."""
+    """A small gzip body holds what it inflates to, reserved step by step before each step
+    is inflated: 2 MB of JSON (padded with spaces) is refused once it passes this server's
+    160 KiB budget of bodies in flight (503), long before its own size limit (413)."""
     import gzip
 
-    document = tensor([MAX_IMAGES, 1, 28, 28], data=[0.0] * (MAX_IMAGES * 784))
-    body = gzip.compress(json.dumps(document).encode())
-    assert len(body) < 4096
+    document = tensor([1, 1, 28, 28], data=[0.0] * 784)
+    body = gzip.compress(json.dumps(document).encode() + b" " * 2_000_000)
+    assert len(body) < 8192
     response = httpx.post(
         f"http://{oip_server[0]}/v2/models/{MODEL}/infer",
         content=body,
