@@ -1,8 +1,9 @@
 """Benchmark of abuse (issue 21): the denial-of-service attacks of the attacker's review against a
 real `rcegate serve`, with what each costs the server and what a well-behaved client sees.
 
-Attacks, each a loop in threads of this process, cheap for the attacker (payloads built once,
-sent on raw sockets or as raw gRPC bytes, so the server, not this client, does the work):
+Attacks, each a loop in threads of a process of their own, cheap for the attacker (payloads
+built once, sent on raw sockets or as raw gRPC bytes, so the server, not the attacker, does the
+work):
 
 - `json-bomb`: POST /v2/models/<model>/infer with a ~20 KB gzip body inflating to 20 MiB of JSON
   numbers, and its cousins in turn (deflate, nested lists, empty lists, 100,000- and 1,000-deep
@@ -21,11 +22,14 @@ health probe (GET /health/live every 100 ms) record their latencies, and the ser
 sampled from /proc. The same run first measures the well-behaved client alone (the unloaded
 baseline), so the figures are ratios taken side by side on one machine.
 
-    python bench/abuse.py [--attacks json-bomb grpc-params ...] [--seconds 20] \
+    python bench/abuse.py --scenarios json-bomb grpc-params grpc-wrong-key methods idle soak \
+        [--seconds 15] [--soak-seconds 60] [--label ...] [--merge older.json] \
         [--json bench/results/abuse.json]
 
-It starts its own server (`rcegate serve` on free loopback ports, API keys on, gRPC on) unless
-`--url`/`--grpc` name a running one. tests/service/test_soak.py runs it for 60 s.
+Each scenario gets a fresh server (`rcegate serve` on free loopback ports, API keys on, gRPC on).
+`--merge` adds the runs of another result file (the same script run on older code, with
+PYTHONPATH pointing at that checkout) to the table. tests/service/test_soak.py runs the `soak`
+mix for 60 s.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -613,6 +616,8 @@ def measure(
     loaded = client_window(seconds, attacks)
     base_p99, load_p99 = baseline["client"]["p99_ms"], loaded["client"]["p99_ms"]
     return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "attacks": attacks,
         "seconds": seconds,
         "options": options,
@@ -626,24 +631,86 @@ def measure(
     }
 
 
+# Each scenario: its attacks, and options that differ from the defaults. `soak` is the mix of
+# tests/service/test_soak.py (items 1-4 of issue 21 at once, bounded in rate).
+SCENARIOS: dict[str, tuple[list[str], dict[str, float]]] = {
+    "json-bomb": (["json-bomb"], {}),
+    "grpc-params": (["grpc-params"], {}),
+    "grpc-wrong-key": (["grpc-wrong-key"], {}),
+    "methods": (["methods"], {}),
+    "idle": (["idle"], {}),
+    "soak": (
+        ["json-bomb", "grpc-params", "grpc-wrong-key", "idle", "methods"],
+        {"json_bomb_clients": 2, "grpc_round_seconds": 2.0, "methods_rate": 100.0},
+    ),
+    # The soak without the idle sockets (item 3, the HTTP protocol layer's): items 1, 2 and 4.
+    "soak-without-idle": (
+        ["json-bomb", "grpc-params", "grpc-wrong-key", "methods"],
+        {"json_bomb_clients": 2, "grpc_round_seconds": 2.0, "methods_rate": 100.0},
+    ),
+}
+DEFAULTS: dict[str, float] = {
+    "json_bomb_clients": 4,
+    "grpc_calls": 100,
+    "grpc_round_seconds": 0.0,
+    "methods_rate": 0.0,
+    "idle_sockets": 2000,
+}
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / (1 << 20)
+
+
+def rows(label: str, runs: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """One table row per scenario of a labelled run."""
+    out = []
+    for scenario, run in runs.items():
+        alone, attacked = run["unloaded"], run["under_attack"]
+        out.append(
+            [
+                scenario,
+                label,
+                alone["client"]["p99_ms"],
+                attacked["client"]["p99_ms"],
+                run["p99_ratio"],
+                sum(attacked["client"]["errors"].values()),
+                attacked["health"]["max_ms"],
+                _mib(run["rss_start_bytes"]),
+                _mib(run["rss_peak_bytes"]),
+                run["metrics_bytes_after"] / 1024,
+            ]
+        )
+    return out
+
+
+def command_line() -> str:
+    return " ".join(["python", "bench/abuse.py", *sys.argv[1:]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=[])
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--soak-seconds", type=float, default=60.0)
     parser.add_argument("--baseline-seconds", type=float, default=5.0)
-    parser.add_argument("--json-bomb-clients", type=float, default=4)
-    parser.add_argument("--grpc-calls", type=float, default=100)
-    parser.add_argument("--grpc-round-seconds", type=float, default=0.0)
+    parser.add_argument("--json-bomb-clients", type=float, default=DEFAULTS["json_bomb_clients"])
+    parser.add_argument("--grpc-calls", type=float, default=DEFAULTS["grpc_calls"])
+    parser.add_argument("--grpc-round-seconds", type=float, default=DEFAULTS["grpc_round_seconds"])
     parser.add_argument("--methods-rate", type=float, default=0.0, help="per second; 0: no cap")
-    parser.add_argument("--idle-sockets", type=float, default=2000)
+    parser.add_argument("--idle-sockets", type=float, default=DEFAULTS["idle_sockets"])
     parser.add_argument(
         "--attack-only", action="store_true", help="run the attacks on --url, print tallies"
     )
-    parser.add_argument("--url", help="a running server (default: start one)")
-    parser.add_argument("--grpc", help="its gRPC target host:port")
-    parser.add_argument("--pid", type=int, help="its process id (for RSS)")
+    parser.add_argument("--url", help="attack-only: the server's HTTP URL")
+    parser.add_argument("--grpc", help="attack-only: its gRPC target host:port")
     parser.add_argument("--set", nargs="*", default=[], help="server settings NAME=VALUE")
-    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--label", default="this commit", help="how the table names this run")
+    parser.add_argument(
+        "--merge", type=Path, help="a result file of another run (e.g. older code) to show too"
+    )
+    parser.add_argument("--json", type=Path, help="write the result file here")
     args = parser.parse_args()
     options = {
         "json_bomb_clients": args.json_bomb_clients,
@@ -656,49 +723,66 @@ def main() -> None:
         print(json.dumps(run_attacks(args.attacks, args.url, args.grpc, args.seconds, options)))
         return
     settings = dict(pair.split("=", 1) for pair in args.set)
-    started = datetime.now(UTC).isoformat(timespec="seconds")
-    if args.url:
-        report = measure(
-            args.url,
-            args.grpc,
-            args.pid,
-            args.attacks,
-            args.seconds,
-            args.baseline_seconds,
-            options,
-        )
-    else:
+    scenarios = {name: SCENARIOS[name] for name in args.scenarios} or {"custom": (args.attacks, {})}
+    runs: dict[str, dict[str, Any]] = {}
+    for name, (attacks, overrides) in scenarios.items():
+        seconds = args.soak_seconds if name.startswith("soak") else args.seconds
         with (
             tempfile.TemporaryDirectory() as tmp,
-            server(Path(tmp) / "server.log", **settings) as (
+            server(Path(tmp) / "server.log", **settings) as (url, target, pid),
+        ):
+            runs[name] = measure(
                 url,
                 target,
                 pid,
-            ),
-        ):
-            report = measure(
-                url, target, pid, args.attacks, args.seconds, args.baseline_seconds, options
+                attacks,
+                seconds,
+                args.baseline_seconds,
+                {**options, **overrides},
             )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    report = {
-        "command": " ".join(["python", "bench/abuse.py", *sys.argv[1:]]),
-        "date": started,
-        "commit": commit,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average": os.getloadavg(),
-        },
+        print(json.dumps({name: runs[name]}, indent=2), flush=True)
+    older = json.loads(args.merge.read_text()) if args.merge else {"figures": {}}
+    merged: dict[str, dict[str, Any]] = older["figures"].get("runs", {})
+    merged.setdefault(args.label, {}).update(runs)  # this run's scenarios replace older ones
+    commands = older["figures"].get("commands", [older["command"]] if args.merge else [])
+    figures: dict[str, Any] = {
         "settings": settings,
-        **report,
+        "runs": merged,
+        # every run that made these figures, oldest first (with the load it ran under)
+        "commands": [*commands, f"{command_line()} (load average {os.getloadavg()[0]:.1f})"],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+        sys.path.insert(0, str(ROOT))  # run as a script: bench/ is on the path, not the root
+        from bench.results import table, write_result
+
+        columns = [
+            "scenario",
+            "code",
+            "client p99 alone (ms)",
+            "client p99 attacked (ms)",
+            "p99 ratio",
+            "client errors",
+            "/health/live max (ms)",
+            "RSS start (MiB)",
+            "RSS peak (MiB)",
+            "/metrics after (KiB)",
+        ]
+        formats = ["", "", ".1f", ".1f", ".1f", "", ".0f", ".0f", ".0f", ".0f"]
+        body = [row for label, r in figures["runs"].items() for row in rows(label, r)]
+        body.sort(key=lambda row: list(SCENARIOS).index(row[0]) if row[0] in SCENARIOS else 99)
+        write_result(
+            args.json,
+            "abuse",
+            "The attacks of issue 21 against rcegate serve, each alone and all at once (soak), "
+            "while a well-behaved client predicts one digit at a time",
+            figures,
+            [table("A well-behaved client and the server under attack", columns, body, formats)],
+            notes=[
+                "Each row: a fresh server; the client alone for the baseline, then with the "
+                "attack; /health/live probed every 100 ms on a new connection (a failed probe "
+                "counts 10 s). Attacks run in a process of their own on the same 2 cores.",
+            ],
+        )
 
 
 if __name__ == "__main__":

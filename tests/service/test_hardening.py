@@ -69,8 +69,10 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Live, st
         "max_inflight_body_bytes": str(BUDGET),
         "body_timeout": str(BODY_TIMEOUT),
     }
-    log = tmp_path_factory.mktemp("hardening") / "server.log"
-    with live_server(log, **settings) as server:
+    root = tmp_path_factory.mktemp("hardening")
+    models = root / "models"
+    shutil.copytree(DEFAULT_MODEL_DIR, models / MODEL / "2")  # one model: a quick start
+    with live_server(root / "server.log", "--model-dir", str(models), **settings) as server:
         yield server, f"127.0.0.1:{grpc_port}"
 
 
