@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -64,6 +63,8 @@ from serving import (  # noqa: E402
     model_providers,
     png_files,
     raw_run,
+    shape_runs,
+    shapes_between,
     started,
     wait_ready,
     wrk_run,
@@ -252,24 +253,6 @@ def parity(model: bytes, images: np.ndarray) -> dict[str, Any]:
 # The service --------------------------------------------------------------------------------
 
 
-def scrape(server: Server, model: str) -> tuple[dict[str, float], float]:
-    """The batch shapes the service ran (shape -> runs) and the padding images, from /metrics."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    runs: dict[str, float] = {}
-    pattern = r"^rcegate_batch_shape_runs_total\{([^}]*)\} (\S+)$"
-    for labels, value in re.findall(pattern, text, re.M):
-        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if found.get("model") == model and float(value) > 0:
-            runs[found["shape"]] = runs.get(found["shape"], 0.0) + float(value)
-    padding = 0.0
-    for labels, value in re.findall(
-        r"^rcegate_batch_padding_images_total\{([^}]*)\} (\S+)$", text, re.M
-    ):
-        if f'model="{model}"' in labels:
-            padding += float(value)
-    return runs, padding
-
-
 def give_up(problems: list[str]) -> None:
     if problems:
         message = "\n".join(f"  - {p}" for p in problems)
@@ -312,7 +295,7 @@ def run_variant(
         variant.provider_options = info.get("provider_options", {})
         variant.warmup_s = info.get("warmup_seconds")
         wrk_run(server.url, 16, 1, pngs, args.wrk_threads, None)  # unmeasured: connections up
-        before, padding_before = scrape(server, model)
+        before = shape_runs(server, model)
         rounds: dict[int, list[Measured]] = {c: [] for c in CONNECTIONS}
         for r in range(args.rounds):
             for c in CONNECTIONS[r % len(CONNECTIONS) :] + CONNECTIONS[: r % len(CONNECTIONS)]:
@@ -323,13 +306,9 @@ def run_variant(
                     f"p50 {got.p50_ms:8.2f} ms  p99 {got.p99_ms:8.2f} ms  503 {got.refused_503}",
                     flush=True,
                 )
-        after, padding_after = scrape(server, model)
-        variant.shape_runs = {
-            shape: runs - before.get(shape, 0.0)
-            for shape, runs in sorted(after.items(), key=lambda kv: int(kv[0]))
-            if runs - before.get(shape, 0.0) > 0
-        }
-        variant.padding_images = padding_after - padding_before
+        seen = shapes_between(before, shape_runs(server, model))
+        variant.shape_runs = {str(shape): runs for shape, runs in seen["runs"].items()}
+        variant.padding_images = seen["padding_images"]
         variant.rows = {f"service @{c}": median_row(rounds[c]) for c in CONNECTIONS}
 
 
