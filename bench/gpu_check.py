@@ -30,7 +30,6 @@ run of this script, not a measurement).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -70,6 +69,7 @@ from serving import (  # noqa: E402
     wrk_run,
 )
 
+from bench.results import table, write_result  # noqa: E402
 from models.manifest import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
 from service.detector import CUDA, create_session, session_options  # noqa: E402
 
@@ -392,9 +392,9 @@ def main() -> None:
     digits = mnist_digits(64)
     images = digits.astype(np.float32)[:, None] / np.float32(255.0)
     report: dict[str, Any] = {
-        "command": " ".join(["bash bench/gpu_check.sh", *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "gpu_detail": gpu_detail(),
+        "budget_s": args.budget,
+        "planned_s": plan(args, len(variants)),
         "model": f"{args.model}/{args.version}",
         "duration_s": args.duration,
         "rounds": args.rounds,
@@ -498,8 +498,9 @@ def main() -> None:
     )
     report["elapsed_s"] = time.perf_counter() - started_at
     print_table(report, variants, raw, echo_rows)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    title = "The GPU check: raw ONNX Runtime per cuDNN search and the service per batch-shape "
+    title += f"option ({report['model']}{', a dry run on the CPU' if not cuda else ''})"
+    write_result(args.json, "gpu-check", title, report, result_tables(report, variants, raw))
     print(f"gpu check: every figure in {args.json} ({report['elapsed_s']:.0f} s)")
     if cuda:
         print(f"gpu check: OK, raw and service ran on {CUDA}")
@@ -508,7 +509,7 @@ def main() -> None:
 def print_table(
     report: dict[str, Any], variants: list[Variant], raw: list[dict[str, Any]], echo: dict[str, Any]
 ) -> None:
-    machine_line = report["machine"].get("gpu") or report["machine"]["platform"]
+    machine_line = report["gpu_detail"].get("gpu") or platform.platform()
     print()
     print(f"{report['model']} on {machine_line}; {report['rounds']} round(s) x "
           f"{report['duration_s']} s, medians")  # fmt: skip
@@ -562,12 +563,76 @@ def print_table(
         )
 
 
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+def result_tables(
+    report: dict[str, Any], variants: list[Variant], raw: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """What the docs' benchmarks page shows of a run (bench/results.py renders it)."""
+    raw_rows = [
+        [r["search"] or "CPU", r["first_run_ms"]["min"], r["first_run_ms"]["max"],
+         r["seen_before_ms"]["min"], r["seen_before_ms"]["max"], r["batch_1"]["images_per_s"],
+         r["batch_1"]["p50_ms"], r["batch_64"]["images_per_s"], r["batch_64"]["p50_ms"]]
+        for r in raw
+    ]  # fmt: skip
+    for name, got in report["binding"].items():
+        if "error" not in got:
+            raw_rows.append([name, None, None, None, None, None, None, got["images_per_s"],
+                             got["p50_ms"]])  # fmt: skip
+    service_rows = []
+    for v in variants:
+        if not v.rows:
+            continue
+        r1, r16, r64 = (v.rows[f"service @{c}"] for c in CONNECTIONS)
+        service_rows.append(
+            [v.name, v.ready_s, v.warmup_s, r1["images_per_s"], r1["p50_ms"],
+             r16["images_per_s"], r16["refused_503"], r64["images_per_s"], r64["p50_ms"],
+             r64["refused_503"], len(v.shape_runs),
+             " ".join("pass" if t["pass"] else "FAIL" for t in v.targets)]
+        )  # fmt: skip
+    echo = report["echo"]
+    return [
+        table(
+            "Raw ONNX Runtime per cudnn_conv_algo_search: first run of a shape, a shape seen "
+            "before after another ran, steady batches",
+            [
+                "search",
+                "first min ms",
+                "first max ms",
+                "again min ms",
+                "again max ms",
+                "b1 images/s",
+                "b1 p50 ms",
+                "b64 images/s",
+                "b64 p50 ms",
+            ],
+            raw_rows,
+            ["", ".1f", ".1f", ".1f", ".1f", ".0f", ".2f", ".0f", ".2f"],
+        ),  # fmt: skip
+        table(
+            f"The service per batch shapes / search (echo @1 {echo['echo @1']['images_per_s']:.0f}"
+            f", @64 {echo['echo @64']['images_per_s']:.0f} requests/s; targets: no 503, "
+            ">= 0.5x serving limit, p50@1 <= raw b1 + 1.5 ms)",
+            [
+                "variant",
+                "ready s",
+                "warm-up s",
+                "@1/s",
+                "p50@1 ms",
+                "@16/s",
+                "503 @16",
+                "@64/s",
+                "p50@64 ms",
+                "503 @64",
+                "shapes run",
+                "targets",
+            ],
+            service_rows,
+            ["", ".1f", ".2f", ".0f", ".2f", ".0f", "d", ".0f", ".2f", "d", "d", ""],
+        ),  # fmt: skip
+    ]
+
+
+def gpu_detail() -> dict[str, Any]:
+    info: dict[str, Any] = {}
     try:
         import onnxruntime as ort
 

@@ -505,6 +505,24 @@ def result_tables(
     ]
 
 
+def shapes_table(
+    batch_shapes: dict[str, dict[str, Any]], variants: dict[str, dict[str, str]]
+) -> dict[str, Any]:
+    """The batch shapes each service's session ran during the measured rounds."""
+    rows = []
+    for name, got in batch_shapes.items():
+        overrides = variants.get(name.removeprefix("service[").removesuffix("]"), {})
+        runs = ", ".join(f"{k}: {v:.0f}" for k, v in got["runs"].items())
+        settings = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "-"
+        rows.append([name, settings, got["distinct"], runs, got["padding_images"]])
+    return table(
+        "Batch shapes run by each service during the measured rounds",
+        ["service", "settings", "distinct shapes", "runs per shape", "padding rows"],
+        rows,
+        ["", "", "d", "", ".0f"],
+    )
+
+
 def show(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -788,7 +806,7 @@ def main() -> None:
             "serving",
             f"The service against raw ONNX Runtime and an HTTP floor ({report['model']})",
             report,
-            result_tables(rows, overload, targets),
+            [*result_tables(rows, overload, targets), shapes_table(batch_shapes, variants)],
             [placement],
         )
 
