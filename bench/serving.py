@@ -505,6 +505,30 @@ def result_tables(
     ]
 
 
+def variant_tables(
+    rows: dict[str, Measured], variants: dict[str, dict[str, str]]
+) -> list[dict[str, Any]]:
+    """Each variant service against the base one and raw batch 64, at every connection count."""
+    if not variants:
+        return []
+    raw_b64 = rows["raw ORT batch 64"].images_per_s
+    measured = []
+    for name, overrides in variants.items():
+        settings = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        for c in CONNECTIONS:
+            got = rows[f"service[{name}] @{c}"].images_per_s
+            base = rows[f"service @{c}"].images_per_s
+            measured.append([f"service[{name}] @{c}", settings, got, got / base, got / raw_b64])
+    return [
+        table(
+            "Variants against the base service (same connections) and raw ORT batch 64",
+            ["configuration", "settings", "images/s", "x service", "x raw b64"],
+            measured,
+            ["", "", ".1f", ".3f", ".3f"],
+        )
+    ]
+
+
 def shapes_table(
     batch_shapes: dict[str, dict[str, Any]], variants: dict[str, dict[str, str]]
 ) -> dict[str, Any]:
@@ -806,7 +830,11 @@ def main() -> None:
             "serving",
             f"The service against raw ONNX Runtime and an HTTP floor ({report['model']})",
             report,
-            [*result_tables(rows, overload, targets), shapes_table(batch_shapes, variants)],
+            [
+                *result_tables(rows, overload, targets),
+                *variant_tables(rows, variants),
+                shapes_table(batch_shapes, variants),
+            ],
             [placement],
         )
 

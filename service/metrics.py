@@ -79,7 +79,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "rcegate_batch_size",
-            "Images per ONNX Runtime run.",
+            "Images per ONNX Runtime run (padding rows excluded).",
             ["model"],
             buckets=BATCH_BUCKETS,
             registry=r,
