@@ -255,8 +255,8 @@ class Settings(BaseSettings):
     )
     cuda_do_copy_in_default_stream: bool = Field(
         True,
-        description="CUDA provider: copy inputs and outputs in the default stream (ORT's "
-        "default; false may overlap copies with compute).",
+        description="CUDA provider: copy inputs and outputs on the compute stream (ORT's "
+        "default); false uses separate streams, which ORT warns may race for some models.",
     )
 
     @field_validator("batch_shapes")
