@@ -268,14 +268,12 @@ def run_variant(
     cuda: bool,
     check: Callable[[Server], None] | None = None,
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
+    env = dict(os.environ)  # the operator's RCEGATE_* settings apply; these four are the check's
     env.update(
         RCEGATE_PROVIDERS="cuda" if cuda else "cpu",
         RCEGATE_BATCH_SHAPES=variant.shapes,
         RCEGATE_CUDA_CUDNN_CONV_ALGO_SEARCH=variant.search,
         RCEGATE_GRPC_PORT="0",
-        RCEGATE_ACCESS_LOG="false",
-        RCEGATE_LOG_LEVEL="warning",
     )
     port = free_port()
     command = [args.rcegate, "serve", "--host", "127.0.0.1", "--port", str(port)]

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Counter
 
 from models.manifest import METRICS
 from service.batching import Batcher, BatchStats, Ticket
@@ -353,6 +354,7 @@ class BatchObserver:
         self.wait = metrics.queue_wait.labels(model)
         self.model = model
         self.shape_runs = metrics.batch_shape_runs
+        self.runs_at: dict[int, Counter] = {}  # shape -> its counter child, looked up once
         self.padding = metrics.batch_padding.labels(model)
 
     def __call__(self, stats: BatchStats) -> None:
@@ -360,7 +362,10 @@ class BatchObserver:
         self.size.observe(stats.size)  # real images only, padding apart
         for seconds in stats.queue_waits:
             self.wait.observe(seconds)
-        self.shape_runs.labels(self.model, str(stats.shape)).inc()
+        runs = self.runs_at.get(stats.shape)
+        if runs is None:
+            runs = self.runs_at[stats.shape] = self.shape_runs.labels(self.model, str(stats.shape))
+        runs.inc()
         if stats.shape > stats.size:
             self.padding.inc(stats.shape - stats.size)
 

@@ -80,11 +80,6 @@ class BatchShapes:
             spec = AUTO.get(provider, "any")
         return cls.parse(spec, max_batch_size)
 
-    @property
-    def padded(self) -> bool:
-        """True when some batch sizes run padded up to a larger shape."""
-        return self.sizes is not None and len(self.sizes) < self.max_batch_size
-
     def fit(self, count: int) -> int:
         """The shape a batch of `count` images runs at (the smallest shape >= count)."""
         if not 1 <= count <= self.max_batch_size:
