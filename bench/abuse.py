@@ -14,7 +14,8 @@ work):
   `shape`, with a valid key.
 - `grpc-wrong-key`: `--grpc-calls` concurrent ~19 MiB ModelInfer calls with a wrong key.
 - `grpc-slow`: gRPC calls that send headers and then nothing (a slow sender), with a valid key.
-- `methods`: HTTP requests with random methods (each a new metric series before issue 21).
+- `methods`: HTTP requests with random methods, and methods outside RFC 9110 that strict
+  parsers accept (WebDAV's), each a new metric series before issue 21.
 - `idle`: `--idle-sockets` idle connections, reopened as the server closes them.
 
 Meanwhile a well-behaved client (v1 predict of one real digit, one request at a time) and a
@@ -316,11 +317,28 @@ def grpc_slow(target: str, stop: threading.Event, tally: Tally, calls: int = 64)
                 tally.add(_grpc_outcome(future.result))
 
 
+# Methods outside RFC 9110 that strict HTTP parsers (llhttp) still accept: WebDAV, CalDAV, ...
+PARSER_METHODS = (
+    b"PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK SEARCH REPORT MKACTIVITY CHECKOUT MERGE "
+    b"NOTIFY SUBSCRIBE UNSUBSCRIBE PURGE MKCALENDAR LINK UNLINK BIND REBIND UNBIND ACL SOURCE"
+).split()
+
+
+def random_method(rng: random.Random, turn: int) -> bytes:
+    """A method no route has: every other turn a random token (a lenient parser takes any), else
+    one of `PARSER_METHODS` (a strict parser takes those only)."""
+    if turn % 2:
+        return PARSER_METHODS[turn // 2 % len(PARSER_METHODS)]
+    return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(8)).encode()
+
+
 def methods(port: int, stop: threading.Event, tally: Tally, rate: float = 0.0) -> None:
     """Requests with random methods, at most `rate` a second (0: as fast as answered)."""
     rng = random.Random(21)
+    turn = 0
     while not stop.wait(1 / rate if rate else 0):
-        method = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(8)).encode()
+        method = random_method(rng, turn)
+        turn += 1
         try:
             tally.add(status(exchange(port, http_request(method, b"/v1/predict"), timeout=10)))
         except OSError as exc:

@@ -69,7 +69,8 @@ def test_a_well_behaved_client_is_served_through_a_minute_of_mixed_abuse(tmp_pat
     assert report["p99_ratio"] <= 10, summary
     # Liveness answered within a kubelet's patience, every 100 ms of the minute.
     assert attacked["health"]["max_ms"] < 1000, summary
-    # Memory stayed far inside the deployments' 2 GiB, and /metrics did not grow with abuse.
+    # Memory stayed far inside the deployments' 2 GiB, and /metrics did not grow with the
+    # abuse (6,000 random methods would add megabytes; every series of this server: ~80 KB).
     assert attacked["rss_max_bytes"] < 1 << 30, summary
     assert report["rss_peak_bytes"] < 1 << 30, summary
-    assert report["metrics_bytes_after"] < 2 * report["metrics_bytes_before"], summary
+    assert report["metrics_bytes_after"] < 512 * 1024, summary
