@@ -21,11 +21,17 @@ say, except with `--cuda` (bench/gpu_check.sh), which exits 1 when CUDA is not r
 
     python bench/serving.py [--duration 5] [--rounds 3] [--json out.json] [--pin]
         [--env RCEGATE_KEY=VALUE ...] [--server-args "..."] [--profile stacks.txt]
+
+Worker scaling (`--workers 1,2,...`, instead of the run above): one `rcegate serve --workers N`
+per N, all started at once (an idle server costs nothing), measured interleaved in rounds at
+`--workers-connections` (64) connections next to raw ORT batch 64; prints images/s per N and its
+ratio to N x the 1-worker figure (issue 25's target: >= 0.8 while N <= cores / 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -432,6 +438,153 @@ def show(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+# Worker scaling (issue 25) ------------------------------------------------------------------
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return total
+
+
+def workers_sweep(
+    args: argparse.Namespace,
+    manifest: Manifest,
+    session: Any,
+    raw_batch: list[np.ndarray],
+    digits: np.ndarray,
+) -> None:
+    """`rcegate serve --workers N` for each N, side by side with raw ORT batch 64."""
+    counts = sorted(set(args.workers))
+    if counts[0] != 1:
+        counts.insert(0, 1)  # the ratios need the 1-worker figure of the same run
+    connections = args.workers_connections
+    env = dict(os.environ)
+    rcegate = str(Path(sys.executable).with_name("rcegate"))
+    with contextlib.ExitStack() as stack:
+        pngs = stack.enter_context(png_files(digits))
+        servers: dict[int, Server] = {}
+        for count in counts:
+            port = free_port()
+            command = [rcegate, "serve", "--host", "127.0.0.1", "--port", str(port)]
+            command += ["--model-dir", str(args.model_dir), "--default-model", manifest.name]
+            command += ["--grpc-port", "0", "--workers", str(count)]
+            command += shlex.split(args.server_args)
+            servers[count] = stack.enter_context(started(command, env, port))
+        for server in servers.values():
+            wait_ready(server, "/health/ready")
+        ensure_wrk()
+
+        cpu_ms: dict[str, list[float]] = {}
+
+        def wrk(name: str, server: Server) -> Callable[[], Measured]:
+            """wrk at `connections`; also records the server's CPU time per answered image
+            (all its processes), which the other loads of a shared machine do not inflate."""
+
+            def run() -> Measured:
+                before = tree_cpu_seconds(server.process.pid)
+                got = wrk_run(server.url, connections, args.duration, pngs, args.wrk_threads, None)
+                used = tree_cpu_seconds(server.process.pid) - before
+                images = got.images_per_s * args.duration
+                cpu_ms.setdefault(name, []).append(1000 * used / images if images else 0.0)
+                return got
+
+            return run
+
+        raw_run(session, raw_batch, 0.5)  # warm-up, not measured
+        for server in servers.values():
+            wrk_run(server.url, 16, 1, pngs, args.wrk_threads, None)
+        configs = [Config("raw ORT batch 64", lambda: raw_run(session, raw_batch, args.duration))]
+        for n, server in servers.items():
+            name = f"workers {n} @{connections}"
+            configs.append(Config(name, wrk(name, server)))
+        load_before = os.getloadavg()
+        print(f"{args.rounds} rounds of {len(configs)} configurations x {args.duration} s")
+        measure_rounds(configs, args.rounds)
+        load_after = os.getloadavg()
+    rows = {config.name: config.median() for config in configs}
+    one = rows[f"workers 1 @{connections}"].images_per_s
+    cores = len(os.sched_getaffinity(0))
+    raw = rows["raw ORT batch 64"].images_per_s
+    print()
+    print(
+        f"{manifest.name}/{manifest.version}, {args.rounds} rounds x {args.duration} s, medians; "
+        f"{cores} CPUs shared by the servers and wrk (not pinned); load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
+    )
+    print(f"{'configuration':22s} {'images/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} "
+          f"{'503':>6s} {'/ N x 1-worker':>15s} {'/ raw b64':>10s} "
+          f"{'CPU ms/image':>13s}")  # fmt: skip
+    scaling = []
+    for name, row in rows.items():
+        count = int(name.split()[1]) if name.startswith("workers") else None
+        ratio = row.images_per_s / (count * one) if count else None
+        cpu = statistics.median(cpu_ms[name]) if name in cpu_ms else None
+        print(
+            f"{name:22s} {row.images_per_s:10.1f} {row.p50_ms:8.2f} {row.p99_ms:8.2f} "
+            f"{row.refused_503:6d} {show(ratio, 3):>15s} {row.images_per_s / raw:10.3f} "
+            f"{show(cpu, 3):>13s}"
+        )
+        if count:
+            # Issue 25: >= 0.8 x N x 1-worker while N <= cores / 2; beyond, N must not lose to 1.
+            scales = count <= max(1, cores // 2)
+            goal = 0.8 * count * one if scales else one
+            scaling.append(
+                {
+                    "workers": count,
+                    "target": "0.8 x N x 1-worker" if scales else "not below 1 worker",
+                    **asdict(row),
+                    "ratio_to_n_x_one": ratio,
+                    "ratio_to_raw_b64": row.images_per_s / raw,
+                    "server_cpu_ms_per_image": cpu,
+                    "server_cpu_ms_per_image_rounds": cpu_ms[name],
+                    "target_images_per_s": goal,
+                    "pass": row.images_per_s >= goal,
+                }
+            )
+    for entry in scaling[1:]:
+        verdict = "PASS" if entry["pass"] else "FAIL"
+        print(
+            f"target: workers {entry['workers']} >= {entry['target_images_per_s']:.1f} images/s "
+            f"({entry['target']}): {entry['images_per_s']:.1f} {verdict}"
+        )
+    if args.json:
+        report = {
+            "what": "worker scaling: rcegate serve --workers N at a fixed connection count",
+            "command": " ".join(["python", *sys.argv]),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {"cpus": cores, "cpu_count": os.cpu_count(), "platform": sys.platform},
+            "model": f"{manifest.name}/{manifest.version}",
+            "connections": connections,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "placement": "not pinned: servers and wrk share the CPUs",
+            "note": "server_cpu_ms_per_image: CPU seconds of the server's processes (workers "
+            "and supervisor) per answered image; unlike images/s it does not depend on how much "
+            "of a shared machine the run got",
+            "load_average": [load_before[0], load_after[0]],
+            "env": {k: v for k, v in os.environ.items() if k.startswith("RCEGATE_")},
+            "server_args": args.server_args,
+            "rows": {
+                c.name: {**asdict(rows[c.name]), "rounds": [asdict(x) for x in c.rounds]}
+                for c in configs
+            },
+            "scaling": scaling,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models")
@@ -452,6 +605,11 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra `rcegate serve` arguments")
     parser.add_argument("--cuda", action="store_true", help="require CUDA (bench/gpu_check.sh)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument(
+        "--workers", type=lambda text: [int(n) for n in text.split(",")], metavar="N,N,...",
+        help="the worker-scaling sweep instead of the standard run (e.g. 1,2)",
+    )  # fmt: skip
+    parser.add_argument("--workers-connections", type=int, default=64)
     parser.add_argument(
         "--profile", type=Path, metavar="STACKS.txt",
         help="after the rounds, py-spy the service in one more run at 64 connections",
@@ -491,6 +649,9 @@ def main() -> None:
     digits = mnist_digits(DIGITS)
     images = digits.astype(np.float32)[:, None] / np.float32(255.0)
     raw_batches = {1: [images[i : i + 1] for i in range(DIGITS)], 64: [images[:64]]}
+    if args.workers:
+        workers_sweep(args, manifest, session, raw_batches[64], digits)
+        return
 
     env = dict(os.environ)
     port = free_port()

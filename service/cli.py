@@ -71,12 +71,17 @@ def serve(
             show_default=_in_force("grpc_port"),
         ),
     ] = None,
+    workers: Annotated[
+        str | None,
+        typer.Option(
+            help="Server processes behind the ports: a number, or auto (from the cores and the "
+            "provider). " + _FROM_ENV.format("WORKERS"),
+            show_default=_in_force("workers"),
+        ),
+    ] = None,
 ) -> None:
     """Serve every model version under the model repository over HTTP (see /docs)."""
     from pydantic import ValidationError
-
-    from service.app import create_app
-    from service.server import serve as serve_app
 
     given: dict[str, Any] = {
         "host": host,
@@ -87,6 +92,7 @@ def serve(
         "mode": mode,
         "log_level": log_level,
         "grpc_port": grpc_port,
+        "workers": workers,
     }
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
@@ -99,6 +105,14 @@ def serve(
         typer.echo(f"error: invalid settings: {problems}", err=True)
         raise typer.Exit(2) from None
     logging.getLogger().setLevel(settings.log_level.upper())
+    from service.workers import run_supervisor, worker_count
+
+    count = worker_count(settings)
+    if count > 1:  # the supervisor loads no model: each worker process does
+        raise typer.Exit(run_supervisor(settings, count))
+    from service.app import create_app
+    from service.server import serve as serve_app
+
     serve_app(create_app(settings), settings)
 
 
