@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,7 +35,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from models.manifest import METRICS
-from service.detector import Detector
+
+if TYPE_CHECKING:  # the worker supervisor imports this module and must not load ONNX Runtime
+    from service.detector import Detector
 
 BUCKET_FPR = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 COARSE_BUCKETS = (

@@ -74,6 +74,7 @@ STATE_NAMES = {STARTING: "starting", READY: "ready", REPLACING: "replacing"}
 DRAIN, RESTARTS = 0, 1
 # Exit status of a worker (or of `rcegate serve`) that could not start: uvicorn's own.
 STARTUP_FAILURE = 3
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's switch to multi-process mode
 BEAT_SECONDS = 0.5  # how often a worker's event loop writes its heartbeat
 MAX_BACKOFF_SECONDS = 30.0  # between replacements of a worker that keeps dying before ready
 KILL_GRACE_SECONDS = 5.0  # after drain_seconds, before the supervisor kills what is left
@@ -359,10 +360,9 @@ class Supervisor:
         except OSError as exc:
             logger.error("cannot serve HTTP on %s:%d: %s", s.host, s.port, exc)
             return 1
-        self._metrics_dir = tempfile.mkdtemp(
-            prefix="rcegate-metrics-", dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        )
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # inherited by every worker
+        given = os.environ.get(MULTIPROC_ENV)  # an operator's choice of parent directory
+        self._metrics_dir = tempfile.mkdtemp(prefix="rcegate-metrics-", dir=given or None)
+        os.environ[MULTIPROC_ENV] = self._metrics_dir  # inherited by every worker
         wake_read, wake_write = socket.socketpair()
         wake_read.setblocking(False)
         wake_write.setblocking(False)
@@ -395,6 +395,10 @@ class Supervisor:
             wake_write.close()
             self._sock.close()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            if given is None:
+                del os.environ[MULTIPROC_ENV]
+            else:
+                os.environ[MULTIPROC_ENV] = given
         return self._exit_code
 
     def _loop(self, wake: socket.socket) -> None:

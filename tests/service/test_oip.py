@@ -551,12 +551,16 @@ def test_v2_readiness_turns_503_when_draining(client: TestClient) -> None:
     assert status_code(refused.value) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_the_server_fails_to_start_when_the_grpc_port_is_taken(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])  # 2: the supervisor checks before any worker
+def test_the_server_fails_to_start_when_the_grpc_port_is_taken(
+    tmp_path: Path, workers: str
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
         env["RCEGATE_GRPC_PORT"] = str(taken.getsockname()[1])
+        env["RCEGATE_WORKERS"] = workers
         done = subprocess.run(
             [str(RCEGATE), "serve", "--port", str(free_port()), "--model-dir", str(tmp_path)],
             capture_output=True,

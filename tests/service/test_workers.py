@@ -1,0 +1,387 @@
+"""Worker processes (service/workers.py): the settings they get, readiness across workers, the
+supervisor with stand-in workers (real processes, real signals), and a real
+`rcegate serve --workers 2`: one port, one scrape for all, a worker killed and replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.oip import oip_pb2
+from service.oip.grpc import InferenceService
+from service.settings import Settings
+from service.workers import (
+    CUDA_WORKERS,
+    DRAIN,
+    READY,
+    REPLACING,
+    RESTARTS,
+    STARTING,
+    STARTUP_FAILURE,
+    Shared,
+    Supervisor,
+    WorkerLifecycle,
+    auto_workers,
+    available_cores,
+    worker_count,
+    worker_settings,
+)
+from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact
+from tests.service import workers_standins as standins
+from tests.service.conftest import encode, wait_loaded
+from tests.service.live import RCEGATE, Live, free_port, live_server
+
+PNG = {"content-type": "image/png"}
+WAIT = 60.0  # upper bound on every wait below; none of them times anything
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)  # polling interval, not an assertion
+    return condition()
+
+
+# -- how many workers, with which settings ---------------------------------------------------
+
+
+def test_workers_share_the_cores_when_threads_are_left_to_the_default() -> None:
+    settings = Settings(max_inflight_body_bytes=256 << 20, max_body_bytes=20 << 20)
+    four = worker_settings(settings, 4, cores=16)
+    assert (four.workers, four.intra_op_threads, four.decode_workers) == (4, 4, 2)
+    sixteen = worker_settings(settings, 16, cores=16)
+    assert (sixteen.intra_op_threads, sixteen.decode_workers) == (1, 1)
+    assert worker_settings(settings, 4, cores=2).intra_op_threads == 1  # never 0 (ORT default)
+    # The body budget is the server's: split, but never below one largest body.
+    assert four.max_inflight_body_bytes == 64 << 20
+    assert sixteen.max_inflight_body_bytes == 20 << 20
+
+
+def test_threads_an_operator_set_are_kept_in_every_worker() -> None:
+    settings = Settings(intra_op_threads=3, decode_workers=5)
+    got = worker_settings(settings, 4, cores=16)
+    assert (got.intra_op_threads, got.decode_workers) == (3, 5)
+
+
+def test_auto_is_four_workers_per_gpu_and_one_per_two_cores_on_cpu() -> None:
+    assert auto_workers(cuda=True, cores=16) == CUDA_WORKERS == 4
+    assert auto_workers(cuda=True, cores=2) == 2
+    assert auto_workers(cuda=False, cores=16) == 8
+    assert auto_workers(cuda=False, cores=2) == 1
+    assert auto_workers(cuda=False, cores=1) == 1
+    assert worker_count(Settings(workers="auto", providers="cpu"), cores=8) == 4
+    assert worker_count(Settings(workers="auto", providers="cuda"), cores=8) == 4
+    assert worker_count(Settings(workers=3), cores=8) == 3
+    assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_a_bad_worker_count_is_refused_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RCEGATE_WORKERS", "auto")
+    assert Settings().workers == "auto"
+    monkeypatch.setenv("RCEGATE_WORKERS", "2")
+    assert Settings().workers == 2
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
+    done = subprocess.run(
+        [str(RCEGATE), "serve", "--workers", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: invalid settings: RCEGATE_WORKERS: Value error, give a number of workers from "
+        "1 to 256, or auto (got '0')"
+    )
+
+
+# -- readiness across workers (the real app in-process, with a worker's lifecycle) -------------
+
+
+@pytest.fixture
+def worker_app(tiny_artifact: TinyArtifact) -> Iterator[tuple[TestClient, Shared]]:
+    """Worker 1 of 2 as run_worker builds it; the test plays the supervisor and worker 2."""
+    shared = Shared(2)
+    settings = Settings(model_dir=tiny_artifact.model_dir, default_model=tiny_artifact.name)
+    with TestClient(create_app(settings, WorkerLifecycle(shared, 0))) as client:
+        wait_loaded(client)
+        yield client, shared
+
+
+def server_ready(client: TestClient) -> bool:
+    state = client.app.state  # type: ignore[attr-defined]
+    service = InferenceService(
+        state.plane, state.repository, state.lifecycle, state.metrics, state.settings
+    )
+    answer = asyncio.run(service.ServerReady(oip_pb2.ServerReadyRequest(), None))
+    return bool(answer.ready)
+
+
+def test_every_readiness_check_waits_for_every_worker(
+    worker_app: tuple[TestClient, Shared], digit_png: bytes
+) -> None:
+    client, shared = worker_app
+    shared.states[0] = READY  # this worker loaded (what WorkerServer reports)
+    shared.states[1] = STARTING
+    ready = client.get("/health/ready")
+    assert ready.status_code == 503
+    assert ready.json()["error"]["message"] == "worker 2 of 2 is still starting"
+    assert client.get("/v2/health/ready").status_code == 503
+    assert not server_ready(client)
+    # Not ready, but this worker still answers what it is given.
+    assert client.post("/v1/predict", content=digit_png, headers=PNG).status_code == 200
+    shared.states[1] = READY
+    assert client.get("/health/ready").status_code == 200
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert server_ready(client)
+    # A replacement loading its models takes no connection yet: readiness holds.
+    shared.states[1] = REPLACING
+    assert client.get("/health/ready").status_code == 200
+
+
+def test_the_supervisors_drain_flag_drains_every_worker_at_once(
+    worker_app: tuple[TestClient, Shared], digit_png: bytes
+) -> None:
+    client, shared = worker_app
+    shared.states[0] = shared.states[1] = READY
+    assert client.post("/v1/predict", content=digit_png, headers=PNG).status_code == 200
+    shared.flags[DRAIN] = 1  # before this worker has even seen its SIGTERM
+    ready = client.get("/health/ready")
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "shutting_down"
+    late = client.post("/v1/predict", content=digit_png, headers=PNG)
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    assert not server_ready(client)
+
+
+# -- the supervisor, with stand-in workers ---------------------------------------------------
+# Stand-in workers (tests/service/workers_standins.py): real processes, no models.
+
+
+def supervise(
+    target: Callable[..., None], until: Callable[[Shared], bool], **overrides: object
+) -> tuple[int, Supervisor]:
+    """Run a Supervisor of two stand-ins in this (main) thread; once `until` holds, send this
+    process SIGTERM, as an orchestrator would. Returns the exit status and the supervisor."""
+    values: dict[str, object] = {"port": 0, "grpc_port": 0, "drain_seconds": 5}
+    settings = Settings(**{**values, **overrides})  # type: ignore[arg-type]
+    supervisor = Supervisor(settings, 2, cores=2, target=target)
+    shared = supervisor._shared
+    finished = threading.Event()
+
+    def terminate_when_done() -> None:
+        if wait_until(lambda: finished.is_set() or until(shared)) and not finished.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)  # the supervisor's handler takes it
+
+    trigger = threading.Thread(target=terminate_when_done, daemon=True)
+    trigger.start()
+    try:
+        code = supervisor.run()
+    finally:
+        finished.set()
+        trigger.join(timeout=WAIT)
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # put back as it was
+    assert supervisor._metrics_dir and not os.path.exists(supervisor._metrics_dir)
+    return code, supervisor
+
+
+def all_ready_after_restarts(count: int) -> Callable[[Shared], bool]:
+    return lambda shared: (
+        shared.flags[RESTARTS] == count and all(state == READY for state in shared.states)
+    )
+
+
+def test_a_worker_that_cannot_start_stops_the_whole_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    code, supervisor = supervise(standins.fail_start, lambda shared: False)
+    assert code == STARTUP_FAILURE
+    assert supervisor._shared.flags[RESTARTS] == 0  # never replaced: it would fail the same way
+    assert "could not start (exit 3): stopping" in caplog.text
+
+
+def test_a_dead_worker_is_replaced_and_sigterm_then_stops_all(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    code, supervisor = supervise(standins.crash, all_ready_after_restarts(1))
+    assert code == 0
+    assert supervisor._shared.flags[RESTARTS] == 1
+    assert re.search(r"worker 1 \(pid \d+\) exited with 1; replacing it\n", caplog.text)
+    assert "draining 2 workers" in caplog.text
+
+
+def test_a_worker_whose_loop_stops_beating_is_killed_and_replaced(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    code, supervisor = supervise(standins.hang, all_ready_after_restarts(1), worker_timeout=0.5)
+    assert code == 0
+    assert supervisor._shared.flags[RESTARTS] == 1
+    assert re.search(r"worker 1 \(pid \d+\) has not answered for \d+ s: killing it", caplog.text)
+    assert re.search(r"worker 1 \(pid \d+\) killed by signal 9; replacing it", caplog.text)
+
+
+# -- a real `rcegate serve --workers 2` --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Live, int]]:
+    """`rcegate serve --workers 2` over the default model alone (4 models would load slower)."""
+    grpc_port = free_port()
+    root = tmp_path_factory.mktemp("workers")
+    shutil.copytree(DEFAULT_MODEL_DIR, root / "models" / "mnist-rce" / DEFAULT_MODEL_DIR.name)
+    args = ("--workers", "2", "--model-dir", str(root / "models"))
+    with live_server(root / "server.log", *args, grpc_port=str(grpc_port)) as server:
+        yield server, grpc_port
+
+
+@pytest.fixture(scope="module")
+def pngs(digits: tuple[np.ndarray, np.ndarray]) -> list[bytes]:
+    return [encode(image) for image in digits[0][:16]]
+
+
+def prefix(response: httpx.Response) -> str:
+    """The answering process: request ids are a per-process random prefix and a counter."""
+    return response.headers["x-request-id"][:16]
+
+
+def test_two_workers_answer_on_one_port_and_one_scrape_counts_both(
+    two_workers: tuple[Live, int], pngs: list[bytes]
+) -> None:
+    server, grpc_port = two_workers
+    assert len(server.worker_pids()) == 2
+    log = server.log.read_text()
+    # Ready (the fixture waited for it) only once both had loaded their models.
+    assert len(set(re.findall(r"worker (\d) \(pid \d+\) is ready", log))) == 2
+    route = 'route="/v1/predict",status="200"'
+    before = server.metric("rcegate_http_requests_total", route)
+    answered: set[str] = set()
+    sent = 0
+    while len(answered) < 2 and sent < 200:  # a fresh connection each: either worker accepts
+        answer = httpx.post(f"{server.url}/v1/predict", content=pngs[sent % 16], headers=PNG)
+        assert answer.status_code == 200
+        answered.add(prefix(answer))
+        sent += 1
+    assert len(answered) == 2, "one worker answered every request"
+    # One scrape, whichever worker answers it, counts every worker's requests.
+    assert server.metric("rcegate_http_requests_total", route) == before + sent
+    assert server.metric("rcegate_images_total") >= sent
+    assert server.metric("rcegate_requests_in_flight") == 1  # this scrape
+    assert server.metric("rcegate_workers", 'state="ready"') == 2
+    assert server.metric("rcegate_model_info") == 1  # one model version, not one per worker
+    # gRPC: both workers on the one port.
+    client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    assert client.is_server_ready()
+    tensor = tgrpc.InferInput("images", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.float32))
+    assert client.infer("mnist-rce", [tensor]).as_numpy("accepted").shape == (1,)
+
+
+def test_a_second_server_cannot_share_the_grpc_port_of_a_running_one(
+    two_workers: tuple[Live, int], tmp_path: Path
+) -> None:
+    # The workers hold it with SO_REUSEPORT; a second server must fail, not split the traffic.
+    _, grpc_port = two_workers
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
+    for workers in ("2", "1"):
+        command = [str(RCEGATE), "serve", "--port", str(free_port()), "--workers", workers]
+        command += ["--grpc-port", str(grpc_port), "--model-dir", str(tmp_path)]
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=60, check=False
+        )
+        assert done.returncode == STARTUP_FAILURE, (workers, done.stderr)
+        assert f"cannot serve gRPC on port {grpc_port}" in done.stderr
+
+
+def test_a_second_server_on_a_taken_http_port_fails_at_once(
+    two_workers: tuple[Live, int], tmp_path: Path
+) -> None:
+    server, _ = two_workers
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
+    command = [str(RCEGATE), "serve", "--port", str(server.port), "--workers", "2"]
+    command += ["--grpc-port", "0", "--model-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 1
+    assert f"cannot serve HTTP on 127.0.0.1:{server.port}" in done.stderr
+
+
+def test_a_killed_worker_is_replaced_while_the_other_keeps_answering(
+    two_workers: tuple[Live, int], pngs: list[bytes]
+) -> None:
+    """kill -9 one of two workers under a bounded stream of requests (4 clients, a fresh
+    connection per request): only requests the dead worker held may fail, and only as broken
+    connections; the other worker answers everything else; the replacement loads, turns ready
+    and readiness never drops; /metrics keeps every count and drops the dead worker's gauges."""
+    server, _ = two_workers
+    route = 'route="/v1/predict",status="200"'
+    before = server.metric("rcegate_http_requests_total", route)
+    restarts = server.metric("rcegate_worker_restarts_total")
+    victim, survivor = server.worker_pids()
+    stop = threading.Event()
+    killed = threading.Event()
+    statuses: list[int] = []
+    broken: list[str] = []
+    after_kill: list[int] = []
+
+    def client(number: int) -> None:
+        for i in range(400):  # bounded
+            if stop.is_set():
+                return
+            try:
+                answer = httpx.post(
+                    f"{server.url}/v1/predict", content=pngs[i % 16], headers=PNG, timeout=30
+                )
+            except httpx.TransportError as exc:
+                broken.append(type(exc).__name__)
+                continue
+            statuses.append(answer.status_code)
+            if killed.is_set():
+                after_kill.append(answer.status_code)
+
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(client, n) for n in range(4)]
+        assert wait_until(lambda: len(statuses) >= 20)
+        os.kill(victim, signal.SIGKILL)
+        killed.set()
+        replaced = wait_until(
+            lambda: (
+                restarts + 1 == server.metric("rcegate_worker_restarts_total")
+                and server.metric("rcegate_workers", 'state="ready"') == 2
+            )
+        )
+        readiness = httpx.get(f"{server.url}/health/ready").status_code
+        assert wait_until(lambda: len(after_kill) >= 20)
+        stop.set()
+        for done in clients:
+            done.result()
+    assert replaced, server.log.read_text()[-3000:]
+    assert readiness == 200
+    assert set(statuses) == {200}
+    assert len(broken) <= 4, broken  # at most the requests in the dead worker's hands
+    pids = server.worker_pids()
+    assert survivor in pids and victim not in pids and len(pids) == 2
+    assert re.search(
+        rf"worker \d \(pid {victim}\) killed by signal 9; replacing it", server.log.read_text()
+    )
+    # Counts survive the worker (its files stay); its in-flight gauge does not.
+    counted = server.metric("rcegate_http_requests_total", route) - before
+    assert len(statuses) <= counted <= len(statuses) + len(broken)
+    assert server.metric("rcegate_requests_in_flight") == 1
+    assert server.metric("rcegate_queue_images") == 0
