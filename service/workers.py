@@ -374,7 +374,7 @@ class Supervisor:
         w = self.worker_settings
         logger.info(
             "%d worker processes on http://%s:%d%s; %d ORT intra-op and %d decode threads each "
-            "(%d cores)",
+            "(%d cores); metrics of every worker in %s",
             self.count,
             host,
             port,
@@ -382,6 +382,7 @@ class Supervisor:
             w.intra_op_threads,
             w.decode_workers,
             self.cores,
+            self._metrics_dir,
         )
         try:
             for index in range(self.count):

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -178,17 +179,21 @@ def test_the_supervisors_drain_flag_drains_every_worker_at_once(
 
 def supervise(
     target: Callable[..., None], until: Callable[[Shared], bool], **overrides: object
-) -> tuple[int, Supervisor]:
-    """Run a Supervisor of two stand-ins in this (main) thread; once `until` holds, send this
-    process SIGTERM, as an orchestrator would. Returns the exit status and the supervisor."""
+) -> tuple[int, Supervisor, bool]:
+    """Run a Supervisor of two stand-ins in this (main) thread; once `until` holds (or after
+    WAIT at most), send this process SIGTERM, as an orchestrator would. Returns the exit
+    status, the supervisor, and whether `until` held before the supervisor ended."""
     values: dict[str, object] = {"port": 0, "grpc_port": 0, "drain_seconds": 5}
     settings = Settings(**{**values, **overrides})  # type: ignore[arg-type]
     supervisor = Supervisor(settings, 2, cores=2, target=target)
     shared = supervisor._shared
     finished = threading.Event()
+    reached: list[bool] = []
 
     def terminate_when_done() -> None:
-        if wait_until(lambda: finished.is_set() or until(shared)) and not finished.is_set():
+        wait_until(lambda: finished.is_set() or until(shared))
+        reached.append(not finished.is_set() and until(shared))
+        if not finished.is_set():
             os.kill(os.getpid(), signal.SIGTERM)  # the supervisor's handler takes it
 
     trigger = threading.Thread(target=terminate_when_done, daemon=True)
@@ -200,7 +205,7 @@ def supervise(
         trigger.join(timeout=WAIT)
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # put back as it was
     assert supervisor._metrics_dir and not os.path.exists(supervisor._metrics_dir)
-    return code, supervisor
+    return code, supervisor, reached == [True]
 
 
 def all_ready_after_restarts(count: int) -> Callable[[Shared], bool]:
@@ -212,7 +217,7 @@ def all_ready_after_restarts(count: int) -> Callable[[Shared], bool]:
 def test_a_worker_that_cannot_start_stops_the_whole_server(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    code, supervisor = supervise(standins.fail_start, lambda shared: False)
+    code, supervisor, _ = supervise(standins.fail_start, lambda shared: False)
     assert code == STARTUP_FAILURE
     assert supervisor._shared.flags[RESTARTS] == 0  # never replaced: it would fail the same way
     assert "could not start (exit 3): stopping" in caplog.text
@@ -221,8 +226,8 @@ def test_a_worker_that_cannot_start_stops_the_whole_server(
 def test_a_dead_worker_is_replaced_and_sigterm_then_stops_all(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    code, supervisor = supervise(standins.crash, all_ready_after_restarts(1))
-    assert code == 0
+    code, supervisor, replaced = supervise(standins.crash, all_ready_after_restarts(1))
+    assert replaced and code == 0
     assert supervisor._shared.flags[RESTARTS] == 1
     assert re.search(r"worker 1 \(pid \d+\) exited with 1; replacing it\n", caplog.text)
     assert "draining 2 workers" in caplog.text
@@ -231,8 +236,10 @@ def test_a_dead_worker_is_replaced_and_sigterm_then_stops_all(
 def test_a_worker_whose_loop_stops_beating_is_killed_and_replaced(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    code, supervisor = supervise(standins.hang, all_ready_after_restarts(1), worker_timeout=0.5)
-    assert code == 0
+    code, supervisor, replaced = supervise(
+        standins.hang, all_ready_after_restarts(1), worker_timeout=0.5
+    )
+    assert replaced and code == 0
     assert supervisor._shared.flags[RESTARTS] == 1
     assert re.search(r"worker 1 \(pid \d+\) has not answered for \d+ s: killing it", caplog.text)
     assert re.search(r"worker 1 \(pid \d+\) killed by signal 9; replacing it", caplog.text)
@@ -385,3 +392,23 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_answering(
     assert len(statuses) <= counted <= len(statuses) + len(broken)
     assert server.metric("rcegate_requests_in_flight") == 1
     assert server.metric("rcegate_queue_images") == 0
+
+
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(
+    two_workers: tuple[Live, int],
+) -> None:
+    """kill -9 of the supervisor must not leave workers holding the port. Last in this module:
+    it ends the module's server."""
+    server, _ = two_workers
+    workers = server.worker_pids()
+    server.process.kill()
+    server.process.wait()
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers))
+    log = server.log.read_text()
+    gone = f"the supervisor (pid {server.process.pid}) is gone: draining"
+    assert log.count(gone) == 2, log[-3000:]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", server.port))  # free again
+    # Only the supervisor removes the metrics directory; here that is left to the test.
+    (directory,) = re.findall(r"metrics of every worker in (\S+)", log)
+    shutil.rmtree(directory)
