@@ -210,6 +210,7 @@ def _make_worker_server(
             await super().startup(sockets)
             if self.should_exit:
                 return
+            logger.info("worker %d (pid %d) is accepting connections", index + 1, os.getpid())
             self._beating = asyncio.create_task(self._beat())
             app.state.loading.add_done_callback(lambda _: self._loaded())
 

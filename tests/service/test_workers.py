@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 from fastapi.testclient import TestClient
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.app import create_app
 from service.oip import oip_pb2
@@ -43,7 +44,7 @@ from service.workers import (
     worker_count,
     worker_settings,
 )
-from tests.conftest import DEFAULT_MODEL_DIR, TinyArtifact
+from tests.conftest import DEFAULT_MODEL_DIR
 from tests.service import workers_standins as standins
 from tests.service.conftest import encode, wait_loaded
 from tests.service.live import RCEGATE, Live, free_port, live_server
@@ -118,11 +119,17 @@ def test_a_bad_worker_count_is_refused_with_one_line(monkeypatch: pytest.MonkeyP
 # -- readiness across workers (the real app in-process, with a worker's lifecycle) -------------
 
 
+def default_model_only(root: Path) -> Path:
+    """A model repository holding the committed default model alone (loads fastest)."""
+    shutil.copytree(DEFAULT_MODEL_DIR, root / "models" / "mnist-rce" / DEFAULT_MODEL_DIR.name)
+    return root / "models"
+
+
 @pytest.fixture
-def worker_app(tiny_artifact: TinyArtifact) -> Iterator[tuple[TestClient, Shared]]:
+def worker_app(tmp_path: Path) -> Iterator[tuple[TestClient, Shared]]:
     """Worker 1 of 2 as run_worker builds it; the test plays the supervisor and worker 2."""
     shared = Shared(2)
-    settings = Settings(model_dir=tiny_artifact.model_dir, default_model=tiny_artifact.name)
+    settings = Settings(model_dir=default_model_only(tmp_path))
     with TestClient(create_app(settings, WorkerLifecycle(shared, 0))) as client:
         wait_loaded(client)
         yield client, shared
@@ -250,12 +257,17 @@ def test_a_worker_whose_loop_stops_beating_is_killed_and_replaced(
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Live, int]]:
-    """`rcegate serve --workers 2` over the default model alone (4 models would load slower)."""
+    """`rcegate serve --workers 2` over the committed models (all four: a replacement then
+    takes long enough to load that taking connections before it is ready would show)."""
     grpc_port = free_port()
-    root = tmp_path_factory.mktemp("workers")
-    shutil.copytree(DEFAULT_MODEL_DIR, root / "models" / "mnist-rce" / DEFAULT_MODEL_DIR.name)
-    args = ("--workers", "2", "--model-dir", str(root / "models"))
-    with live_server(root / "server.log", *args, grpc_port=str(grpc_port)) as server:
+    log = tmp_path_factory.mktemp("workers") / "server.log"
+    # Bodies may be held open (by the test) while a worker is replaced: no 408 meanwhile.
+    settings = {
+        "grpc_port": str(grpc_port),
+        "body_timeout": str(WAIT),
+        "request_timeout": str(WAIT),
+    }
+    with live_server(log, "--workers", "2", **settings) as server:
         yield server, grpc_port
 
 
@@ -292,7 +304,8 @@ def test_two_workers_answer_on_one_port_and_one_scrape_counts_both(
     assert server.metric("rcegate_images_total") >= sent
     assert server.metric("rcegate_requests_in_flight") == 1  # this scrape
     assert server.metric("rcegate_workers", 'state="ready"') == 2
-    assert server.metric("rcegate_model_info") == 1  # one model version, not one per worker
+    # One series per model version, not one per worker.
+    assert server.metric("rcegate_model_info", 'model="mnist-rce"') == 1
     # gRPC: both workers on the one port.
     client = tgrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
     assert client.is_server_ready()
@@ -329,25 +342,55 @@ def test_a_second_server_on_a_taken_http_port_fails_at_once(
     assert f"cannot serve HTTP on 127.0.0.1:{server.port}" in done.stderr
 
 
+def in_flight_of(server: Live, pid: int) -> float:
+    """One worker's `rcegate_requests_in_flight`, read from its own file in the metrics
+    directory (no HTTP request, so no scrape counts itself)."""
+    (directory,) = re.findall(r"metrics of every worker in (\S+)", server.log.read_text())
+    path = Path(directory) / f"gauge_livesum_{pid}.db"
+    if not path.exists():
+        return 0.0
+    for metric in MultiProcessCollector.merge([str(path)]):
+        if metric.name == "rcegate_requests_in_flight":
+            return sum(sample.value for sample in metric.samples)
+    return 0.0
+
+
 def test_a_killed_worker_is_replaced_while_the_other_keeps_answering(
     two_workers: tuple[Live, int], pngs: list[bytes]
 ) -> None:
     """kill -9 one of two workers under a bounded stream of requests (4 clients, a fresh
-    connection per request): only requests the dead worker held may fail, and only as broken
-    connections; the other worker answers everything else; the replacement loads, turns ready
-    and readiness never drops; /metrics keeps every count and drops the dead worker's gauges."""
+    connection per request), while requests held open by their bodies sit in both workers:
+    only requests in the dead worker's hands fail, and only as broken connections; everything
+    the other worker holds or receives is answered; the replacement loads, turns ready and
+    readiness never drops; /metrics keeps every count and drops the dead worker's gauges."""
     server, _ = two_workers
     route = 'route="/v1/predict",status="200"'
     before = server.metric("rcegate_http_requests_total", route)
     restarts = server.metric("rcegate_worker_restarts_total")
-    victim, survivor = server.worker_pids()
+    pids = server.worker_pids()
+    release = threading.Event()
+
+    def held_body(png: bytes) -> Iterator[bytes]:
+        yield png[: len(png) // 2]
+        release.wait(timeout=WAIT)
+        yield png[len(png) // 2 :]
+
+    def post_held(png: bytes) -> int | str:
+        try:
+            answer = httpx.post(
+                f"{server.url}/v1/predict", content=held_body(png), headers=PNG, timeout=WAIT
+            )
+        except httpx.TransportError as exc:
+            return type(exc).__name__
+        return answer.status_code
+
     stop = threading.Event()
     killed = threading.Event()
     statuses: list[int] = []
     broken: list[str] = []
     after_kill: list[int] = []
 
-    def client(number: int) -> None:
+    def client() -> None:
         for i in range(400):  # bounded
             if stop.is_set():
                 return
@@ -362,8 +405,16 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_answering(
             if killed.is_set():
                 after_kill.append(answer.status_code)
 
-    with ThreadPoolExecutor(4) as pool:
-        clients = [pool.submit(client, n) for n in range(4)]
+    with ThreadPoolExecutor(4 + 8) as pool:
+        held = []
+        # Held requests until both workers hold some (each connection goes to either one).
+        while len(held) < 8 and not all(in_flight_of(server, pid) for pid in pids):
+            held.append(pool.submit(post_held, pngs[len(held)]))
+            assert wait_until(lambda: sum(in_flight_of(server, p) for p in pids) == len(held))
+        holding = {pid: int(in_flight_of(server, pid)) for pid in pids}
+        assert all(holding.values()), holding
+        victim, survivor = pids
+        clients = [pool.submit(client) for _ in range(4)]
         assert wait_until(lambda: len(statuses) >= 20)
         os.kill(victim, signal.SIGKILL)
         killed.set()
@@ -376,21 +427,33 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_answering(
         readiness = httpx.get(f"{server.url}/health/ready").status_code
         assert wait_until(lambda: len(after_kill) >= 20)
         stop.set()
+        release.set()
+        held_results = [future.result() for future in held]
         for done in clients:
             done.result()
     assert replaced, server.log.read_text()[-3000:]
     assert readiness == 200
     assert set(statuses) == {200}
-    assert len(broken) <= 4, broken  # at most the requests in the dead worker's hands
-    pids = server.worker_pids()
-    assert survivor in pids and victim not in pids and len(pids) == 2
-    assert re.search(
-        rf"worker \d \(pid {victim}\) killed by signal 9; replacing it", server.log.read_text()
+    assert len(broken) <= 4, broken  # at most the streamed requests the dead worker held
+    # Exactly the held requests of the dead worker broke; the survivor's were answered.
+    assert sorted(map(str, held_results)).count("200") == holding[survivor], held_results
+    assert len(held_results) - held_results.count(200) == holding[victim], held_results
+    now = server.worker_pids()
+    assert survivor in now and victim not in now and len(now) == 2
+    log = server.log.read_text()
+    (index,) = re.findall(rf"worker (\d) \(pid {victim}\) killed by signal 9; replacing it", log)
+    # The replacement took its first connection only after its models had loaded.
+    (replacement,) = set(now) - {survivor}
+    accepting = log.index(f"worker {index} (pid {replacement}) is accepting connections")
+    loaded = log.index(
+        f"[worker {index}] service.repository: default model", log.index("replacing it")
     )
+    assert loaded < accepting
     # Counts survive the worker (its files stay); its in-flight gauge does not.
     counted = server.metric("rcegate_http_requests_total", route) - before
-    assert len(statuses) <= counted <= len(statuses) + len(broken)
-    assert server.metric("rcegate_requests_in_flight") == 1
+    answered = len(statuses) + holding[survivor]
+    assert answered <= counted <= answered + len(broken)
+    assert server.metric("rcegate_requests_in_flight") == 1  # this scrape
     assert server.metric("rcegate_queue_images") == 0
 
 
@@ -408,7 +471,8 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(
     gone = f"the supervisor (pid {server.process.pid}) is gone: draining"
     assert log.count(gone) == 2, log[-3000:]
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", server.port))  # free again
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, not LISTEN
+        sock.bind(("127.0.0.1", server.port))  # nobody listens there any more
     # Only the supervisor removes the metrics directory; here that is left to the test.
     (directory,) = re.findall(r"metrics of every worker in (\S+)", log)
     shutil.rmtree(directory)
