@@ -172,21 +172,21 @@ class WorkerLifecycle(Lifecycle):
     shared drain flag; `others_unready` reports the other workers' readiness."""
 
     def __init__(self, shared: Shared, index: int) -> None:
-        self._shared = shared
+        self.shared = shared
         self._index = index
         self._draining = False
         super().__init__()
 
     @property
     def draining(self) -> bool:
-        return self._draining or bool(self._shared.flags[DRAIN])
+        return self._draining or bool(self.shared.flags[DRAIN])
 
     @draining.setter
     def draining(self, value: bool) -> None:
         self._draining = value
 
     def others_unready(self) -> str | None:
-        shared = self._shared
+        shared = self.shared
         for i in range(shared.count):
             # A replacement takes no connection before it is ready: it does not count.
             if i != self._index and shared.states[i] == STARTING:
@@ -342,9 +342,9 @@ class Supervisor:
         self._draining = False
         self._kill_at: float | None = None
         self._exit_code = 0
-        self._shared = Shared(count)
+        self.shared = Shared(count)
         self._sock: socket.socket | None = None
-        self._metrics_dir: str | None = None
+        self.metrics_dir: str | None = None
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -362,8 +362,8 @@ class Supervisor:
             logger.error("cannot serve HTTP on %s:%d: %s", s.host, s.port, exc)
             return 1
         given = os.environ.get(MULTIPROC_ENV)  # an operator's choice of parent directory
-        self._metrics_dir = tempfile.mkdtemp(prefix="rcegate-metrics-", dir=given or None)
-        os.environ[MULTIPROC_ENV] = self._metrics_dir  # inherited by every worker
+        self.metrics_dir = tempfile.mkdtemp(prefix="rcegate-metrics-", dir=given or None)
+        os.environ[MULTIPROC_ENV] = self.metrics_dir  # inherited by every worker
         wake_read, wake_write = socket.socketpair()
         wake_read.setblocking(False)
         wake_write.setblocking(False)
@@ -383,7 +383,7 @@ class Supervisor:
             w.intra_op_threads,
             w.decode_workers,
             self.cores,
-            self._metrics_dir,
+            self.metrics_dir,
         )
         try:
             for index in range(self.count):
@@ -396,7 +396,7 @@ class Supervisor:
             wake_read.close()
             wake_write.close()
             self._sock.close()
-            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
             if given is None:
                 del os.environ[MULTIPROC_ENV]
             else:
@@ -431,12 +431,12 @@ class Supervisor:
     def _start(self, index: int) -> None:
         process = self._context.Process(
             target=self._target,
-            args=(index, self.worker_settings, self._sock, self._shared, os.getpid()),
+            args=(index, self.worker_settings, self._sock, self.shared, os.getpid()),
             name=f"rcegate-worker-{index + 1}",
         )
         process.start()
         worker = Worker(index, process)
-        self._shared.beats[index] = 0.0
+        self.shared.beats[index] = 0.0
         self.workers[index] = worker
         logger.info("worker %d started (pid %d)", *self._who(worker))
 
@@ -449,7 +449,7 @@ class Supervisor:
                 continue
             del self.workers[index]
             worker.process.join()
-            mark_process_dead(worker.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
+            mark_process_dead(worker.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
             if self._draining:
                 if code != 0:
                     self._exit_code = self._exit_code or 1
@@ -464,7 +464,7 @@ class Supervisor:
                 self._exit_code = STARTUP_FAILURE
                 self._drain()
                 continue
-            was_ready = self._shared.states[index] == READY
+            was_ready = self.shared.states[index] == READY
             self._failures[index] = 0 if was_ready else self._failures[index] + 1
             failures = self._failures[index]
             delay = 0.0 if not failures else min(MAX_BACKOFF_SECONDS, 2.0 ** (failures - 1))
@@ -475,11 +475,11 @@ class Supervisor:
                 how,
                 f" in {delay:g} s" if delay else "",
             )
-            self._shared.flags[RESTARTS] += 1
+            self.shared.flags[RESTARTS] += 1
             # The replacement of a worker that was serving takes no connection before it is
             # ready, so readiness holds meanwhile; a worker of the first start keeps it off.
-            if self._shared.states[index] == READY:
-                self._shared.states[index] = REPLACING
+            if self.shared.states[index] == READY:
+                self.shared.states[index] = REPLACING
             self._pending[index] = time.monotonic() + delay
 
     def _start_replacements(self) -> None:
@@ -498,15 +498,15 @@ class Supervisor:
             return
         now = time.monotonic()
         for worker in self.workers.values():
-            beat = self._shared.beats[worker.index]
-            if self._shared.states[worker.index] == READY and beat and now - beat > timeout:
+            beat = self.shared.beats[worker.index]
+            if self.shared.states[worker.index] == READY and beat and now - beat > timeout:
                 logger.error(
                     "worker %d (pid %d) has not answered for %.0f s: killing it",
                     *self._who(worker),
                     now - beat,
                 )
                 worker.process.kill()
-                self._shared.beats[worker.index] = 0.0  # one kill per hang
+                self.shared.beats[worker.index] = 0.0  # one kill per hang
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -531,7 +531,7 @@ class Supervisor:
 
     def _drain(self) -> None:
         self._draining = True
-        self._shared.flags[DRAIN] = 1  # every worker refuses new work from now on
+        self.shared.flags[DRAIN] = 1  # every worker refuses new work from now on
         self._terminate_all()
         self._kill_at = time.monotonic() + self.settings.drain_seconds + KILL_GRACE_SECONDS
 

@@ -193,7 +193,7 @@ def supervise(
     values: dict[str, object] = {"port": 0, "grpc_port": 0, "drain_seconds": 5}
     settings = Settings(**{**values, **overrides})  # type: ignore[arg-type]
     supervisor = Supervisor(settings, 2, cores=2, target=target)
-    shared = supervisor._shared
+    shared = supervisor.shared
     finished = threading.Event()
     reached: list[bool] = []
 
@@ -211,7 +211,7 @@ def supervise(
         finished.set()
         trigger.join(timeout=WAIT)
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # put back as it was
-    assert supervisor._metrics_dir and not os.path.exists(supervisor._metrics_dir)
+    assert supervisor.metrics_dir and not os.path.exists(supervisor.metrics_dir)
     return code, supervisor, reached == [True]
 
 
@@ -226,7 +226,7 @@ def test_a_worker_that_cannot_start_stops_the_whole_server(
 ) -> None:
     code, supervisor, _ = supervise(standins.fail_start, lambda shared: False)
     assert code == STARTUP_FAILURE
-    assert supervisor._shared.flags[RESTARTS] == 0  # never replaced: it would fail the same way
+    assert supervisor.shared.flags[RESTARTS] == 0  # never replaced: it would fail the same way
     assert "could not start (exit 3): stopping" in caplog.text
 
 
@@ -235,7 +235,7 @@ def test_a_dead_worker_is_replaced_and_sigterm_then_stops_all(
 ) -> None:
     code, supervisor, replaced = supervise(standins.crash, all_ready_after_restarts(1))
     assert replaced and code == 0
-    assert supervisor._shared.flags[RESTARTS] == 1
+    assert supervisor.shared.flags[RESTARTS] == 1
     assert re.search(r"worker 1 \(pid \d+\) exited with 1; replacing it\n", caplog.text)
     assert "draining 2 workers" in caplog.text
 
@@ -247,7 +247,7 @@ def test_a_worker_whose_loop_stops_beating_is_killed_and_replaced(
         standins.hang, all_ready_after_restarts(1), worker_timeout=0.5
     )
     assert replaced and code == 0
-    assert supervisor._shared.flags[RESTARTS] == 1
+    assert supervisor.shared.flags[RESTARTS] == 1
     assert re.search(r"worker 1 \(pid \d+\) has not answered for \d+ s: killing it", caplog.text)
     assert re.search(r"worker 1 \(pid \d+\) killed by signal 9; replacing it", caplog.text)
 
