@@ -57,6 +57,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results import table, write_result  # noqa: E402
 from models.layout import latest_version  # noqa: E402
 from models.manifest import INPUT_NAME, Manifest  # noqa: E402
 from service.detector import CUDA, load_detector  # noqa: E402
@@ -428,6 +429,42 @@ def verdicts(
         target("2x overload: accepted p99 / unloaded p99", ratio, "< 5",
                ratio is not None and ratio < 5),
     ]  # fmt: skip
+
+
+def result_tables(
+    rows: dict[str, Measured], overload: dict[str, Any], targets: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """What the docs' benchmarks page shows of a run (bench/results.py renders it)."""
+    measured = [
+        [name, row.images_per_s, row.p50_ms, row.p99_ms, row.non_2xx, row.refused_503]
+        for name, row in rows.items()
+    ]
+    measured.append(
+        [
+            f"service, {overload['rate']:.0f} requests/s offered (open loop), accepted",
+            overload["accepted_images_per_s"],
+            overload["ok_p50_ms"],
+            overload["ok_p99_ms"],
+            overload["non_2xx"],
+            overload["refused_503"],
+        ]
+    )
+    return [
+        table(
+            "Images per second and latency (medians over rounds)",
+            ["configuration", "images/s", "p50 ms", "p99 ms", "non-2xx", "503"],
+            measured,
+            ["", ".1f", ".2f", ".2f", "d", "d"],
+        ),
+        table(
+            "Targets",
+            ["target", "value", "goal", "verdict"],
+            [
+                [t["what"], show(t["value"], 3), t["target"], "pass" if t["pass"] else "FAIL"]
+                for t in targets
+            ],
+        ),
+    ]
 
 
 def show(value: Any, digits: int = 2) -> str:
@@ -818,7 +855,14 @@ def main() -> None:
             "targets": targets,
             "profile_self_time": profile,
         }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_result(
+            args.json,
+            "serving",
+            f"The service against raw ONNX Runtime and an HTTP floor ({report['model']})",
+            report,
+            result_tables(rows, overload, targets),
+            [placement],
+        )
 
 
 if __name__ == "__main__":
