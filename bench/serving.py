@@ -219,7 +219,9 @@ def wait_ready(server: Server, path: str, timeout: float = 90.0) -> None:
                     reasons = "; ".join(
                         f"{r['name']}/{r['version']}: {r['reason']}" for r in refused
                     )
-                    raise SystemExit(f"the service is not ready: {reasons or 'no reason'}")
+                    # Nothing refused: another worker process is still loading (--workers).
+                    if reasons:
+                        raise SystemExit(f"the service is not ready: {reasons}")
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
@@ -596,19 +598,19 @@ def workers_sweep(
             f"({entry['target']}): {entry['images_per_s']:.1f} {verdict}"
         )
     if args.json:
+        cpu_note = (
+            "CPU ms/image: CPU time of the server's processes (workers and supervisor) per "
+            "answered image; unlike images/s it does not depend on how much of a shared machine "
+            "the run got"
+        )
+        placement = f"not pinned: the servers and wrk share CPUs {sorted(os.sched_getaffinity(0))}"
         report = {
-            "what": "worker scaling: rcegate serve --workers N at a fixed connection count",
-            "command": " ".join(["python", *sys.argv]),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {"cpus": cores, "cpu_count": os.cpu_count(), "platform": sys.platform},
             "model": f"{manifest.name}/{manifest.version}",
             "connections": connections,
             "duration_s": args.duration,
             "rounds": args.rounds,
-            "placement": "not pinned: servers and wrk share the CPUs",
-            "note": "server_cpu_ms_per_image: CPU seconds of the server's processes (workers "
-            "and supervisor) per answered image; unlike images/s it does not depend on how much "
-            "of a shared machine the run got",
+            "cores": cores,
+            "placement": placement,
             "load_average": [load_before[0], load_after[0]],
             "env": {k: v for k, v in os.environ.items() if k.startswith("RCEGATE_")},
             "server_args": args.server_args,
@@ -618,8 +620,53 @@ def workers_sweep(
             },
             "scaling": scaling,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        ratios = {f"workers {e['workers']} @{connections}": e["ratio_to_n_x_one"] for e in scaling}
+        measured = [
+            [
+                name,
+                row.images_per_s,
+                row.p50_ms,
+                row.p99_ms,
+                row.refused_503,
+                show(ratios.get(name), 3),
+                show(statistics.median(cpu_ms[name]) if name in cpu_ms else None, 3),
+            ]
+            for name, row in rows.items()
+        ]
+        targets = [
+            [
+                f"workers {e['workers']} @{connections}",
+                f"{e['images_per_s']:.1f}",
+                f">= {e['target_images_per_s']:.1f} ({e['target']})",
+                "pass" if e["pass"] else "FAIL",
+            ]
+            for e in scaling[1:]
+        ]
+        write_result(
+            args.json,
+            "workers",
+            f"Worker processes: rcegate serve --workers N at {connections} connections "
+            f"({report['model']})",
+            report,
+            [
+                table(
+                    "Images per second by worker count (medians over rounds)",
+                    [
+                        "configuration",
+                        "images/s",
+                        "p50 ms",
+                        "p99 ms",
+                        "503",
+                        "/ (N x 1 worker)",
+                        "CPU ms/image",
+                    ],
+                    measured,
+                    ["", ".1f", ".2f", ".2f", "d", "", ""],
+                ),
+                table("Targets (issue 25)", ["run", "images/s", "goal", "verdict"], targets),
+            ],
+            [placement, cpu_note],
+        )
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -234,12 +234,12 @@ class Settings(BaseSettings):
     )
 
     # -- Worker processes (service/workers.py) --
-    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
+    workers: int | Literal["auto"] = Field(
         1,
-        description="Server processes behind the one HTTP port and the one gRPC port of `rcegate "
-        "serve` (a supervisor shares the sockets, replaces a worker that dies, drains them all "
-        "on SIGTERM and aggregates /metrics); auto: chosen from the cores and the provider "
-        "(docs/serving.md, Worker processes).",
+        description="Server processes (1 to 256) behind the one HTTP port and the one gRPC port "
+        "of `rcegate serve` (a supervisor shares the sockets, replaces a worker that dies, "
+        "drains them all on SIGTERM and aggregates /metrics); auto: chosen from the cores and "
+        "the provider (docs/serving.md, Worker processes).",
     )
     worker_timeout: float = Field(
         60.0,
