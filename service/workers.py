@@ -1,5 +1,6 @@
 """Worker processes: `rcegate serve --workers N` runs N server processes behind one HTTP port and
-one gRPC port (uvicorn's and gunicorn's multi-process supervisors are the model).
+one gRPC port (uvicorn's and gunicorn's multi-process supervisors are the model). This module is
+the supervisor and what it shares with the workers; service/worker_process.py runs in each worker.
 
 The supervisor (the `rcegate serve` process) never loads a model. It:
 
@@ -35,7 +36,6 @@ container's memory bound holds. `auto` picks N from the cores and the provider
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import glob
 import logging
@@ -45,25 +45,18 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from service.guard import Lifecycle
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
-
-    from service.server import DrainingServer
 
 logger = logging.getLogger(__name__)
 
@@ -197,81 +190,14 @@ class WorkerLifecycle(Lifecycle):
 # -- the worker process ---------------------------------------------------------------------
 
 
-def _make_worker_server(
-    app: FastAPI, settings: Settings, shared: Shared, index: int, parent: int
-) -> DrainingServer:
-    from service.server import DrainingServer, uvicorn_config
-
-    class WorkerServer(DrainingServer):
-        """A DrainingServer that reports its readiness and heartbeat to the supervisor, and
-        drains by itself if the supervisor is gone."""
-
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets)
-            if self.should_exit:
-                return
-            logger.info("worker %d (pid %d) is accepting connections", index + 1, os.getpid())
-            self._beating = asyncio.create_task(self._beat())
-            app.state.loading.add_done_callback(lambda _: self._loaded())
-
-        def _loaded(self) -> None:
-            if app.state.repository.ready:
-                logger.info("worker %d (pid %d) is ready", index + 1, os.getpid())
-                shared.states[index] = READY
-            else:  # the models did not load: this worker cannot serve, and says so
-                shared.states[index] = STARTING
-
-        async def _beat(self) -> None:
-            while not self.should_exit:
-                shared.beats[index] = time.monotonic()
-                if os.getppid() != parent and not self._signalled:
-                    logger.warning("the supervisor (pid %d) is gone: draining", parent)
-                    self.handle_exit(signal.SIGTERM, None)
-                await asyncio.sleep(BEAT_SECONDS)
-
-    return WorkerServer(uvicorn_config(app, settings), app, settings.drain_seconds, reuse_port=True)
-
-
-def _load_before_accepting(app: FastAPI) -> None:
-    """Hold the server's start-up until the models are loaded and warmed up: a replacement
-    worker then accepts no connection it could only answer with 503."""
-    original = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
-        async with original(app) as state:
-            await asyncio.shield(app.state.loading)
-            yield state
-
-    app.router.lifespan_context = lifespan
-
-
 def run_worker(
     index: int, settings: Settings, sock: socket.socket, shared: Shared, parent: int
 ) -> None:
-    """A worker process's main: the app on the shared socket until drained."""
-    # Its own process group: a Ctrl-C in the terminal reaches only the supervisor, which
-    # drains every worker once (a signal straight to the worker would count as a second one).
-    os.setpgrp()
-    logging.basicConfig(
-        format=f"%(asctime)s %(levelname)s [worker {index + 1}] %(name)s: %(message)s"
-    )
-    logging.getLogger().setLevel(settings.log_level.upper())
-    from service.app import create_app
-    from service.metrics import WorkerCollector
+    """A worker process's main (service/worker_process.py). Imported there only when the worker
+    runs, so the supervisor never loads the app, ONNX Runtime or a model."""
+    from service.worker_process import main
 
-    app = create_app(settings, WorkerLifecycle(shared, index))
-    app.state.metrics.scrape_collectors.append(WorkerCollector(shared.snapshot))
-    if shared.states[index] == REPLACING:
-        _load_before_accepting(app)
-    server = _make_worker_server(app, settings, shared, index, parent)
-    server.run(sockets=[sock])
-    # Everything is closed by now; tearing the interpreter down (ONNX Runtime sessions and
-    # all) would only delay the exit the supervisor waits for by seconds.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0 if server.started else STARTUP_FAILURE)
+    main(index, settings, sock, shared, parent)
 
 
 # -- the supervisor -------------------------------------------------------------------------

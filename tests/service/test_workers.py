@@ -5,6 +5,7 @@ supervisor with stand-in workers (real processes, real signals), and a real
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import re
 import shutil
@@ -22,12 +23,15 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 from fastapi.testclient import TestClient
+from onnxruntime import get_available_providers as ort_providers
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from service.app import create_app
+from service.metrics import Metrics, WorkerCollector
 from service.oip import oip_pb2
 from service.oip.grpc import InferenceService
+from service.server import uvicorn_config
 from service.settings import Settings
+from service.worker_process import WorkerServer, worker_app
 from service.workers import (
     CUDA_WORKERS,
     DRAIN,
@@ -38,9 +42,10 @@ from service.workers import (
     STARTUP_FAILURE,
     Shared,
     Supervisor,
-    WorkerLifecycle,
     auto_workers,
     available_cores,
+    grpc_port_free,
+    uses_cuda,
     worker_count,
     worker_settings,
 )
@@ -126,11 +131,11 @@ def default_model_only(root: Path) -> Path:
 
 
 @pytest.fixture
-def worker_app(tmp_path: Path) -> Iterator[tuple[TestClient, Shared]]:
-    """Worker 1 of 2 as run_worker builds it; the test plays the supervisor and worker 2."""
+def worker_one(tmp_path: Path) -> Iterator[tuple[TestClient, Shared]]:
+    """Worker 1 of 2 as its process builds it; the test plays the supervisor and worker 2."""
     shared = Shared(2)
     settings = Settings(model_dir=default_model_only(tmp_path))
-    with TestClient(create_app(settings, WorkerLifecycle(shared, 0))) as client:
+    with TestClient(worker_app(settings, shared, 0)) as client:
         wait_loaded(client)
         yield client, shared
 
@@ -145,9 +150,9 @@ def server_ready(client: TestClient) -> bool:
 
 
 def test_every_readiness_check_waits_for_every_worker(
-    worker_app: tuple[TestClient, Shared], digit_png: bytes
+    worker_one: tuple[TestClient, Shared], digit_png: bytes
 ) -> None:
-    client, shared = worker_app
+    client, shared = worker_one
     shared.states[0] = READY  # this worker loaded (what WorkerServer reports)
     shared.states[1] = STARTING
     ready = client.get("/health/ready")
@@ -167,9 +172,9 @@ def test_every_readiness_check_waits_for_every_worker(
 
 
 def test_the_supervisors_drain_flag_drains_every_worker_at_once(
-    worker_app: tuple[TestClient, Shared], digit_png: bytes
+    worker_one: tuple[TestClient, Shared], digit_png: bytes
 ) -> None:
-    client, shared = worker_app
+    client, shared = worker_one
     shared.states[0] = shared.states[1] = READY
     assert client.post("/v1/predict", content=digit_png, headers=PNG).status_code == 200
     shared.flags[DRAIN] = 1  # before this worker has even seen its SIGTERM
@@ -178,6 +183,103 @@ def test_the_supervisors_drain_flag_drains_every_worker_at_once(
     late = client.post("/v1/predict", content=digit_png, headers=PNG)
     assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
     assert not server_ready(client)
+
+
+# -- the worker side in-process (service/worker_process.py) -----------------------------------
+
+
+def test_a_replacement_has_loaded_its_models_when_its_server_starts(tmp_path: Path) -> None:
+    shared = Shared(2)
+    shared.states[0] = REPLACING
+    app = worker_app(Settings(model_dir=default_model_only(tmp_path)), shared, 0)
+    with TestClient(app) as client:  # the lifespan ran: what uvicorn awaits before accepting
+        assert client.app.state.repository.ready  # type: ignore[attr-defined]
+
+
+def test_a_worker_reports_ready_once_loaded_and_starting_when_nothing_loaded(
+    worker_app_client: Callable[[Path], tuple[TestClient, WorkerServer]], tmp_path: Path
+) -> None:
+    _, server = worker_app_client(default_model_only(tmp_path / "good"))
+    server.loaded()
+    assert server.shared.states[0] == READY
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _, broken = worker_app_client(empty)
+    broken.shared.states[0] = READY
+    broken.loaded()
+    assert broken.shared.states[0] == STARTING  # no model: readiness stays off everywhere
+
+
+def test_a_worker_stops_when_its_supervisor_is_gone(
+    worker_app_client: Callable[[Path], tuple[TestClient, WorkerServer]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _, server = worker_app_client(default_model_only(tmp_path))
+    server.parent = os.getppid()
+    server.beat()
+    assert server.shared.beats[0] > 0 and not server.should_exit
+    server.parent = os.getppid() + 100_000  # not this process's parent: it was re-parented
+    server.beat()
+    assert server.should_exit
+    assert f"the supervisor (pid {server.parent}) is gone: draining" in caplog.text
+
+
+@pytest.fixture
+def worker_app_client() -> Iterator[Callable[[Path], tuple[TestClient, WorkerServer]]]:
+    """Worker 1 of 2 over a model directory, with its WorkerServer (not started)."""
+    clients: list[TestClient] = []
+
+    def make(model_dir: Path) -> tuple[TestClient, WorkerServer]:
+        settings = Settings(model_dir=model_dir)
+        shared = Shared(2)
+        app = worker_app(settings, shared, 0)
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        wait_loaded(client)
+        config = uvicorn_config(app, settings)
+        return client, WorkerServer(config, app, settings, shared, 0, os.getppid())
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def test_metrics_of_worker_processes_carry_the_workers_state(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    metrics = Metrics()
+    assert metrics.multiprocess_dir == str(tmp_path)
+    metrics.scrape_collectors.append(WorkerCollector(lambda: ({"ready": 3, "starting": 1}, 2)))
+    text = metrics.exposition().decode()
+    assert 'rcegate_workers{state="ready"} 3.0' in text
+    assert 'rcegate_workers{state="starting"} 1.0' in text
+    assert 'rcegate_workers{state="replacing"} 0.0' in text
+    assert "rcegate_worker_restarts_total 2.0" in text
+
+
+def test_the_supervisor_refuses_ports_in_use_before_starting_any_worker() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert isinstance(grpc_port_free("127.0.0.1", port), OSError)
+        grpc_taken = Settings(port=0, grpc_port=port)
+        assert Supervisor(grpc_taken, 2, cores=2).run() == STARTUP_FAILURE
+        http_taken = Settings(port=port, grpc_port=0)
+        assert Supervisor(http_taken, 2, cores=2).run() == 1
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+def test_cuda_is_used_only_when_asked_for_or_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert uses_cuda(Settings(providers="cuda")) and not uses_cuda(Settings(providers="cpu"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not uses_cuda(Settings(providers="auto"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    has_gpu = bool(glob.glob("/dev/nvidia[0-9]*"))
+    assert uses_cuda(Settings(providers="auto")) == (has_gpu and "CUDA" in str(ort_providers()))
 
 
 # -- the supervisor, with stand-in workers ---------------------------------------------------
