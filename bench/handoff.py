@@ -178,7 +178,13 @@ def main() -> None:
                     ["", ".1f", "+.1f"],
                 )
             ],
-            ["one client at a time, no event loop and no batcher on either side: a lower bound"],
+            [
+                "one client at a time, no event loop and no batcher on either side",
+                "each hand-off wakes the model process and then the client: on a machine whose "
+                "cores are busy with other work, the model rows carry the scheduler's wake-up "
+                "latency (up to a tick each way), which the echo rows, answered before the "
+                "client sleeps, do not; compare the load average above",
+            ],
         )
 
 
