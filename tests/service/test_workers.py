@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import logging
 import os
 import re
 import shutil
@@ -287,11 +288,15 @@ def test_cuda_is_used_only_when_asked_for_or_present(monkeypatch: pytest.MonkeyP
 
 
 def supervise(
-    target: Callable[..., None], until: Callable[[Shared], bool], **overrides: object
+    target: Callable[..., None],
+    until: Callable[[Shared], bool],
+    then: Callable[[Shared], bool] | None = None,
+    **overrides: object,
 ) -> tuple[int, Supervisor, bool]:
     """Run a Supervisor of two stand-ins in this (main) thread; once `until` holds (or after
-    WAIT at most), send this process SIGTERM, as an orchestrator would. Returns the exit
-    status, the supervisor, and whether `until` held before the supervisor ended."""
+    WAIT at most), send this process SIGTERM, as an orchestrator would, and with `then`, a
+    second SIGTERM once `then` holds. Returns the exit status, the supervisor, and whether
+    `until` (and `then`) held before the supervisor ended."""
     values: dict[str, object] = {"port": 0, "grpc_port": 0, "drain_seconds": 5}
     settings = Settings(**{**values, **overrides})  # type: ignore[arg-type]
     supervisor = Supervisor(settings, 2, cores=2, target=target)
@@ -300,10 +305,13 @@ def supervise(
     reached: list[bool] = []
 
     def terminate_when_done() -> None:
-        wait_until(lambda: finished.is_set() or until(shared))
-        reached.append(not finished.is_set() and until(shared))
-        if not finished.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)  # the supervisor's handler takes it
+        for condition in (until, then):
+            if condition is None:
+                continue
+            wait_until(lambda c=condition: finished.is_set() or c(shared))
+            reached.append(not finished.is_set() and condition(shared))
+            if not finished.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)  # the supervisor's handler takes it
 
     trigger = threading.Thread(target=terminate_when_done, daemon=True)
     trigger.start()
@@ -314,7 +322,7 @@ def supervise(
         trigger.join(timeout=WAIT)
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # put back as it was
     assert supervisor.metrics_dir and not os.path.exists(supervisor.metrics_dir)
-    return code, supervisor, reached == [True]
+    return code, supervisor, all(reached)
 
 
 def all_ready_after_restarts(count: int) -> Callable[[Shared], bool]:
@@ -335,11 +343,26 @@ def test_a_worker_that_cannot_start_stops_the_whole_server(
 def test_a_dead_worker_is_replaced_and_sigterm_then_stops_all(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="service.workers")
     code, supervisor, replaced = supervise(standins.crash, all_ready_after_restarts(1))
     assert replaced and code == 0
     assert supervisor.shared.flags[RESTARTS] == 1
     assert re.search(r"worker 1 \(pid \d+\) exited with 1; replacing it\n", caplog.text)
     assert "draining 2 workers" in caplog.text
+
+
+def test_a_second_signal_stops_workers_still_draining(caplog: pytest.LogCaptureFixture) -> None:
+    """The stand-ins never finish a drain; a second SIGTERM must end them (forwarded), not the
+    kill that follows drain_seconds (60 here: the test would wait that long, and exit 1)."""
+    caplog.set_level(logging.INFO, logger="service.workers")
+    code, _, both_signals = supervise(
+        standins.slow_drain,
+        lambda shared: all(state == READY for state in shared.states),
+        then=lambda shared: all(state == STARTING for state in shared.states),
+        drain_seconds=60,
+    )
+    assert both_signals and code == 0  # exited on their own: none was killed
+    assert "signal 15 again: stopping the workers now" in caplog.text
 
 
 def test_a_worker_whose_loop_stops_beating_is_killed_and_replaced(

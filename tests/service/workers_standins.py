@@ -14,7 +14,7 @@ import socket
 import time
 
 from service.settings import Settings
-from service.workers import READY, RESTARTS, STARTUP_FAILURE, Shared
+from service.workers import READY, RESTARTS, STARTING, STARTUP_FAILURE, Shared
 
 
 def _stand_in(behaviour: str, index: int, shared: Shared) -> None:
@@ -45,3 +45,22 @@ def crash(index: int, settings: Settings, sock: socket.socket, shared: Shared, _
 def hang(index: int, settings: Settings, sock: socket.socket, shared: Shared, _: int) -> None:
     """Worker 1 turns ready, then its heartbeat stops; its replacement beats."""
     _stand_in("hang", index, shared)
+
+
+def slow_drain(index: int, settings: Settings, sock: socket.socket, shared: Shared, _: int) -> None:
+    """Ready at once; a first SIGTERM starts a drain that would never end by itself (the
+    stand-in shows it by going back to `starting`), a second one exits, as a real worker's
+    second signal does."""
+    signals: list[int] = []
+
+    def on_term(*_: object) -> None:
+        signals.append(1)
+        if len(signals) >= 2:
+            os._exit(0)
+        shared.states[index] = STARTING
+
+    signal.signal(signal.SIGTERM, on_term)
+    shared.states[index] = READY
+    while True:
+        shared.beats[index] = time.monotonic()
+        time.sleep(0.05)
