@@ -399,6 +399,9 @@ def test_rest_refusals_of_the_framing(oip_server: tuple[str, str]) -> None:
     response = httpx.post(url, content=b"{not json")
     assert response.status_code == 400
     assert response.json()["error"].startswith("the inference request is not valid JSON")
+    assert "binary" not in response.json()["error"]  # bad JSON, not binary data
+    response = httpx.post(url, content=b'{"inputs": []}' + bytes(range(200, 216)))
+    assert response.status_code == 400
     assert response.json()["error"].endswith(
         "(binary tensor data needs Inference-Header-Content-Length)"
     )
