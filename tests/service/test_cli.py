@@ -184,3 +184,28 @@ def test_a_model_dir_alone_serves_its_model_as_the_default(
         models = httpx.get(f"{live.url}/v1/models", timeout=10).json()["models"]
         assert [m["default"] for m in models] == [True]
     assert "default model: tiny" in (tmp_path / "server.log").read_text()
+
+
+def test_serve_checks_name_where_each_value_came_from(
+    tmp_path: Path, busy_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checks of `rcegate serve`, in process (the real command is tested above).
+    from pydantic import ValidationError
+
+    from service import cli
+    from service.settings import Settings
+
+    for variable in [v for v in os.environ if v.startswith("RCEGATE_")]:
+        monkeypatch.delenv(variable)
+    settings = Settings(model_dir=tmp_path, port=busy_port, grpc_port=0)
+    with pytest.raises(cli.ServeError, match=rf"HTTP port {busy_port} .* in use \(--port\)"):
+        cli._check(settings, {"port": busy_port})
+    with pytest.raises(cli.ServeError, match=r"does not exist \(the default; set --model-dir"):
+        cli._check(Settings(model_dir=tmp_path / "no"), {})
+    monkeypatch.setenv("RCEGATE_GRPC_PORT", str(busy_port))
+    with pytest.raises(cli.ServeError, match=r"gRPC port .* in use \(RCEGATE_GRPC_PORT\)"):
+        cli._check(Settings(model_dir=tmp_path, port=0), {})
+    with pytest.raises(ValidationError) as invalid:
+        Settings(mode="strict")  # type: ignore[arg-type]
+    assert cli._settings_error(invalid.value, {"mode": "strict"}).startswith("--mode: Input")
+    assert cli._settings_error(invalid.value, {}).startswith("--mode or RCEGATE_MODE: Input")
