@@ -568,8 +568,11 @@ def test_the_server_fails_to_start_when_the_grpc_port_is_taken(tmp_path: Path) -
             timeout=60,
             check=False,
         )
-    assert done.returncode == 3, done.stderr
-    assert "cannot serve gRPC on port" in done.stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: the gRPC port {env['RCEGATE_GRPC_PORT']} on 127.0.0.1 is in use "
+        "(RCEGATE_GRPC_PORT)"
+    ]
 
 
 def test_api_keys_guard_oip_over_rest_and_grpc_but_not_health(tmp_path: Path) -> None:
