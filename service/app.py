@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
         loading = asyncio.create_task(asyncio.to_thread(repository.load, before_ready))
         app.state.loading = loading
         yield
+        repository.stop()
         if not loading.done():
             loading.cancel()
         # Whatever is still queued finishes before the inference threads stop.

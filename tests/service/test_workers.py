@@ -117,8 +117,8 @@ def test_a_bad_worker_count_is_refused_with_one_line(monkeypatch: pytest.MonkeyP
     )
     assert done.returncode == 2
     assert done.stderr.strip() == (
-        "error: invalid settings: RCEGATE_WORKERS: Value error, give a number of workers from "
-        "1 to 256, or auto (got '0')"
+        "error: invalid settings: --workers: give a number of workers from 1 to 256, or auto "
+        "(got '0')"
     )
 
 
@@ -451,8 +451,10 @@ def test_a_second_server_cannot_share_the_grpc_port_of_a_running_one(
         done = subprocess.run(
             command, capture_output=True, text=True, env=env, timeout=60, check=False
         )
-        assert done.returncode == STARTUP_FAILURE, (workers, done.stderr)
-        assert f"cannot serve gRPC on port {grpc_port}" in done.stderr
+        assert done.returncode == 1, (workers, done.stderr)
+        assert done.stderr.strip().splitlines() == [
+            f"error: the gRPC port {grpc_port} on 127.0.0.1 is in use (--grpc-port)"
+        ]
 
 
 def test_a_second_server_on_a_taken_http_port_fails_at_once(
@@ -464,7 +466,9 @@ def test_a_second_server_on_a_taken_http_port_fails_at_once(
     command += ["--grpc-port", "0", "--model-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=False)
     assert done.returncode == 1
-    assert f"cannot serve HTTP on 127.0.0.1:{server.port}" in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: the HTTP port {server.port} on 127.0.0.1 is in use (--port)"
+    ]
 
 
 def in_flight_of(server: Live, pid: int) -> float:
