@@ -75,11 +75,22 @@ class ProberTracker:
         self._clock = clock
         # Two LRUs: unflagged clients are evicted first, flagged ones only when none is left.
         self._clients: OrderedDict[str, _Client] = OrderedDict()
-        self._flagged: OrderedDict[str, _Client] = OrderedDict()
+        self._probing: OrderedDict[str, _Client] = OrderedDict()  # the flagged ones
         self._lock = threading.Lock()  # adapters may call from more than one thread
+        self._flagged_gauge = metrics.flagged_clients
         self.flagged = 0
         self._flags = metrics.prober_flags
-        metrics.flagged_clients.set_function(lambda: self.flagged)
+
+    @property
+    def flagged(self) -> int:
+        """Clients flagged now (also the gauge; set, not a set_function, so that it reaches
+        /metrics from every worker process)."""
+        return self._flagged
+
+    @flagged.setter
+    def flagged(self, count: int) -> None:
+        self._flagged = count
+        self._flagged_gauge.set(count)
 
     def _epoch(self) -> int:
         return int(self._clock() // self.slot_seconds)
@@ -91,7 +102,7 @@ class ProberTracker:
         if over and not state.flagged:
             state.flagged = True
             self.flagged += 1
-            self._flagged[who] = self._clients.pop(who)
+            self._probing[who] = self._clients.pop(who)
             self._flags.inc()
             logger.warning(
                 "client %s flagged as probing: %d of %d images rejected in the last %g s",
@@ -103,7 +114,7 @@ class ProberTracker:
         elif not over and state.flagged:
             state.flagged = False
             self.flagged -= 1
-            self._clients[who] = self._flagged.pop(who)
+            self._clients[who] = self._probing.pop(who)
 
     def check(self, who: str | None) -> None:
         """Raise Throttled for a flagged client when throttling is on."""
@@ -111,7 +122,7 @@ class ProberTracker:
             return
         who = tracked_name(who)
         with self._lock:
-            state = self._flagged.get(who)
+            state = self._probing.get(who)
             if state is None:
                 return
             images, rejected = state.totals(self._epoch())
@@ -128,7 +139,7 @@ class ProberTracker:
             return
         who = tracked_name(who)
         with self._lock:
-            lru = self._flagged if who in self._flagged else self._clients
+            lru = self._probing if who in self._probing else self._clients
             state = lru.get(who)
             if state is None:
                 if len(self) >= self.capacity:
@@ -147,11 +158,11 @@ class ProberTracker:
         if self._clients:
             self._clients.popitem(last=False)
         else:
-            self._flagged.popitem(last=False)
+            self._probing.popitem(last=False)
             self.flagged -= 1
 
     def __len__(self) -> int:
-        return len(self._clients) + len(self._flagged)
+        return len(self._clients) + len(self._probing)
 
 
 def tracked_name(who: str) -> str:

@@ -40,6 +40,7 @@ class ModelRepository:
         self._detectors: dict[str, dict[int, Detector]] = {}
         self.refused: list[Refused] = []
         self._loaded = threading.Event()
+        self._stopping = threading.Event()
         self.error: str | None = None
         # The model POST /v1/predict answers with; settled once loading finished.
         self.default_name = settings.default_model or BUILTIN_DEFAULT_MODEL
@@ -64,6 +65,11 @@ class ModelRepository:
     @property
     def loaded(self) -> bool:
         return self._loaded.is_set()
+
+    def stop(self) -> None:
+        """Stop loading after the version being loaded: the service is shutting down (a port
+        that could not be bound, a signal while loading), so nothing more is loaded or logged."""
+        self._stopping.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until loading finished (for tests and the CLI); True if it did in time."""
@@ -92,6 +98,10 @@ class ModelRepository:
                         "ASCII digits without a leading zero (1, 2, 10)",
                     )
             for directory in directories:
+                if self._stopping.is_set():
+                    logger.info("model loading stopped: the service is shutting down")
+                    self.error = "the service is shutting down"
+                    return
                 self._load_one(directory)
             if not self._detectors:
                 # Said on the open readiness endpoints: no filesystem path (it is in the log).
@@ -141,6 +151,8 @@ class ModelRepository:
             logger.exception("loading %s crashed", directory)
             self._refuse(directory, f"loading failed unexpectedly ({type(exc).__name__})")
             return
+        if self._stopping.is_set():
+            return  # shut down while this version loaded: it will never serve
         self._detectors.setdefault(detector.name, {})[detector.version] = detector
         logger.info(
             "loaded model %s/%s (metric %s, threshold %.6g at target_fpr %g) on %s; "

@@ -109,8 +109,9 @@ def _integer(text: str) -> int:
     return int(text)
 
 
-def load_json(data: bytes, bounds: RequestBounds, hint: str = "") -> object:
-    """Parse a request's JSON once its size and value count are within `bounds`."""
+def load_json(data: bytes, bounds: RequestBounds, framed: bool = True) -> object:
+    """Parse a request's JSON once its size and value count are within `bounds`; `framed`:
+    the request said where its JSON ends (Inference-Header-Content-Length)."""
     if len(data) > bounds.json_bytes:
         raise BodyTooLarge(
             f"the JSON of an inference request for this model is at most {bounds.json_bytes} "
@@ -123,6 +124,14 @@ def load_json(data: bytes, bounds: RequestBounds, hint: str = "") -> object:
     except RecursionError:
         raise InvalidInput("the inference request's JSON is nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # Only a JSON header followed by other bytes (or bytes that are not text) looks like
+        # binary tensor data sent without its framing header; plain bad JSON gets no hint.
+        binary_like = isinstance(exc, UnicodeDecodeError) or exc.msg == "Extra data"
+        hint = (
+            " (binary tensor data needs Inference-Header-Content-Length)"
+            if binary_like and not framed
+            else ""
+        )
         raise InvalidInput(f"the inference request is not valid JSON: {exc}{hint}") from None
     except ValueError as exc:  # what a number conversion may still say; never a 500
         raise InvalidInput(f"the inference request has an invalid number: {exc}") from None

@@ -388,8 +388,7 @@ def decode_request(
     """Parse and check one request (JSON within `bounds`, then every field's type, count and
     length) into the tensor and options the data plane takes."""
     bounds = bounds or RequestBounds.of(detector.input_shape, max_images)
-    hint = "" if framed else " (binary tensor data needs Inference-Header-Content-Length)"
-    body = _object(load_json(header, bounds, hint), "the inference request")
+    body = _object(load_json(header, bounds, framed), "the inference request")
     request_id = body.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInput("id must be a string")
