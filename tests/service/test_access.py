@@ -6,14 +6,16 @@ import hashlib
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.access import ACCESS_LOGGER, ApiKeys, Identity, printable
+from service.access import ACCESS_LOGGER, AccessLog, ApiKeys, Identity, printable
 from service.errors import Unauthorized
+from service.metrics import Metrics
 from tests.service.conftest import encode
 
 PNG = {"content-type": "image/png"}
@@ -30,13 +32,17 @@ UNAUTHORIZED = {
 
 @pytest.fixture
 def access_lines() -> Iterator[io.StringIO]:
-    """Everything the access logger writes while the test runs."""
+    """Everything the access logger writes while the test runs. (At INFO: an AccessLog made
+    while this handler is attached finds the logger configured and leaves its level alone.)"""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logger = logging.getLogger(ACCESS_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     yield stream
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def test_authorize_accepts_bearer_and_x_api_key_and_names_the_client() -> None:
@@ -291,3 +297,36 @@ def test_api_keys_come_from_the_environment_as_hashes(monkeypatch: pytest.Monkey
     monkeypatch.setenv("RCEGATE_API_KEYS", json.dumps({"bad id": KEYS["ci"]}))
     with pytest.raises(ValidationError, match="api key id 'bad id'"):
         Settings()
+
+
+def test_access_log_drops_and_counts_lines_while_its_writer_is_behind(
+    access_lines: io.StringIO,
+) -> None:
+    """The event loop only enqueues: with the writer stuck and its queue (capacity 1) full, a
+    line is dropped and counted, never waited for."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Stuck(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            entered.set()
+            assert release.wait(30), "the test never released the writer"
+
+    stuck = Stuck()
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.addHandler(stuck)
+    metrics = Metrics()
+    log = AccessLog(metrics, capacity=1)
+    try:
+        log.write({"n": 1})
+        assert entered.wait(30)  # the writer holds line 1; the queue is empty
+        log.write({"n": 2})  # queued
+        log.write({"n": 3})  # no room: dropped at once
+        assert metrics.registry.get_sample_value("rcegate_access_log_dropped_total") == 1
+    finally:
+        release.set()
+        log.close()
+        logger.removeHandler(stuck)
+    assert [json.loads(line) for line in access_lines.getvalue().splitlines()] == [
+        {"n": 1},
+        {"n": 2},
+    ]

@@ -330,3 +330,39 @@ def test_a_queue_exactly_full_answers_503_before_the_client_sends_the_body(
             assert held.sizes == [1, 1]
         finally:
             held.gate.set()
+
+
+def test_a_request_refused_for_an_undecodable_image_gives_back_its_queue_places(
+    make_client: Callable[..., TestClient], digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Admitted images hold queue places while they decode; a request refused for a bad image
+    (400) gives them back, so bad requests cannot fill the queue for everyone."""
+    client = make_client(max_queue_images=2, max_images=2)
+    good = encode(digits[0][0])
+    truncated = good[: len(good) // 2]  # its header is valid: admitted, then decoding fails
+    for _ in range(3):
+        refused = client.post("/v1/predict", files=files([good, truncated]))
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "invalid_image"
+    assert client.app.state.plane.busy is False  # type: ignore[attr-defined]
+    assert client.post("/v1/predict", files=files([good, good])).status_code == 200
+
+
+def test_a_request_whose_deadline_passed_before_admission_is_refused_unqueued_and_undecoded(
+    make_client: Callable[..., TestClient], digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A deadline already passed when the images would be admitted (here: a deadline of 1 ns,
+    as for a body that took the whole request timeout to arrive): 503 at admission, counted
+    as a deadline refusal; nothing is reserved, decoded or run."""
+    client = make_client(request_timeout=1e-9)
+    late = client.post("/v1/predict", files=files([encode(image) for image in digits[0][:2]]))
+    assert late.status_code == 503
+    assert late.json()["error"] == {
+        "status": 503,
+        "code": "deadline_exceeded",
+        "message": "the request's deadline passed before admission",
+    }
+    assert late.headers["retry-after"] == "1"
+    assert metric(client, "rcegate_requests_refused_total", 'reason="deadline"') == 1
+    assert metric(client, "rcegate_decode_duration_seconds_count") == 0
+    assert metric(client, "rcegate_batch_size_count") == 0
