@@ -15,11 +15,12 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Counter
 
 from models.manifest import METRICS
 from service.batching import Batcher, BatchStats, Ticket
@@ -103,6 +104,7 @@ class DataPlane:
             max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
         )
         self.probers = ProberTracker(settings, metrics)
+        self.timer: Callable[[], float] = time.perf_counter  # times model runs (a test seam)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -119,6 +121,8 @@ class DataPlane:
                 max_queue_images=s.max_queue_images,
                 max_queue_wait=s.max_queue_wait,
                 on_batch=self._batch_observer(detector),
+                shapes=detector.shapes,  # padded up to them; warmed up at load (issue 20)
+                timer=self.timer,
             )
             self._batchers[key] = batcher
             gauge = self.metrics.queue_images.labels(detector.name, str(detector.version))
@@ -348,12 +352,22 @@ class BatchObserver:
         self.inference = metrics.inference_duration.labels(model)
         self.size = metrics.batch_size.labels(model)
         self.wait = metrics.queue_wait.labels(model)
+        self.model = model
+        self.shape_runs = metrics.batch_shape_runs
+        self.runs_at: dict[int, Counter] = {}  # shape -> its counter child, looked up once
+        self.padding = metrics.batch_padding.labels(model)
 
     def __call__(self, stats: BatchStats) -> None:
         self.inference.observe(stats.run_seconds)
-        self.size.observe(stats.size)
+        self.size.observe(stats.size)  # real images only, padding apart
         for seconds in stats.queue_waits:
             self.wait.observe(seconds)
+        runs = self.runs_at.get(stats.shape)
+        if runs is None:
+            runs = self.runs_at[stats.shape] = self.shape_runs.labels(self.model, str(stats.shape))
+        runs.inc()
+        if stats.shape > stats.size:
+            self.padding.inc(stats.shape - stats.size)
 
 
 def check_tensor(images: np.ndarray, detector: Detector) -> None:
