@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from models.manifest import METRICS
 from service.batching import Batcher, BatchStats, Ticket
@@ -91,12 +91,20 @@ class Prediction:
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, repository: ModelRepository, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        repository: ModelRepository,
+        metrics: Metrics,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics
-        self.lifecycle = Lifecycle()
+        # A worker process passes one that also sees the other workers (service/workers.py).
+        self.lifecycle = lifecycle or Lifecycle()
         self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._queue_gauges: dict[tuple[str, int], Gauge] = {}
         self._limits = DecodeLimits(
             settings.max_image_side, settings.max_pixels, settings.max_request_pixels
         )
@@ -125,8 +133,10 @@ class DataPlane:
                 timer=self.timer,
             )
             self._batchers[key] = batcher
+            # Set on every admission and every answer (not a set_function: that would not
+            # reach /metrics from another worker process).
             gauge = self.metrics.queue_images.labels(detector.name, str(detector.version))
-            gauge.set_function(functools.partial(getattr, batcher, "reserved"))
+            self._queue_gauges[key] = gauge
 
     def drain(self) -> None:
         """Refuse new requests from now on (SIGTERM); those already in flight still finish."""
@@ -138,8 +148,11 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        """Every model loaded and self-tested, and not draining: new work is welcome."""
-        return self.repository.ready and not self.draining
+        """Every model loaded and self-tested, and not draining, in this process and in every
+        other worker process: new work is welcome."""
+        return (
+            self.repository.ready and not self.draining and self.lifecycle.others_unready() is None
+        )
 
     def check_ready(self) -> None:
         """Why the service is not ready, as the error every protocol's readiness check answers
@@ -148,6 +161,9 @@ class DataPlane:
             raise ShuttingDown("draining: finishing accepted requests before exit")
         if not self.repository.ready:
             raise NotReady(self.repository.error or "models are still loading")
+        others = self.lifecycle.others_unready()
+        if others is not None:
+            raise NotReady(others)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work, then stop the inference threads and the decode pool."""
@@ -200,9 +216,15 @@ class DataPlane:
         if time.monotonic() >= deadline:
             raise self.refused(DeadlineExceeded("the request's deadline passed before admission"))
         try:
-            return self._batcher(detector).reserve(count, deadline)
+            ticket = self._batcher(detector).reserve(count, deadline)
         except Unavailable as exc:
             raise self.refused(exc) from None
+        self._show_queue(detector)
+        return ticket
+
+    def _show_queue(self, detector: Detector) -> None:
+        key = (detector.name, detector.version)
+        self._queue_gauges[key].set(self._batchers[key].reserved)
 
     # -- the work ------------------------------------------------------------------------
 
@@ -225,6 +247,7 @@ class DataPlane:
             outputs = await self._infer(batcher, ticket, pixels)
         finally:
             batcher.cancel(ticket)
+            self._show_queue(detector)
         return self._decide(detector, decision, options, outputs, decoded)
 
     async def predict_arrays(
@@ -240,6 +263,7 @@ class DataPlane:
             outputs = await self._infer(batcher, ticket, images)
         finally:
             batcher.cancel(ticket)
+            self._show_queue(detector)
         return self._decide(detector, decision, options, outputs, None)
 
     async def _decode(

@@ -44,6 +44,11 @@ class Lifecycle:
     body_bytes: int = 0  # bytes of bodies received by requests still in flight
     draining: bool = False  # set on SIGTERM, together with the data plane's own flag
 
+    def others_unready(self) -> str | None:
+        """Why another worker process is not ready (service/workers.py overrides this); None
+        when every other one is, or when this process is the only one."""
+        return None
+
 
 @dataclass
 class Guard:

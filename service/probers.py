@@ -69,9 +69,20 @@ class ProberTracker:
         self._clock = clock
         self._clients: OrderedDict[str, _Client] = OrderedDict()
         self._lock = threading.Lock()  # adapters may call from more than one thread
+        self._flagged_gauge = metrics.flagged_clients
         self.flagged = 0
         self._flags = metrics.prober_flags
-        metrics.flagged_clients.set_function(lambda: self.flagged)
+
+    @property
+    def flagged(self) -> int:
+        """Clients flagged now (also the gauge; set, not a set_function, so that it reaches
+        /metrics from every worker process)."""
+        return self._flagged
+
+    @flagged.setter
+    def flagged(self, count: int) -> None:
+        self._flagged = count
+        self._flagged_gauge.set(count)
 
     def _epoch(self) -> int:
         return int(self._clock() // self.slot_seconds)

@@ -39,6 +39,7 @@ class ModelRepository:
         self._detectors: dict[str, dict[int, Detector]] = {}
         self.refused: list[Refused] = []
         self._loaded = threading.Event()
+        self._stopping = threading.Event()
         self.error: str | None = None
         # The model POST /v1/predict answers with; settled once loading finished.
         self.default_name = settings.default_model or BUILTIN_DEFAULT_MODEL
@@ -64,6 +65,11 @@ class ModelRepository:
     def loaded(self) -> bool:
         return self._loaded.is_set()
 
+    def stop(self) -> None:
+        """Stop loading after the version being loaded: the service is shutting down (a port
+        that could not be bound, a signal while loading), so nothing more is loaded or logged."""
+        self._stopping.set()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until loading finished (for tests and the CLI); True if it did in time."""
         return self._loaded.wait(timeout)
@@ -84,6 +90,10 @@ class ModelRepository:
                     "who made them (set RCEGATE_TRUSTED_KEYS to require signatures)"
                 )
             for directory in directories:
+                if self._stopping.is_set():
+                    logger.info("model loading stopped: the service is shutting down")
+                    self.error = "the service is shutting down"
+                    return
                 self._load_one(directory)
             if not self._detectors:
                 self.error = f"no model could be loaded from {s.model_dir}"
@@ -128,6 +138,8 @@ class ModelRepository:
             self.refused.append(Refused(name, version, str(exc)))
             logger.error("refused model %s/%s from %s: %s", name, version, directory, exc)
             return
+        if self._stopping.is_set():
+            return  # shut down while this version loaded: it will never serve
         self._detectors.setdefault(detector.name, {})[detector.version] = detector
         logger.info(
             "loaded model %s/%s (metric %s, threshold %.6g at target_fpr %g) on %s; "

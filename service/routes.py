@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import (
     DefaultDetectorDep,
@@ -188,4 +188,4 @@ async def ready(plane: PlaneDep) -> Health:
 
 @router.get("/metrics", tags=["metrics"], response_class=Response)
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -20,6 +20,8 @@ Mode = Literal["annotate", "enforce"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 
+MAX_WORKERS = 256
+
 # The sample images of a source or editable install (`rcegate samples`); absent in a wheel.
 DEFAULT_SAMPLES_DIR = DEFAULT_MODEL_DIR.parent / "samples"
 
@@ -276,6 +278,37 @@ class Settings(BaseSettings):
         return self
 
     # -- end of batching shapes, warm-up and CUDA --
+
+    # -- Worker processes (service/workers.py) --
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Server processes (1 to 256) behind the one HTTP port and the one gRPC port "
+        "of `rcegate serve` (a supervisor shares the sockets, replaces a worker that dies, "
+        "drains them all on SIGTERM and aggregates /metrics); auto: chosen from the cores and "
+        "the provider (docs/serving.md, Worker processes).",
+    )
+    worker_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="With several workers: seconds a ready worker's event loop may stay "
+        "unresponsive before the supervisor kills and replaces it; 0 = never.",
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: object) -> object:
+        # One clear message instead of one per member of the union.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            count = int(value)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            count = 0
+        if not 1 <= count <= MAX_WORKERS or isinstance(value, bool | float):
+            raise ValueError(f"give a number of workers from 1 to {MAX_WORKERS}, or auto")
+        return count
+
+    # -- end of worker processes --
 
     @model_validator(mode="after")
     def _request_fits_the_queue(self) -> Settings:

@@ -357,13 +357,18 @@ async def start_server(
     lifecycle: Lifecycle,
     metrics: Metrics,
     settings: Settings,
+    *,
+    reuse_port: bool = False,
 ) -> aio.Server:
-    """Bind `host:grpc_port` and start serving; raises RuntimeError if the port is taken."""
+    """Bind `host:grpc_port` and start serving; raises RuntimeError if the port is taken.
+    `reuse_port`: the worker processes of one `rcegate serve` share the port (SO_REUSEPORT;
+    their supervisor has checked that no other program holds it)."""
     server = aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share
+            # Otherwise a second server on the same port must fail, not share it.
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
         maximum_concurrent_rpcs=settings.max_connections,
     )

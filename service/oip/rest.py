@@ -273,7 +273,14 @@ def decode_request(
     try:
         document = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        hint = "" if framed else " (binary tensor data needs Inference-Header-Content-Length)"
+        # Only a JSON header followed by other bytes (or bytes that are not text) looks like
+        # binary tensor data sent without its framing header; plain bad JSON gets no hint.
+        binary_like = isinstance(exc, UnicodeDecodeError) or exc.msg == "Extra data"
+        hint = (
+            " (binary tensor data needs Inference-Header-Content-Length)"
+            if binary_like and not framed
+            else ""
+        )
         raise InvalidInput(f"the inference request is not valid JSON: {exc}{hint}") from None
     body = _object(document, "the inference request")
     request_id = body.get("id", "")

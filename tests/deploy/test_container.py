@@ -34,9 +34,11 @@ CONTAINER = os.environ.get("RCEGATE_CONTAINER", "")
 IMAGE_USER = os.environ.get("RCEGATE_CONTAINER_USER", "10001")
 READY_TIMEOUT = float(os.environ.get("RCEGATE_CONTAINER_READY_TIMEOUT", "180"))
 
-if not URL:  # one line in the run's summary (`-ra`), not one per test
+if not URL:
+    # One line in the run's summary for the whole module, not one per test.
     pytest.skip(
-        "no running image: scripts/container-test (run by .ci/run) builds it and runs this module",
+        "needs the running image: scripts/container-test builds and starts it (.ci/run runs it "
+        "after scripts/test)",
         allow_module_level=True,
     )
 

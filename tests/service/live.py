@@ -1,4 +1,5 @@
-"""`rcegate serve` in its own process on a free loopback port, for tests of the real server."""
+"""`rcegate serve` in its own process on a free loopback port, for tests of the real server
+(`live_server(log, "--workers", "2")` for several worker processes behind the port)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ class Live:
             if labels in (match.group(1) or ""):
                 total += float(match.group(2))
         return total
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes of `rcegate serve --workers N` (spawned children of the
+        supervisor; its other child, multiprocessing's resource tracker, excluded)."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [
+            int(child)
+            for child in children
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+        ]
 
     def peak_rss_bytes(self) -> int:
         """The server process's peak resident set size (VmHWM)."""

@@ -399,6 +399,9 @@ def test_rest_refusals_of_the_framing(oip_server: tuple[str, str]) -> None:
     response = httpx.post(url, content=b"{not json")
     assert response.status_code == 400
     assert response.json()["error"].startswith("the inference request is not valid JSON")
+    assert "binary" not in response.json()["error"]  # bad JSON, not binary data
+    response = httpx.post(url, content=b'{"inputs": []}' + bytes(range(200, 216)))
+    assert response.status_code == 400
     assert response.json()["error"].endswith(
         "(binary tensor data needs Inference-Header-Content-Length)"
     )
@@ -551,12 +554,16 @@ def test_v2_readiness_turns_503_when_draining(client: TestClient) -> None:
     assert status_code(refused.value) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_the_server_fails_to_start_when_the_grpc_port_is_taken(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])  # 2: the supervisor checks before any worker
+def test_the_server_fails_to_start_when_the_grpc_port_is_taken(
+    tmp_path: Path, workers: str
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
         env["RCEGATE_GRPC_PORT"] = str(taken.getsockname()[1])
+        env["RCEGATE_WORKERS"] = workers
         done = subprocess.run(
             [str(RCEGATE), "serve", "--port", str(free_port()), "--model-dir", str(tmp_path)],
             capture_output=True,
@@ -565,8 +572,11 @@ def test_the_server_fails_to_start_when_the_grpc_port_is_taken(tmp_path: Path) -
             timeout=60,
             check=False,
         )
-    assert done.returncode == 3, done.stderr
-    assert "cannot serve gRPC on port" in done.stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: the gRPC port {env['RCEGATE_GRPC_PORT']} on 127.0.0.1 is in use "
+        "(RCEGATE_GRPC_PORT)"
+    ]
 
 
 def test_api_keys_guard_oip_over_rest_and_grpc_but_not_health(tmp_path: Path) -> None:

@@ -229,8 +229,9 @@ def test_many_clients_at_once_get_answers_or_fast_refusals(live: Live, pngs: lis
     assert live.peak_rss_bytes() < 1.5 * 2**30
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])  # 2: worker processes (service/workers.py)
 def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(
-    tmp_path: Path, pngs: list[bytes]
+    tmp_path: Path, pngs: list[bytes], workers: str
 ) -> None:
     # Four requests held in flight by their own bodies: each sends half of its PNG, then waits
     # for `release`, so the drain provably starts while all four are in the server's hands
@@ -247,7 +248,7 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(
             f"{server.url}/v1/predict", content=held_body(png), headers=PNG, timeout=60
         )
 
-    limits = {**LIMITS, "body_timeout": "30"}
+    limits = {**LIMITS, "body_timeout": "30", "workers": workers}
     with live_server(tmp_path / "server.log", **limits) as server:
         with ThreadPoolExecutor(4) as pool:
             inflight = [pool.submit(post_held, png) for png in pngs[:4]]
