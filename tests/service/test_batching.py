@@ -479,3 +479,53 @@ def test_a_request_spanning_batches_records_one_queue_wait() -> None:
     run(scenario)
     batcher.close(5)
     assert [(stats.size, len(stats.queue_waits)) for stats in seen] == [(3, 1), (3, 0), (1, 0)]
+
+
+def test_a_bookkeeping_failure_fails_its_batch_and_the_thread_serves_the_next() -> None:
+    """A bug after the model run (here: outputs with no rows, so the scatter raises) answers
+    that batch's requests with BatchFailed; the inference thread survives, gives the places back
+    and answers the next request."""
+    calls: list[int] = []
+
+    def short_then_right(batch: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(batch))
+        rows = batch[:, 0, 0, 0].copy()
+        return {"id": rows[:0] if len(calls) == 1 else rows}
+
+    batcher = Batcher(
+        "m/1", short_then_right, max_batch_size=4, max_queue_delay=0.0, max_queue_images=16
+    )
+
+    async def scenario() -> tuple[BaseException | None, dict[str, np.ndarray]]:
+        first = batcher.reserve(3, time.monotonic() + FAR)
+        batcher.submit(first, images([1, 2, 3]))
+        error: BaseException | None = None
+        try:
+            await first.future
+        except BatchFailed as exc:
+            error = exc
+        second = batcher.reserve(2, time.monotonic() + FAR)
+        batcher.submit(second, images([7, 8]))
+        return error, await second.future
+
+    error, result = run(scenario)
+    batcher.close(5)
+    assert isinstance(error, BatchFailed)
+    assert result["id"].tolist() == [7, 8]
+    assert batcher.reserved == 0
+
+
+def test_a_failing_batch_observer_costs_no_answer() -> None:
+    def broken(stats: BatchStats) -> None:
+        raise RuntimeError("metrics backend is gone")
+
+    batcher = make(Model(), on_batch=broken)
+
+    async def scenario() -> dict[str, np.ndarray]:
+        ticket = batcher.reserve(2, time.monotonic() + FAR)
+        batcher.submit(ticket, images([4, 5]))
+        return await ticket.future
+
+    result = run(scenario)
+    batcher.close(5)
+    assert result["id"].tolist() == [4, 5]
