@@ -136,3 +136,29 @@ def test_a_probing_client_gets_429_over_http_and_the_metric_has_no_client_label(
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
     flagged = families["rcegate_flagged_clients"].samples
     assert [(s.labels, s.value) for s in flagged] == [({}, 1.0)]
+
+
+def test_a_client_is_flagged_at_exactly_the_minimum_images_and_the_rejection_rate() -> None:
+    """Both limits are inclusive ("at least"): 20 images of which 10 rejected, with a minimum
+    of 20 images and a rate of 0.5, is flagged; one image or one rejection fewer is not."""
+    probers, _ = tracker(Clock())
+    probers.observe("key:under-rate", 20, 9)
+    probers.observe("key:under-count", 19, 19)
+    probers.observe("key:at-both", 20, 10)
+    probers.check("key:under-rate")
+    probers.check("key:under-count")
+    with pytest.raises(Throttled):
+        probers.check("key:at-both")
+
+
+def test_the_least_recently_seen_client_is_forgotten_first() -> None:
+    clock = Clock()
+    probers, metrics = tracker(clock)
+    probers.observe("a", 40, 40)  # flagged
+    probers.observe("b", 1, 0)
+    probers.observe("c", 1, 0)
+    probers.observe("a", 1, 1)  # seen again: now "b" is the least recent
+    probers.observe("d", 1, 0)  # capacity 3: "b" goes, "a" stays flagged
+    with pytest.raises(Throttled):
+        probers.check("a")
+    assert sample(metrics, "rcegate_flagged_clients") == 1
