@@ -195,8 +195,11 @@ class AccessLog:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(message)s"))
             self.logger.addHandler(handler)
-            self.logger.setLevel(logging.INFO)
             self.logger.propagate = False
+        if self.logger.level == logging.NOTSET:
+            # The access log is on by setting: a handler an operator attached without a level
+            # must not inherit root's WARNING and silently lose every line.
+            self.logger.setLevel(logging.INFO)
         self._queue: queue.Queue[str | None] = queue.Queue(capacity)
         self._dropped = metrics.access_log_dropped
         self._thread: threading.Thread | None = None

@@ -343,3 +343,24 @@ def test_access_log_drops_and_counts_lines_while_its_writer_is_behind(
         {"n": 1},
         {"n": 2},
     ]
+
+
+def test_access_log_reaches_a_handler_attached_without_a_level() -> None:
+    """An operator's logging config that attaches a handler to rcegate.access but sets no level
+    still gets every line (the logger would otherwise inherit root's WARNING)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger(ACCESS_LOGGER)
+    saved = logger.level
+    logger.setLevel(logging.NOTSET)
+    logger.addHandler(handler)
+    try:
+        log = AccessLog(Metrics())
+        log.write({"path": "/v1/predict", "status": 200})
+        log.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+    assert [json.loads(line) for line in stream.getvalue().splitlines()] == [
+        {"path": "/v1/predict", "status": 200}
+    ]
