@@ -19,16 +19,29 @@ same CPUs unless `--pin` puts the server (and raw ONNX Runtime) on one CPU and t
 on another. Targets from issue 9 are printed with PASS/FAIL; the exit status is 0 whatever they
 say, except with `--cuda` (bench/gpu_check.sh), which exits 1 when CUDA is not really in use.
 
+Side by side with the service, `--variant NAME:RCEGATE_KEY=VALUE[,...]` starts more services
+that differ only in those settings (e.g. `pad:RCEGATE_BATCH_SHAPES=pow2`), measured in the same
+rounds at the same connections (rows `service[NAME] @c`). For every service the batch shapes its
+session ran during the measured rounds are counted (rcegate_batch_shape_runs_total).
+
     python bench/serving.py [--duration 5] [--rounds 3] [--json out.json] [--pin]
-        [--env RCEGATE_KEY=VALUE ...] [--server-args "..."] [--profile stacks.txt]
+        [--env RCEGATE_KEY=VALUE ...] [--variant NAME:RCEGATE_KEY=VALUE,...]
+        [--server-args "..."] [--profile stacks.txt]
+
+Worker scaling (`--workers 1,2,...`, instead of the run above): one `rcegate serve --workers N`
+per N, all started at once (an idle server costs nothing), measured interleaved in rounds at
+`--workers-connections` (64) connections next to raw ORT batch 64; prints images/s per N and its
+ratio to N x the 1-worker figure (issue 25's target: >= 0.8 while N <= cores / 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -38,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +226,9 @@ def wait_ready(server: Server, path: str, timeout: float = 90.0) -> None:
                     reasons = "; ".join(
                         f"{r['name']}/{r['version']}: {r['reason']}" for r in refused
                     )
-                    raise SystemExit(f"the service is not ready: {reasons or 'no reason'}")
+                    # Nothing refused: another worker process is still loading (--workers).
+                    if reasons:
+                        raise SystemExit(f"the service is not ready: {reasons}")
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
@@ -223,6 +238,43 @@ def model_providers(server: Server, name: str) -> list[str]:
     response = httpx.get(f"{server.url}/v1/models/{name}", timeout=10)
     response.raise_for_status()
     return list(response.json()["providers"])
+
+
+def shape_runs(server: Server, model: str) -> tuple[dict[int, float], float]:
+    """The batcher's runs per batch shape (rcegate_batch_shape_runs_total) and the padding rows
+    (rcegate_batch_padding_images_total) of `model`, from the service's /metrics."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    runs: dict[int, float] = {}
+    padding = 0.0
+    sample = (
+        r"^(rcegate_batch_shape_runs_total|rcegate_batch_padding_images_total)\{([^}]*)\} (\S+)$"
+    )
+    for name, labels, value in re.findall(sample, text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if found.get("model") != model:
+            continue
+        if name == "rcegate_batch_padding_images_total":
+            padding += float(value)
+        else:
+            runs[int(found["shape"])] = runs.get(int(found["shape"]), 0.0) + float(value)
+    return runs, padding
+
+
+def shapes_between(
+    before: tuple[dict[int, float], float], after: tuple[dict[int, float], float]
+) -> dict[str, Any]:
+    """The shapes run between two `shape_runs` snapshots: {distinct, runs {shape: n}, padding}."""
+    runs = {k: v - before[0].get(k, 0.0) for k, v in sorted(after[0].items())}
+    runs = {k: v for k, v in runs.items() if v > 0}
+    return {"distinct": len(runs), "runs": runs, "padding_images": after[1] - before[1]}
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """`NAME:RCEGATE_A=1,RCEGATE_B=2` -> (NAME, {RCEGATE_A: 1, RCEGATE_B: 2})."""
+    name, sep, pairs = spec.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise SystemExit(f"--variant wants NAME:KEY=VALUE[,KEY=VALUE], got {spec!r}")
+    return name, parse_env(pairs.split(","))
 
 
 # Load generators ----------------------------------------------------------------------------
@@ -461,12 +513,246 @@ def result_tables(
     ]
 
 
+def variant_tables(
+    rows: dict[str, Measured], variants: dict[str, dict[str, str]]
+) -> list[dict[str, Any]]:
+    """Each variant service against the base one and raw batch 64, at every connection count."""
+    if not variants:
+        return []
+    raw_b64 = rows["raw ORT batch 64"].images_per_s
+    measured = []
+    for name, overrides in variants.items():
+        settings = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        for c in CONNECTIONS:
+            got = rows[f"service[{name}] @{c}"].images_per_s
+            base = rows[f"service @{c}"].images_per_s
+            measured.append([f"service[{name}] @{c}", settings, got, got / base, got / raw_b64])
+    return [
+        table(
+            "Variants against the base service (same connections) and raw ORT batch 64",
+            ["configuration", "settings", "images/s", "x service", "x raw b64"],
+            measured,
+            ["", "", ".1f", ".3f", ".3f"],
+        )
+    ]
+
+
+def shapes_table(
+    batch_shapes: dict[str, dict[str, Any]], variants: dict[str, dict[str, str]]
+) -> dict[str, Any]:
+    """The batch shapes each service's session ran during the measured rounds."""
+    rows = []
+    for name, got in batch_shapes.items():
+        overrides = variants.get(name.removeprefix("service[").removesuffix("]"), {})
+        runs = ", ".join(f"{k}: {v:.0f}" for k, v in got["runs"].items())
+        settings = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "-"
+        rows.append([name, settings, got["distinct"], runs, got["padding_images"]])
+    return table(
+        "Batch shapes run by each service during the measured rounds",
+        ["service", "settings", "distinct shapes", "runs per shape", "padding rows"],
+        rows,
+        ["", "", "d", "", ".0f"],
+    )
+
+
 def show(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, list):
         return " / ".join(show(v, digits) for v in value)
     return f"{value:.{digits}f}"
+
+
+# Worker scaling (issue 25) ------------------------------------------------------------------
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return total
+
+
+def workers_sweep(
+    args: argparse.Namespace,
+    manifest: Manifest,
+    session: Any,
+    raw_batch: list[np.ndarray],
+    digits: np.ndarray,
+) -> None:
+    """`rcegate serve --workers N` for each N, side by side with raw ORT batch 64."""
+    counts = sorted(set(args.workers))
+    if counts[0] != 1:
+        counts.insert(0, 1)  # the ratios need the 1-worker figure of the same run
+    connections = args.workers_connections
+    env = dict(os.environ)
+    rcegate = str(Path(sys.executable).with_name("rcegate"))
+    with contextlib.ExitStack() as stack:
+        pngs = stack.enter_context(png_files(digits))
+        servers: dict[int, Server] = {}
+        for count in counts:
+            port = free_port()
+            command = [rcegate, "serve", "--host", "127.0.0.1", "--port", str(port)]
+            command += ["--model-dir", str(args.model_dir), "--default-model", manifest.name]
+            command += ["--grpc-port", "0", "--workers", str(count)]
+            command += shlex.split(args.server_args)
+            servers[count] = stack.enter_context(started(command, env, port))
+        for server in servers.values():
+            wait_ready(server, "/health/ready")
+        ensure_wrk()
+
+        cpu_ms: dict[str, list[float]] = {}
+
+        def wrk(name: str, server: Server) -> Callable[[], Measured]:
+            """wrk at `connections`; also records the server's CPU time per answered image
+            (all its processes), which the other loads of a shared machine do not inflate."""
+
+            def run() -> Measured:
+                before = tree_cpu_seconds(server.process.pid)
+                got = wrk_run(server.url, connections, args.duration, pngs, args.wrk_threads, None)
+                used = tree_cpu_seconds(server.process.pid) - before
+                images = got.images_per_s * args.duration
+                cpu_ms.setdefault(name, []).append(1000 * used / images if images else 0.0)
+                return got
+
+            return run
+
+        raw_run(session, raw_batch, 0.5)  # warm-up, not measured
+        for server in servers.values():
+            wrk_run(server.url, 16, 1, pngs, args.wrk_threads, None)
+        configs = [Config("raw ORT batch 64", lambda: raw_run(session, raw_batch, args.duration))]
+        for n, server in servers.items():
+            name = f"workers {n} @{connections}"
+            configs.append(Config(name, wrk(name, server)))
+        load_before = os.getloadavg()
+        print(f"{args.rounds} rounds of {len(configs)} configurations x {args.duration} s")
+        measure_rounds(configs, args.rounds)
+        load_after = os.getloadavg()
+    rows = {config.name: config.median() for config in configs}
+    one = rows[f"workers 1 @{connections}"].images_per_s
+    cores = len(os.sched_getaffinity(0))
+    raw = rows["raw ORT batch 64"].images_per_s
+    print()
+    print(
+        f"{manifest.name}/{manifest.version}, {args.rounds} rounds x {args.duration} s, medians; "
+        f"{cores} CPUs shared by the servers and wrk (not pinned); load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
+    )
+    print(f"{'configuration':22s} {'images/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} "
+          f"{'503':>6s} {'/ N x 1-worker':>15s} {'/ raw b64':>10s} "
+          f"{'CPU ms/image':>13s}")  # fmt: skip
+    scaling = []
+    for name, row in rows.items():
+        count = int(name.split()[1]) if name.startswith("workers") else None
+        ratio = row.images_per_s / (count * one) if count else None
+        cpu = statistics.median(cpu_ms[name]) if name in cpu_ms else None
+        print(
+            f"{name:22s} {row.images_per_s:10.1f} {row.p50_ms:8.2f} {row.p99_ms:8.2f} "
+            f"{row.refused_503:6d} {show(ratio, 3):>15s} {row.images_per_s / raw:10.3f} "
+            f"{show(cpu, 3):>13s}"
+        )
+        if count:
+            # Issue 25: >= 0.8 x N x 1-worker while N <= cores / 2; beyond, N must not lose to 1.
+            scales = count <= max(1, cores // 2)
+            goal = 0.8 * count * one if scales else one
+            scaling.append(
+                {
+                    "workers": count,
+                    "target": "0.8 x N x 1-worker" if scales else "not below 1 worker",
+                    **asdict(row),
+                    "ratio_to_n_x_one": ratio,
+                    "ratio_to_raw_b64": row.images_per_s / raw,
+                    "server_cpu_ms_per_image": cpu,
+                    "server_cpu_ms_per_image_rounds": cpu_ms[name],
+                    "target_images_per_s": goal,
+                    "pass": row.images_per_s >= goal,
+                }
+            )
+    for entry in scaling[1:]:
+        verdict = "PASS" if entry["pass"] else "FAIL"
+        print(
+            f"target: workers {entry['workers']} >= {entry['target_images_per_s']:.1f} images/s "
+            f"({entry['target']}): {entry['images_per_s']:.1f} {verdict}"
+        )
+    if args.json:
+        cpu_note = (
+            "CPU ms/image: CPU time of the server's processes (workers and supervisor) per "
+            "answered image; unlike images/s it does not depend on how much of a shared machine "
+            "the run got"
+        )
+        placement = f"not pinned: the servers and wrk share CPUs {sorted(os.sched_getaffinity(0))}"
+        report = {
+            "model": f"{manifest.name}/{manifest.version}",
+            "connections": connections,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "cores": cores,
+            "placement": placement,
+            "load_average": [load_before[0], load_after[0]],
+            "env": {k: v for k, v in os.environ.items() if k.startswith("RCEGATE_")},
+            "server_args": args.server_args,
+            "rows": {
+                c.name: {**asdict(rows[c.name]), "rounds": [asdict(x) for x in c.rounds]}
+                for c in configs
+            },
+            "scaling": scaling,
+        }
+        ratios = {f"workers {e['workers']} @{connections}": e["ratio_to_n_x_one"] for e in scaling}
+        measured = [
+            [
+                name,
+                row.images_per_s,
+                row.p50_ms,
+                row.p99_ms,
+                row.refused_503,
+                show(ratios.get(name), 3),
+                show(statistics.median(cpu_ms[name]) if name in cpu_ms else None, 3),
+            ]
+            for name, row in rows.items()
+        ]
+        targets = [
+            [
+                f"workers {e['workers']} @{connections}",
+                f"{e['images_per_s']:.1f}",
+                f">= {e['target_images_per_s']:.1f} ({e['target']})",
+                "pass" if e["pass"] else "FAIL",
+            ]
+            for e in scaling[1:]
+        ]
+        write_result(
+            args.json,
+            "workers",
+            f"Worker processes: rcegate serve --workers N at {connections} connections "
+            f"({report['model']})",
+            report,
+            [
+                table(
+                    "Images per second by worker count (medians over rounds)",
+                    [
+                        "configuration",
+                        "images/s",
+                        "p50 ms",
+                        "p99 ms",
+                        "503",
+                        "/ (N x 1 worker)",
+                        "CPU ms/image",
+                    ],
+                    measured,
+                    ["", ".1f", ".2f", ".2f", "d", "", ""],
+                ),
+                table("Targets (issue 25)", ["run", "images/s", "goal", "verdict"], targets),
+            ],
+            [placement, cpu_note],
+        )
 
 
 def main() -> None:
@@ -486,9 +772,18 @@ def main() -> None:
         "--env", action="append", default=[], metavar="KEY=VALUE",
         help="set for the service and for raw ORT's settings (e.g. RCEGATE_INTRA_OP_THREADS=1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+        help="another service with these settings, measured side by side (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--server-args", default="", help="extra `rcegate serve` arguments")
     parser.add_argument("--cuda", action="store_true", help="require CUDA (bench/gpu_check.sh)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument(
+        "--workers", type=lambda text: [int(n) for n in text.split(",")], metavar="N,N,...",
+        help="the worker-scaling sweep instead of the standard run (e.g. 1,2)",
+    )  # fmt: skip
+    parser.add_argument("--workers-connections", type=int, default=64)
     parser.add_argument(
         "--profile", type=Path, metavar="STACKS.txt",
         help="after the rounds, py-spy the service in one more run at 64 connections",
@@ -498,6 +793,7 @@ def main() -> None:
         parser.error("--duration and --rounds must be >= 1")
 
     os.environ.update(parse_env(args.env))
+    variants = dict(parse_variant(spec) for spec in args.variant)
     if args.cuda:
         os.environ["RCEGATE_PROVIDERS"] = "cuda"
     settings = Settings()
@@ -528,8 +824,12 @@ def main() -> None:
     digits = mnist_digits(DIGITS)
     images = digits.astype(np.float32)[:, None] / np.float32(255.0)
     raw_batches = {1: [images[i : i + 1] for i in range(DIGITS)], 64: [images[:64]]}
+    if args.workers:
+        workers_sweep(args, manifest, session, raw_batches[64], digits)
+        return
 
     env = dict(os.environ)
+    env.setdefault("RCEGATE_GRPC_PORT", "0")  # not measured here; never collide on 8001
     port = free_port()
     command = [str(Path(sys.executable).with_name("rcegate")), "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--model-dir", str(args.model_dir)]
@@ -540,6 +840,7 @@ def main() -> None:
         png_files(digits) as pngs,
         started(pinned(command, server_cpus), env, port) as service,
         started(pinned(echo_command, server_cpus), env, echo_port) as echo,
+        ExitStack() as stack,
     ):
         try:
             wait_ready(service, "/health/ready")
@@ -558,6 +859,14 @@ def main() -> None:
             raise SystemExit(f"FAIL: CUDA is not in use (it fell back to CPU):\n{message}")
         wait_ready(echo, "/")
         ensure_wrk()
+        others: dict[str, Server] = {}
+        for name, overrides in variants.items():
+            other_port = free_port()
+            other_command = [*command[:5], str(other_port), *command[6:]]
+            others[name] = stack.enter_context(
+                started(pinned(other_command, server_cpus), env | overrides, other_port)
+            )
+            wait_ready(others[name], "/health/ready")
 
         def wrk(server: Server, connections: int) -> Callable[[], Measured]:
             return lambda: wrk_run(
@@ -571,14 +880,24 @@ def main() -> None:
             raw_run(session, raw_batches[batch], 0.5)
         wrk_run(service.url, 16, 1, pngs, args.wrk_threads, client_cpus)
         wrk_run(echo.url, 16, 1, pngs, args.wrk_threads, client_cpus)
+        for other in others.values():
+            wrk_run(other.url, 16, 1, pngs, args.wrk_threads, client_cpus)
+        services = {"service": service, **{f"service[{n}]": o for n, o in others.items()}}
+        shapes_before = {n: shape_runs(srv, manifest.name) for n, srv in services.items()}
 
         configs = [Config(f"raw ORT batch {b}", raw(b)) for b in RAW_BATCHES]
         configs += [Config(f"echo @{c}", wrk(echo, c)) for c in ECHO_CONNECTIONS]
         configs += [Config(f"service @{c}", wrk(service, c)) for c in CONNECTIONS]
+        for name, other in others.items():
+            configs += [Config(f"service[{name}] @{c}", wrk(other, c)) for c in CONNECTIONS]
         load_before = os.getloadavg()
         print(f"{args.rounds} rounds of {len(configs)} configurations x {args.duration} s")
         measure_rounds(configs, args.rounds)
         rows = {config.name: config.median() for config in configs}
+        batch_shapes = {
+            n: shapes_between(shapes_before[n], shape_runs(srv, manifest.name))
+            for n, srv in services.items()
+        }
 
         profile = None
         if args.profile:
@@ -662,6 +981,23 @@ def main() -> None:
             "  note: the generator fell behind its schedule (all connections busy or the CPUs "
             "full), so latencies from send understate what an open-loop client would see"
         )
+    raw_b64 = rows["raw ORT batch 64"].images_per_s
+    for name in services:
+        got = batch_shapes[name]
+        runs = ", ".join(f"{k}: {v:.0f}" for k, v in got["runs"].items())
+        overrides = variants.get(name.removeprefix("service[").removesuffix("]"), {})
+        note = f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
+        print(
+            f"batch shapes seen by the session during the service runs, {name}{note}: "
+            f"{got['distinct']} distinct ({runs}); padding rows {got['padding_images']:.0f}"
+        )
+        if overrides:
+            at64 = rows[f"{name} @64"].images_per_s
+            base = rows["service @64"].images_per_s
+            print(
+                f"  {name} @64: {at64:.1f} images/s = {at64 / raw_b64:.3f}x raw b64, "
+                f"{at64 / base:.3f}x service @64 ({at64 / base - 1:+.1%})"
+            )
     print(f"{'target':44s} {'value':>15s} {'goal':>7s}")
     for t in targets:
         verdict = "PASS" if t["pass"] else "FAIL"
@@ -686,6 +1022,9 @@ def main() -> None:
             "providers": {"raw": raw_providers, "service": service_providers},
             "env": {k: v for k, v in os.environ.items() if k.startswith("RCEGATE_")},
             "server_args": args.server_args,
+            "variants": variants,
+            "batch_shapes": batch_shapes,
+            "command": " ".join(["python", *sys.argv]),
             "rows": {
                 c.name: {**asdict(rows[c.name]), "rounds": [asdict(x) for x in c.rounds]}
                 for c in configs
@@ -699,7 +1038,11 @@ def main() -> None:
             "serving",
             f"The service against raw ONNX Runtime and an HTTP floor ({report['model']})",
             report,
-            result_tables(rows, overload, targets),
+            [
+                *result_tables(rows, overload, targets),
+                *variant_tables(rows, variants),
+                shapes_table(batch_shapes, variants),
+            ],
             [placement],
         )
 

@@ -15,19 +15,20 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Counter, Gauge
 
 from models.manifest import Metric
 from service.batching import Batcher, BatchStats, Ticket
+from service.budget import ParsePool
 from service.detector import Decision, Detector, Outputs
 from service.errors import (
     DeadlineExceeded,
     InvalidInput,
-    InvalidParameter,
     NotReady,
     QueueFull,
     ServiceError,
@@ -44,6 +45,7 @@ from service.imaging import (
     probe_image,
 )
 from service.metrics import Metrics
+from service.policy import Policy
 from service.probers import ProberTracker
 from service.repository import ModelRepository
 from service.settings import Mode, Settings
@@ -92,12 +94,20 @@ class Prediction:
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, repository: ModelRepository, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        repository: ModelRepository,
+        metrics: Metrics,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics
-        self.lifecycle = Lifecycle()
+        # A worker process passes one that also sees the other workers (service/workers.py).
+        self.lifecycle = lifecycle or Lifecycle()
         self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._queue_gauges: dict[tuple[str, int], Gauge] = {}
         self._limits = DecodeLimits(
             settings.max_image_side, settings.max_pixels, settings.max_request_pixels
         )
@@ -105,6 +115,9 @@ class DataPlane:
             max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
         )
         self.probers = ProberTracker(settings, metrics)
+        self.parsing = ParsePool(settings.parse_workers)  # large OIP parses (service/budget.py)
+        self.policy = Policy(settings)  # modes and target FPRs a client may ask for
+        self.timer: Callable[[], float] = time.perf_counter  # times model runs (a test seam)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -121,10 +134,14 @@ class DataPlane:
                 max_queue_images=s.max_queue_images,
                 max_queue_wait=s.max_queue_wait,
                 on_batch=self._batch_observer(detector),
+                shapes=detector.shapes,  # padded up to them; warmed up at load (issue 20)
+                timer=self.timer,
             )
             self._batchers[key] = batcher
+            # Set on every admission and every answer (not a set_function: that would not
+            # reach /metrics from another worker process).
             gauge = self.metrics.queue_images.labels(detector.name, str(detector.version))
-            gauge.set_function(functools.partial(getattr, batcher, "reserved"))
+            self._queue_gauges[key] = gauge
 
     def drain(self) -> None:
         """Refuse new requests from now on (SIGTERM); those already in flight still finish."""
@@ -136,8 +153,11 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        """Every model loaded and self-tested, and not draining: new work is welcome."""
-        return self.repository.ready and not self.draining
+        """Every model loaded and self-tested, and not draining, in this process and in every
+        other worker process: new work is welcome."""
+        return (
+            self.repository.ready and not self.draining and self.lifecycle.others_unready() is None
+        )
 
     def check_ready(self) -> None:
         """Why the service is not ready, as the error every protocol's readiness check answers
@@ -146,6 +166,9 @@ class DataPlane:
             raise ShuttingDown("draining: finishing accepted requests before exit")
         if not self.repository.ready:
             raise NotReady(self.repository.error or "models are still loading")
+        others = self.lifecycle.others_unready()
+        if others is not None:
+            raise NotReady(others)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work, then stop the inference threads and the decode pool."""
@@ -155,6 +178,7 @@ class DataPlane:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             batcher.close(left)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.parsing.close()
 
     @property
     def busy(self) -> bool:
@@ -198,23 +222,17 @@ class DataPlane:
         if time.monotonic() >= deadline:
             raise self.refused(DeadlineExceeded("the request's deadline passed before admission"))
         try:
-            return self._batcher(detector).reserve(count, deadline)
+            ticket = self._batcher(detector).reserve(count, deadline)
         except Unavailable as exc:
             raise self.refused(exc) from None
+        self._show_queue(detector)
+        return ticket
+
+    def _show_queue(self, detector: Detector) -> None:
+        key = (detector.name, detector.version)
+        self._queue_gauges[key].set(self._batchers[key].reserved)
 
     # -- the work ------------------------------------------------------------------------
-
-    def decision(self, detector: Detector, options: PredictOptions) -> Decision:
-        """The test a request is judged by (422 for a metric or target FPR the model cannot
-        serve). In enforce mode the default metric decides: a client may not pick a weaker
-        test to get an image through (annotate mode: any metric the graph computes)."""
-        mode = options.mode or self.settings.mode
-        if mode == "enforce" and options.metric not in (None, detector.metric):
-            raise InvalidParameter(
-                f"metric: in enforce mode model {detector.name} decides with "
-                f"{detector.metric}; got {options.metric!r}"
-            )
-        return detector.decision(options.target_fpr, options.metric)
 
     async def predict_encoded(
         self,
@@ -224,7 +242,7 @@ class DataPlane:
         deadline: float,
     ) -> Prediction:
         """Decode image files (bounded pool) and answer them; admission comes first."""
-        decision = self.decision(detector, options)  # 422 before any work
+        decision, mode = self._policy(detector, options)  # 403/422 before any work
         self.probers.check(options.client)
         batcher = self._batcher(detector)
         ticket = self._reserve(detector, len(images), deadline)
@@ -235,13 +253,14 @@ class DataPlane:
             outputs = await self._infer(batcher, ticket, pixels)
         finally:
             batcher.cancel(ticket)
-        return self._decide(detector, decision, options, outputs, decoded)
+            self._show_queue(detector)
+        return self._decide(detector, decision, mode, options, outputs, decoded)
 
     async def predict_arrays(
         self, detector: Detector, images: np.ndarray, options: PredictOptions, deadline: float
     ) -> Prediction:
         """Answer float32 [N, C, H, W] tensors in the model's value range."""
-        decision = self.decision(detector, options)
+        decision, mode = self._policy(detector, options)
         self.probers.check(options.client)
         check_tensor(images, detector)
         batcher = self._batcher(detector)
@@ -250,7 +269,14 @@ class DataPlane:
             outputs = await self._infer(batcher, ticket, images)
         finally:
             batcher.cancel(ticket)
-        return self._decide(detector, decision, options, outputs, None)
+            self._show_queue(detector)
+        return self._decide(detector, decision, mode, options, outputs, None)
+
+    def _policy(self, detector: Detector, options: PredictOptions) -> tuple[Decision, Mode]:
+        """The decision and mode the operator's policy grants this request (service/policy.py)."""
+        return self.policy.resolve(
+            detector, options.mode, options.target_fpr, options.client, options.metric
+        )
 
     async def _decode(
         self, images: Sequence[EncodedImage], shape: tuple[int, int, int], deadline: float
@@ -321,14 +347,14 @@ class DataPlane:
         self,
         detector: Detector,
         decision: Decision,
+        mode: Mode,
         options: PredictOptions,
         outputs: Outputs,
         decoded: list[DecodedImage] | None,
     ) -> Prediction:
         accepted = Detector.accept(outputs, decision)
-        self._record(detector, outputs, accepted)
+        self._record(detector, outputs, accepted, mode)
         self.probers.observe(options.client, len(accepted), int((~accepted).sum()))
-        mode = options.mode or self.settings.mode
         return Prediction(detector, decision, mode, outputs, accepted, decoded)
 
     # -- metrics -------------------------------------------------------------------------
@@ -336,17 +362,26 @@ class DataPlane:
     def _batch_observer(self, detector: Detector) -> BatchObserver:
         return BatchObserver(self.metrics, detector.name)
 
-    def _record(self, detector: Detector, outputs: Outputs, accepted: np.ndarray) -> None:
+    def _record(
+        self, detector: Detector, outputs: Outputs, accepted: np.ndarray, mode: Mode
+    ) -> None:
+        """Count the answered images. /metrics shows no more than the answers did (issue 21):
+        an image whose label was withheld (enforce, rejected) is counted without its class,
+        and its scores stay out of the score histogram when they were withheld too."""
         m = self.metrics
         names = detector.manifest.class_names
         version = str(detector.version)
-        for label, ok in zip(outputs.label.tolist(), accepted.tolist(), strict=True):
+        shown = accepted | (mode == "annotate")
+        scored = shown | (not self.settings.withhold_rejected)
+        for label, ok, show in zip(
+            outputs.label.tolist(), accepted.tolist(), shown.tolist(), strict=True
+        ):
             decision = "accepted" if ok else "rejected"
-            m.images.labels(detector.name, version, decision, names[label]).inc()
-        if m.detection_score is not None:
+            m.images.labels(detector.name, version, decision, names[label] if show else "").inc()
+        if m.detection_score is not None and scored.any():
             for metric in detector.metrics:
                 histogram = m.detection_score.labels(detector.name, metric)
-                for value in outputs.scores[metric].tolist():
+                for value in outputs.scores[metric][scored].tolist():
                     histogram.observe(value)
 
 
@@ -362,12 +397,22 @@ class BatchObserver:
         self.inference = metrics.inference_duration.labels(model)
         self.size = metrics.batch_size.labels(model)
         self.wait = metrics.queue_wait.labels(model)
+        self.model = model
+        self.shape_runs = metrics.batch_shape_runs
+        self.runs_at: dict[int, Counter] = {}  # shape -> its counter child, looked up once
+        self.padding = metrics.batch_padding.labels(model)
 
     def __call__(self, stats: BatchStats) -> None:
         self.inference.observe(stats.run_seconds)
-        self.size.observe(stats.size)
+        self.size.observe(stats.size)  # real images only, padding apart
         for seconds in stats.queue_waits:
             self.wait.observe(seconds)
+        runs = self.runs_at.get(stats.shape)
+        if runs is None:
+            runs = self.runs_at[stats.shape] = self.shape_runs.labels(self.model, str(stats.shape))
+        runs.inc()
+        if stats.shape > stats.size:
+            self.padding.inc(stats.shape - stats.size)
 
 
 def check_tensor(images: np.ndarray, detector: Detector) -> None:

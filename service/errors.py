@@ -212,3 +212,12 @@ class Throttled(ServiceError):
 
 
 # --- end of trust and access ---
+
+
+# -- Hardening (issue 21) --
+class Forbidden(ServiceError):
+    """Not permitted by the operator's policy: a mode, target_fpr or metric this client may not
+    have."""
+
+    status = HTTPStatus.FORBIDDEN
+    code = "forbidden"

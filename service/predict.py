@@ -29,7 +29,7 @@ async def predict(
     `response_model` documents it), not validated again by the framework."""
     arrival = time.monotonic()
     options = dataclasses.replace(options, client=request_client(request.scope))
-    plane.decision(detector, options)  # an invalid metric or target_fpr fails before the body
+    detector.decision(options.target_fpr, options.metric)  # an invalid one fails before the body
     plane.check_capacity(detector)
     s = plane.settings
     uploads = await read_uploads(request, s.max_body_bytes, s.max_images)

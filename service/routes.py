@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import (
     DefaultDetectorDep,
@@ -38,6 +38,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "Undecodable image, no image, or a malformed multipart body.",
+        403: "A mode or target_fpr the operator's policy does not permit this client.",
         404: "Unknown model or version.",
         413: "Body over the byte limit, too many images, or an image over the pixel limit.",
         415: "Unsupported Content-Type.",
@@ -128,6 +129,9 @@ def model_info(detector: Detector, default: bool) -> ModelInfo:
         ),
         sha256=m.sha256,
         providers=detector.providers,
+        provider_options=detector.provider_options,
+        batch_shapes=None if detector.shapes.sizes is None else list(detector.shapes.sizes),
+        warmup_seconds=detector.warmup_seconds,
         default=default,
     )
 
@@ -187,4 +191,4 @@ async def ready(plane: PlaneDep) -> Health:
 
 @router.get("/metrics", tags=["metrics"], response_class=Response)
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -52,22 +52,27 @@ def test_each_metric_is_served_per_request_at_its_calibrated_threshold(
     assert _predict(client, digit_png, "?metric=kd").status_code == 422
 
 
-def test_enforce_mode_decides_with_the_default_metric_only(
+def test_a_client_held_to_enforce_is_judged_by_the_default_metric_only(
     make_client: Callable[..., TestClient], digit_png: bytes
 ) -> None:
-    client = make_client(mode="enforce")
+    client = make_client(mode="enforce")  # clients are held to enforce: annotate not permitted
     refused = _predict(client, digit_png, "?metric=confidence")
-    assert refused.status_code == 422
+    assert refused.status_code == 403
     assert refused.json() == {
         "error": {
-            "status": 422,
-            "code": "invalid_parameter",
-            "message": "metric: in enforce mode model tiny decides with log_kd; got 'confidence'",
+            "status": 403,
+            "code": "forbidden",
+            "message": "metric confidence is not permitted for this client: it is judged by "
+            "the model's default metric, log_kd",
         }
     }
     assert _predict(client, digit_png, "?metric=log_kd").status_code == 200
-    # annotate mode may ask for any metric
-    assert _predict(client, digit_png, "?metric=confidence&mode=annotate").status_code == 200
+    # The operator may let clients choose (as looser target FPRs), and a deployment in
+    # annotate mode lets them see everything anyway: any metric the model computes.
+    loose = make_client(mode="enforce", client_looser_target_fpr=True)
+    assert _predict(loose, digit_png, "?metric=confidence").status_code == 200
+    annotate = make_client(mode="annotate")
+    assert _predict(annotate, digit_png, "?metric=confidence&mode=enforce").status_code == 200
 
 
 def test_the_default_model_decides_with_the_combined_metric_of_its_manifest(
