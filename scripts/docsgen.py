@@ -7,6 +7,10 @@ this module and nothing else:
     <!-- /generated -->
     <!-- generated: bench serving -->       the tables of bench/results/serving.json
     <!-- /generated -->
+    <!-- generated: evaluation mnist-5k oblivious -->   reports/mnist-5k/results.json: K-density,
+    <!-- /generated -->                                 Mahalanobis, combined (or: adaptive)
+    <!-- generated: variants mnist-5k -->   reports/mnist-5k/variants/results.json
+    <!-- /generated -->
 
     python scripts/docsgen.py           rewrite every region of docs/*.md in place
     python scripts/docsgen.py --check   exit 1 (and say which) when a region is out of date
@@ -195,6 +199,146 @@ def bench_tables(name: str, results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+# -- the evaluation page: reports/<dataset>/results.json and variants/results.json ----------
+
+REPORTS = ROOT / "reports"
+ATTACK_TITLES = {
+    "fgsm": "FGSM", "bim": "BIM", "illcm": "ILLCM", "jsma": "JSMA", "cw-l2": "C&W-L2",
+    "cw-hc": "C&W-hc", "pgd": "PGD (label only)", "pgd-adaptive": "PGD-adaptive",
+    "cw-wb": "C&W-wb", "pgd-adaptive-mahalanobis": "PGD-adaptive",
+    "cw-wb-mahalanobis": "C&W-wb", "pgd-adaptive-combined": "PGD-adaptive",
+    "cw-wb-combined": "C&W-wb",
+}  # fmt: skip
+METRIC_TITLES = {"log_kd": "K-density", "mahalanobis": "Mahalanobis", "combined": "combined"}
+OBLIVIOUS = ("fgsm", "bim", "illcm", "jsma", "cw-l2", "cw-hc", "pgd")
+ADAPTIVE = (
+    "pgd-adaptive", "cw-wb", "pgd-adaptive-mahalanobis", "cw-wb-mahalanobis",
+    "pgd-adaptive-combined", "cw-wb-combined",
+)  # fmt: skip
+# The variants shown on the page (the report has every one): K-density, the Mahalanobis score
+# on the final features (the simplest form), the layer ensemble fitted on the training split
+# (deployed) or on the K-density bank's images, and the deployed union.
+VARIANTS = {
+    "K-density": "K-density",
+    "features (train)": "Maha. features",
+    "stage1+features (train)": "Maha. stage1 + features",
+    "all (train)": "Maha. all layers",
+    "all (bank)": "Maha. all layers, fitted on the bank",
+    "K-density or all (train)": "K-density or Maha. all layers (deployed)",
+}
+
+
+def _report(reports: Path, relative: str) -> dict[str, Any]:
+    path = reports / relative
+    if not path.is_file():
+        raise GeneratorError(f"no result file reports/{relative}")
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _auc_rejected(cell: dict[str, Any] | None) -> str:
+    if not cell or cell.get("roc_auc") is None:
+        return "-"
+    return f"{cell['roc_auc']:.3f} / {_pct(cell.get('detection_rate'))}"
+
+
+def evaluation_tables(dataset: str, part: str, reports: Path = REPORTS) -> str:
+    """From reports/<dataset>/results.json: the oblivious attacks under K-density, Mahalanobis
+    and the combined decision (AUC / rejected), or the adaptive attacks aimed at each test."""
+    result = _report(reports, f"{dataset}/results.json")
+    models = result["models"]
+    objectives = [o for o in ("ce", "rce") if o in models]
+    names = " and ".join(f"`{models[o]['name']}/{models[o]['version']}`" for o in objectives)
+    head = (
+        f"*{dataset}* ({names}; [report](../reports/{dataset}/report.md), "
+        f"{result['images_fast']} test images for FGSM/BIM/ILLCM, {result['images_slow']} for "
+        f"the rest, eps {result['settings']['eps']:g}, PGD eps {result['settings']['pgd_eps']:g} "
+        f"x {result['settings']['pgd_steps']} steps)"
+    )
+    if part == "oblivious":
+        metrics = [
+            m for m in METRIC_TITLES if all(m in models[o]["thresholds"] for o in objectives)
+        ]
+        lines = [
+            head + ": ROC-AUC / rejected at the deployed threshold.",
+            "",
+            "| attack | "
+            + " | ".join(f"{METRIC_TITLES[m]} {o.upper()}" for m in metrics for o in objectives)
+            + " |",
+            "| --- |" + " ---: |" * (len(metrics) * len(objectives)),
+        ]
+        clean = ["clean test images rejected"] + [
+            _pct(models[o]["clean"]["rejection_rate"].get(m)) for m in metrics for o in objectives
+        ]
+        lines.append("| " + " | ".join(clean) + " |")
+        for attack in OBLIVIOUS:
+            row = [ATTACK_TITLES[attack]]
+            for metric in metrics:
+                for o in objectives:
+                    found = models[o]["attacks"].get(attack)
+                    row.append(_auc_rejected(found["metrics"].get(metric) if found else None))
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines) + "\n"
+    if part == "adaptive":
+        lines = [
+            head + ": each adaptive attack aims at the label and one test at its deployed "
+            "threshold. *Rejected*: kept adversarial images that test rejects; *accepted and "
+            "wrong*: clean-correct images the attack turned into misclassified images that "
+            "test accepts.",
+            "",
+            "| attack | aimed at | "
+            + " | ".join(
+                f"{o.upper()} rejected | {o.upper()} accepted and wrong" for o in objectives
+            )
+            + " |",
+            "| --- | --- |" + " ---: | ---: |" * len(objectives),
+        ]
+        for attack in ADAPTIVE:
+            if not all(attack in models[o]["attacks"] for o in objectives):
+                continue
+            aim = models[objectives[0]]["attacks"][attack]["params"]["metric"]
+            row = [ATTACK_TITLES[attack], METRIC_TITLES.get(aim, aim)]
+            for o in objectives:
+                found = models[o]["attacks"][attack]
+                rejected = (found["metrics"].get(aim) or {}).get("detection_rate")
+                through = None if rejected is None else found["success_rate"] * (1 - rejected)
+                row += [_pct(rejected), _pct(through)]
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines) + "\n"
+    raise GeneratorError(f"unknown evaluation table {part!r}: oblivious or adaptive")
+
+
+def variants_table(dataset: str, reports: Path = REPORTS) -> str:
+    """From reports/<dataset>/variants/results.json: the detectors tried, one table per model."""
+    result = _report(reports, f"{dataset}/variants/results.json")
+    models = result["models"]
+    lines = [
+        f"*{dataset}* ([report](../reports/{dataset}/variants/report.md), {result['images']} test "
+        "images, oblivious attacks, every variant at its own threshold for "
+        f"{result['target_fpr']:g} clean FPR): ROC-AUC / rejected.",
+        "",
+    ]
+    for objective in (o for o in ("rce", "ce") if o in models):
+        model = models[objective]
+        attacks = list(model["attacks"])
+        lines += [
+            f"`{model['name']}/{model['version']}` ({objective.upper()}):",
+            "",
+            "| variant | clean rejected | " + " | ".join(attacks) + " |",
+            "| --- | ---: |" + " ---: |" * len(attacks),
+        ]
+        for variant, title in VARIANTS.items():
+            cells = [_auc_rejected(model["attacks"][a].get(variant)) for a in attacks]
+            rejected = _pct(model["clean_test_rejection"].get(variant))
+            lines.append(f"| {title} | {rejected} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # -- regions -----------------------------------------------------------------------------------
 
 
@@ -204,6 +348,11 @@ def generator(name: str) -> Callable[[], str]:
     kind, _, arg = name.partition(" ")
     if kind == "bench" and arg:
         return lambda: bench_tables(arg)
+    if kind == "evaluation" and len(arg.split()) == 2:
+        dataset, part = arg.split()
+        return lambda: evaluation_tables(dataset, part)
+    if kind == "variants" and arg:
+        return lambda: variants_table(arg)
     raise GeneratorError(f"unknown generated region {name!r}")
 
 

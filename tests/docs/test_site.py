@@ -148,3 +148,95 @@ def test_the_readme_stays_a_few_screens_and_links_the_docs() -> None:
     linked = set(re.findall(r"\]\(docs/(\w+)\.md", readme))
     pages = {page.stem for page in (ROOT / "docs").glob("*.md")}
     assert linked == pages, pages ^ linked
+
+
+def _evaluation(tmp_path: Path) -> Path:
+    """A reports/ directory holding one evaluation with a CE and an RCE model."""
+
+    def model(name: str, metrics: list[str], detected: float) -> dict[str, object]:
+        cells = {m: {"roc_auc": 0.9, "detection_rate": detected} for m in metrics}
+        return {
+            "name": name,
+            "version": 2,
+            "thresholds": dict.fromkeys(metrics, 0.0),
+            "clean": {"rejection_rate": dict.fromkeys(metrics, 0.05)},
+            "attacks": {
+                "fgsm": {"success_rate": 0.5, "metrics": cells, "params": {}},
+                "pgd-adaptive-combined": {
+                    "success_rate": 0.8,
+                    "metrics": cells,
+                    "params": {"metric": "combined"},
+                },
+            },
+        }
+
+    results = {
+        "images_fast": 500,
+        "images_slow": 100,
+        "settings": {"eps": 0.1, "pgd_eps": 0.1, "pgd_steps": 40},
+        "models": {
+            "ce": model("m-ce", ["log_kd"], 0.5),
+            "rce": model("m-rce", ["log_kd", "mahalanobis", "combined"], 0.25),
+        },
+    }
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "results.json").write_text(json.dumps(results))
+    return tmp_path
+
+
+def test_the_oblivious_table_shows_the_metrics_every_model_computes(tmp_path: Path) -> None:
+    text = docsgen.evaluation_tables("demo", "oblivious", _evaluation(tmp_path))
+    assert text.splitlines()[2] == "| attack | K-density CE | K-density RCE |"
+    assert "| clean test images rejected | 5.0% | 5.0% |" in text
+    assert "| FGSM | 0.900 / 50.0% | 0.900 / 25.0% |" in text
+    assert "| BIM | - | - |" in text  # an attack a report lacks is shown as such
+    assert "(../reports/demo/report.md)" in text and "`m-ce/2` and `m-rce/2`" in text
+
+
+def test_the_adaptive_table_counts_what_the_aimed_at_test_lets_through(tmp_path: Path) -> None:
+    text = docsgen.evaluation_tables("demo", "adaptive", _evaluation(tmp_path))
+    # RCE: 80% fooled, a quarter of those rejected: 60% accepted and misclassified; the CE
+    # model has no combined score to judge by
+    assert "| PGD-adaptive | combined | - | - | 25.0% | 60.0% |" in text
+    assert "C&W-wb" not in text.split("|---")[-1]  # attacks the report lacks are left out
+
+
+def test_an_evaluation_region_naming_nothing_is_an_error(tmp_path: Path) -> None:
+    reports = _evaluation(tmp_path)
+    with pytest.raises(docsgen.GeneratorError, match="unknown evaluation table 'both'"):
+        docsgen.evaluation_tables("demo", "both", reports)
+    with pytest.raises(docsgen.GeneratorError, match="no result file reports/nope/results.json"):
+        docsgen.evaluation_tables("nope", "oblivious", reports)
+    with pytest.raises(docsgen.GeneratorError, match="no result file reports/demo/variants"):
+        docsgen.variants_table("demo", reports)
+    with pytest.raises(docsgen.GeneratorError, match="unknown generated region"):
+        docsgen.render("<!-- generated: evaluation mnist-5k -->\n<!-- /generated -->\n")
+
+
+def test_the_variants_table_has_one_table_per_model_with_the_deployed_row(tmp_path: Path) -> None:
+    cell = {"roc_auc": 0.99, "detection_rate": 0.9}
+    variants = {
+        "K-density": {"roc_auc": 0.9, "detection_rate": 0.5},
+        "features (train)": cell,
+        "all (train)": cell,
+        "K-density or all (bank)": {"roc_auc": 0.5, "detection_rate": 0.1},
+        "K-density or all (train)": cell,
+    }
+    model = {
+        "name": "m-rce",
+        "version": 2,
+        "clean_test_rejection": {"K-density or all (train)": 0.046, "K-density": 0.034},
+        "attacks": {"FGSM eps 0.2": variants, "PGD eps 0.15, 20 steps": variants},
+    }
+    results = {"images": 300, "target_fpr": 0.05, "models": {"rce": model}}
+    (tmp_path / "demo" / "variants").mkdir(parents=True)
+    (tmp_path / "demo" / "variants" / "results.json").write_text(json.dumps(results))
+    text = docsgen.variants_table("demo", tmp_path)
+    assert "`m-rce/2` (RCE):" in text and "(CE)" not in text
+    assert "| variant | clean rejected | FGSM eps 0.2 | PGD eps 0.15, 20 steps |" in text
+    assert (
+        "| K-density or Maha. all layers (deployed) | 4.6% | 0.990 / 90.0% | 0.990 / 90.0% |"
+        in text
+    )
+    assert "| K-density | 3.4% | 0.900 / 50.0% | 0.900 / 50.0% |" in text
+    assert "| Maha. all layers, fitted on the bank | - | - | - |" in text
