@@ -12,14 +12,16 @@ outside the batchers' threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from prometheus_client import Counter, Histogram
 
 from models.manifest import METRICS
 from service.batching import Batcher, BatchStats, Ticket
@@ -37,7 +39,6 @@ from service.guard import Lifecycle
 from service.imaging import (
     DecodedImage,
     DecodeLimits,
-    ImageHeader,
     check_request_pixels,
     decode_image,
     probe_image,
@@ -103,6 +104,9 @@ class DataPlane:
             max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
         )
         self.probers = ProberTracker(settings, metrics)
+        # Metric series by their labels, looked up once (see _record).
+        self._series: dict[tuple[str, int, bool, int], Counter] = {}
+        self._histograms: dict[tuple[str, str], Histogram] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -250,7 +254,7 @@ class DataPlane:
             headers = [probe_image(image.data, image.what, limits) for image in images]
             check_request_pixels(headers, limits)
 
-        def one(image: EncodedImage) -> DecodedImage:
+        def one(image: EncodedImage, limits: DecodeLimits = limits) -> DecodedImage:
             if time.monotonic() >= deadline:  # waited too long for a decode thread
                 raise DeadlineExceeded("the request's deadline passed before decoding")
             start = time.perf_counter()
@@ -258,11 +262,9 @@ class DataPlane:
             self.metrics.decode_duration.observe(time.perf_counter() - start)
             return decoded
 
-        headers = self._inline_headers(images)
-        if headers is not None:
-            # Thumbnails decode in less time than a hop to a pool thread and back costs.
-            check_request_pixels(headers, limits)
-            return [one(image) for image in images]
+        inline = self._decode_inline(images, shape, one)
+        if inline is not None:
+            return inline
         # One image within the per-image limits is within the request's budget too, and
         # decode_image checks its own header: the separate pass is needed only for several.
         if len(images) > 1 or limits.max_request_pixels < limits.max_pixels:
@@ -276,25 +278,39 @@ class DataPlane:
             for job in jobs:  # on the first failure, the rest need not start
                 job.cancel()
 
-    def _inline_headers(self, images: Sequence[EncodedImage]) -> list[ImageHeader] | None:
-        """The headers when every image is small enough, in bytes and in declared pixels, to
-        decode on the event loop (at most `inline_decode_pixels` each); else None."""
+    def _decode_inline(
+        self,
+        images: Sequence[EncodedImage],
+        shape: tuple[int, int, int],
+        one: Callable[[EncodedImage, DecodeLimits], DecodedImage],
+    ) -> list[DecodedImage] | None:
+        """Thumbnails decode on the event loop, in less time than a hop to a pool thread and
+        back costs: at most INLINE_MAX_IMAGES images of at most INLINE_MAX_BYTES, each declaring
+        at most `inline_decode_pixels` (judged from its header by `decode_image` itself, so each
+        image is opened once). None when they are not all such thumbnails, or on any error: the
+        pool path then decodes them, or refuses with the error it gives any image."""
         most = self.settings.inline_decode_pixels
         if not most or len(images) > INLINE_MAX_IMAGES:
             return None
         if any(len(image.data) > INLINE_MAX_BYTES for image in images):
             return None
+        limits = self._limits
+        small = dataclasses.replace(limits, max_pixels=min(most, limits.max_pixels))
         try:
-            headers = [probe_image(image.data, image.what, self._limits) for image in images]
+            decoded = [one(image, small) for image in images]
         except ServiceError:
-            return None  # the pool gives the same error; no shortcut for bad input
-        return headers if all(header.pixels <= most for header in headers) else None
+            return None
+        total = sum(width * height for width, height in (d.original_size for d in decoded))
+        return decoded if total <= limits.max_request_pixels else None
 
     async def _infer(self, batcher: Batcher, ticket: Ticket, images: np.ndarray) -> Outputs:
         batcher.submit(ticket, images)
         left = ticket.deadline - time.monotonic()
         try:
-            arrays = await asyncio.wait_for(asyncio.shield(ticket.future), max(left, 0.0))
+            # A timer, not a task; cancelling the ticket's future on the way out is harmless
+            # (the batcher skips answered futures, and the caller cancels the ticket).
+            async with asyncio.timeout(max(left, 0.0)):
+                arrays = await ticket.future
         except TimeoutError:
             raise self.refused(
                 DeadlineExceeded("the request's deadline passed before its answer")
@@ -325,13 +341,22 @@ class DataPlane:
     def _record(self, detector: Detector, outputs: Outputs, accepted: np.ndarray) -> None:
         m = self.metrics
         names = detector.manifest.class_names
-        version = str(detector.version)
+        series = self._series
         for label, ok in zip(outputs.label.tolist(), accepted.tolist(), strict=True):
-            decision = "accepted" if ok else "rejected"
-            m.images.labels(detector.name, version, decision, names[label]).inc()
+            key = (detector.name, detector.version, ok, label)
+            counter = series.get(key)
+            if counter is None:  # label lookups cost more than the increments: once per series
+                decision = "accepted" if ok else "rejected"
+                version = str(detector.version)
+                counter = m.images.labels(detector.name, version, decision, names[label])
+                series[key] = counter
+            counter.inc()
         if m.detection_score is not None:
             for metric in METRICS:
-                histogram = m.detection_score.labels(detector.name, metric)
+                histogram = self._histograms.get((detector.name, metric))
+                if histogram is None:
+                    histogram = m.detection_score.labels(detector.name, metric)
+                    self._histograms[(detector.name, metric)] = histogram
                 for value in outputs.scores[metric].tolist():
                     histogram.observe(value)
 

@@ -118,7 +118,8 @@ class BodyReader:
             return await self._receive()
         left = self._deadline - time.monotonic()
         try:
-            message = await asyncio.wait_for(self._receive(), max(left, 0.0))
+            async with asyncio.timeout(max(left, 0.0)):  # a timer, not a task per message
+                message = await self._receive()
         except TimeoutError:
             raise BodyTimeout(
                 f"the request body did not arrive within {self._timeout:g} s"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,14 +21,13 @@ from service.dataplane import DataPlane, EncodedImage, Prediction, PredictOption
 from service.detector import Detector
 from service.guard import cancel_on_disconnect
 from service.payload import Upload, read_uploads
-from service.schemas import DecisionInfo, ImageResult, ImageSize, PredictResponse, Scores
 
 
 async def predict(
     plane: DataPlane, detector: Detector, options: PredictOptions, request: Request
 ) -> Response:
     """Answer a v1 predict request. The body is serialised once here (the route's
-    `response_model` documents it), not validated again by the framework."""
+    `response_model` documents it), never validated by the framework."""
     arrival = time.monotonic()
     options = dataclasses.replace(options, client=request_client(request.scope))
     detector.decision(options.target_fpr)  # an invalid target_fpr fails before the body
@@ -37,44 +37,56 @@ async def predict(
     images = [EncodedImage(u.data, u.describe(i)) for i, u in enumerate(uploads)]
     async with cancel_on_disconnect(request.receive):
         prediction = await plane.predict_encoded(detector, images, options, plane.deadline(arrival))
-    body = response(prediction, uploads, s.withhold_rejected).model_dump_json()
+    body = response_body(prediction, uploads, s.withhold_rejected)
     return Response(body, media_type="application/json")
 
 
-def response(
+def response_body(
     prediction: Prediction, uploads: list[Upload], withhold_rejected: bool = True
-) -> PredictResponse:
-    """The v1 body. In enforce mode a rejected image shows no label; with `withhold_rejected`
-    (the default) no score, threshold or probability either: the verdict is no score oracle."""
+) -> bytes:
+    """The v1 body (service.schemas.PredictResponse, field for field), built as plain data and
+    serialised once by orjson: no model is validated per request. In enforce mode a rejected
+    image shows no label; with `withhold_rejected` (the default) no score, threshold or
+    probability either: the verdict is no score oracle."""
     p = prediction
     names = p.detector.manifest.class_names
     out = p.outputs
+    labels = out.label.tolist()
+    probabilities = out.probabilities.tolist()
+    scores = {m: out.scores[m].tolist() for m in METRICS}
+    accepted = p.accepted.tolist()
+    metric, threshold, target_fpr = p.decision.metric, p.decision.threshold, p.decision.target_fpr
+    annotate = p.mode == "annotate"
     results = []
     for i, upload in enumerate(uploads):
-        label = int(out.label[i])
-        shown = p.shown(i)
+        shown = accepted[i] or annotate
         scored = shown or not withhold_rejected
         image = p.decoded[i] if p.decoded is not None else None
         width, height = image.original_size if image is not None else (0, 0)
+        label = labels[i]
         results.append(
-            ImageResult(
-                index=i,
-                filename=upload.filename,
-                label=label if shown else None,
-                class_name=names[label] if shown else None,
-                probabilities=out.probabilities[i].tolist() if shown else None,
-                accepted=bool(p.accepted[i]),
-                decision=DecisionInfo(
-                    metric=p.decision.metric,
-                    score=float(out.scores[p.decision.metric][i]) if scored else None,
-                    threshold=p.decision.threshold if scored else None,
-                    target_fpr=p.decision.target_fpr,
-                ),
-                scores=Scores(**{m: float(out.scores[m][i]) for m in METRICS}) if scored else None,
-                original_size=ImageSize(width=width, height=height),
-                resized=bool(image is not None and image.resized),
-            )
+            {
+                "index": i,
+                "filename": upload.filename,
+                "label": label if shown else None,
+                "class_name": names[label] if shown else None,
+                "probabilities": probabilities[i] if shown else None,
+                "accepted": accepted[i],
+                "decision": {
+                    "metric": metric,
+                    "score": scores[metric][i] if scored else None,
+                    "threshold": threshold if scored else None,
+                    "target_fpr": target_fpr,
+                },
+                "scores": {m: scores[m][i] for m in METRICS} if scored else None,
+                "original_size": {"width": width, "height": height},
+                "resized": image is not None and image.resized,
+            }
         )
-    return PredictResponse(
-        model=p.detector.name, version=p.detector.version, mode=p.mode, predictions=results
-    )
+    body = {
+        "model": p.detector.name,
+        "version": p.detector.version,
+        "mode": p.mode,
+        "predictions": results,
+    }
+    return orjson.dumps(body)

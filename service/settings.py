@@ -83,10 +83,16 @@ class Settings(BaseSettings):
     )
     # Connections and bodies.
     max_concurrent_requests: int = Field(
-        256, gt=0, description="Requests handled at once (health and metrics excluded); 503 above."
+        256,
+        gt=0,
+        description="Requests handled at once (health and metrics excluded); above it, 503 as "
+        "soon as the request head arrives.",
     )
     max_connections: int = Field(
-        1024, gt=0, description="Open connections uvicorn accepts before answering 503."
+        1024,
+        gt=0,
+        description="Open connections; over it, the connection that has waited longest for a "
+        "request head is closed (never one whose request is being served).",
     )
     max_inflight_body_bytes: int = Field(
         256 * 1024 * 1024,
@@ -230,6 +236,15 @@ class Settings(BaseSettings):
         description="Port of the OIP gRPC service (inference.GRPCInferenceService) started by "
         "`rcegate serve` on `host`; 0 turns gRPC off. REST OIP (/v2) is always on `port`.",
     )
+
+    # -- HTTP protocol and the request path (service/protocol.py) --------------------------------
+    max_loop_lag: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds the event loop may run behind before requests are refused (503 "
+        "loop_lag) as their head arrives; health and metrics always pass. 0 = no such bound.",
+    )
+    # -- end of HTTP protocol --
 
     @model_validator(mode="after")
     def _request_fits_the_queue(self) -> Settings:
