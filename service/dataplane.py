@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -183,10 +184,30 @@ class DataPlane:
         return batcher
 
     def check_capacity(self, detector: Detector) -> None:
-        """Refuse at once, before the body is read, when the model's queue is already full."""
-        batcher = self._batcher(detector)
-        if batcher.reserved >= batcher.max_queue_images:
-            raise self.refused(QueueFull(f"model {batcher.name} is at capacity; retry later"))
+        """Refuse at once, before the body is read, when the model's queue is already full
+        (in images, or in expected wait: then `reserve` would refuse any request)."""
+        refusal = queue_refusal(self._batcher(detector))
+        if refusal is not None:
+            raise self.refused(refusal)
+
+    def refusal_at_head(self, method: str, path: str) -> QueueFull | None:
+        """What `check_capacity` would answer a request for the model its path names (v1
+        predict, v2 infer; the default or newest version unless the path names one), decided
+        as its head arrives, before it is routed or its body read, so the refusal costs
+        nothing. None when the path names no loaded model or its queue has room. Not counted:
+        the caller counts what it refuses."""
+        if method != "POST":
+            return None
+        named = model_in_path(path)
+        if named is None:
+            return None
+        name, version = named
+        try:
+            detector = self.model(name, version)
+        except ServiceError:
+            return None  # the app gives the error
+        batcher = self._batchers.get((detector.name, detector.version))
+        return None if batcher is None else queue_refusal(batcher)
 
     def refused(self, error: Unavailable) -> Unavailable:
         """Count a refusal by its reason; returns the error for the caller to raise."""
@@ -359,6 +380,41 @@ class DataPlane:
                     self._histograms[(detector.name, metric)] = histogram
                 for value in outputs.scores[metric].tolist():
                     histogram.observe(value)
+
+
+def queue_refusal(batcher: Batcher) -> QueueFull | None:
+    """A refusal when the model's queue has no room for any request (its images at the bound,
+    or its expected wait over it, as `Batcher.reserve` judges), else None."""
+    if batcher.reserved >= batcher.max_queue_images:
+        return QueueFull(f"model {batcher.name} is at capacity; retry later")
+    wait = batcher.expected_wait()
+    if wait > batcher.max_queue_wait > 0 and batcher.reserved > 0:
+        return QueueFull(
+            f"model {batcher.name} has about {1000 * wait:.0f} ms of work queued "
+            f"(limit {1000 * batcher.max_queue_wait:.0f} ms); retry later",
+            retry_after=max(1, math.ceil(wait)),
+        )
+    return None
+
+
+def model_in_path(path: str) -> tuple[str | None, int | None] | None:
+    """(name, version) of the model an inference path names: None for the default model or
+    the newest version; None for any other path. `/v1/predict`,
+    `/v1/models/{name}[/versions/{version}]/predict`,
+    `/v2/models/{name}[/versions/{version}]/infer`."""
+    if path == "/v1/predict":
+        return None, None
+    parts = path.split("/")
+    if len(parts) not in (5, 7) or parts[0] or parts[2] != "models" or not parts[3]:
+        return None
+    if (parts[1], parts[-1]) not in (("v1", "predict"), ("v2", "infer")):
+        return None
+    if len(parts) == 5:
+        return parts[3], None
+    version = parts[5]
+    if parts[4] != "versions" or not (version.isascii() and version.isdigit()):
+        return None
+    return parts[3], int(version)
 
 
 def _run_arrays(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]:

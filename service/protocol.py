@@ -73,8 +73,8 @@ HEAD_END = b"\r\n\r\n"
 # that ends it and the one that ends the head.
 _REQUEST_LINE = 14
 
-# A head-time check of the app (e.g. "every model queue is full"): a refusal or None.
-Admit = Callable[[str], Unavailable | None]
+# A head-time check of the app (method, path -> a refusal or None), e.g. the model's queue.
+Admit = Callable[[str, str], Unavailable | None]
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,15 @@ class Front:
             return TooManyRequests(
                 f"more than {limits.max_requests} requests in flight; retry later"
             )
-        if limits.max_loop_lag and self.lag > limits.max_loop_lag:
-            return LoopBehind(
-                f"the server runs {1000 * self.lag:.0f} ms behind its requests; retry later"
-            )
+        if limits.max_loop_lag:
+            # The last tick's lateness, or the next tick's if it is already overdue: a loop
+            # that was just held up knows it before its timers run again.
+            assert self._loop is not None
+            lag = max(self.lag, self._loop.time() - self._due)
+            if lag > limits.max_loop_lag:
+                return LoopBehind(
+                    f"the server runs {1000 * lag:.0f} ms behind its requests; retry later"
+                )
         return None
 
     def make_room(self) -> ServiceProtocol | None:
@@ -182,9 +187,16 @@ def error_response(
     return status, headers, body
 
 
-def error_bytes(error: ServiceError, path: str | None, keep_alive: bool = True) -> bytes:
-    """`error_response` as the bytes of an HTTP/1.1 response."""
+def error_bytes(
+    error: ServiceError,
+    path: str | None,
+    keep_alive: bool = True,
+    default_headers: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    """`error_response` as the bytes of an HTTP/1.1 response, after uvicorn's default headers
+    (date, server) as on every other answer."""
     status, headers, body = error_response(error, path, keep_alive)
+    headers = [*(default_headers or ()), *headers]
     lines = [STATUS_LINE[status], *(b"%s: %s\r\n" % header for header in headers), b"\r\n"]
     return b"".join([*lines, body])
 
@@ -230,6 +242,7 @@ class ServiceProtocol(HttpToolsProtocol):
         self._transfer_encoding: bytes | None = None
         self._idle = False  # waiting after a response, no byte of the next head yet
         self._lingering = False
+        self._refused_input = False  # a 400/431 is due: nothing more is parsed
         self._discarded = 0
         self._cycle_transport: _CycleTransport
 
@@ -292,7 +305,7 @@ class ServiceProtocol(HttpToolsProtocol):
     # -- bytes in ----------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
+        if self._lingering or self._refused_input:
             self._discarded += len(data)
             if self._discarded > LINGER_BYTES:
                 self.close(evicted=False)
@@ -336,16 +349,25 @@ class ServiceProtocol(HttpToolsProtocol):
         return self._head_bytes <= self._max_head
 
     def _fail(self, error: ServiceError) -> None:
-        """Answer a request the protocol refuses (400, 431) and close the connection."""
+        """Answer a request the protocol refuses (400, 431) and close the connection; what the
+        client sends after it is never parsed. A refused head pipelined behind a request still
+        being served is answered after that request's answer, in order."""
+        self._refused_input = True
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
+            if self._in_head:  # the error is in the next head: answer the current one first
+                scope: Any = {"type": "http", "method": "GET", "path": "", "headers": []}
+                refused = self._cycle(scope, keep_alive=False)
+                self.pipeline.appendleft((refused, _answer(*error_response(error, None, False))))
+                return
             if cycle.response_started:  # too late for another answer
                 self.close(evicted=False)
                 return
             cycle.disconnected = True  # the app stops reading and writing
             cycle.message_event.set()
         # Before routing: the service's own body shape, also under /v2.
-        self.transport.write(error_bytes(error, None, keep_alive=False))
+        defaults = self.server_state.default_headers
+        self.transport.write(error_bytes(error, None, False, defaults))
         self._linger()
 
     # -- parser callbacks --------------------------------------------------------------------
@@ -408,21 +430,9 @@ class ServiceProtocol(HttpToolsProtocol):
         if not full_path.startswith(OPEN_PREFIXES):
             refusal = front.refusal()
             if refusal is None and front.admit is not None:
-                refusal = front.admit(full_path)
+                refusal = front.admit(scope["method"], full_path)
         existing = self.cycle
-        self.cycle = RequestResponseCycle(
-            scope=scope,
-            transport=self._cycle_transport,  # type: ignore[arg-type]
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=keep_alive,
-            on_response=self.on_response_complete,
-        )
+        self.cycle = self._cycle(scope, keep_alive)
         busy = existing is not None and not existing.response_complete
         if refusal is not None:
             if front.on_refused is not None:
@@ -439,11 +449,27 @@ class ServiceProtocol(HttpToolsProtocol):
         else:
             self._start_asgi_task(self.cycle, app)
 
+    def _cycle(self, scope: HTTPScope, keep_alive: bool) -> RequestResponseCycle:
+        return RequestResponseCycle(
+            scope=scope,
+            transport=self._cycle_transport,  # type: ignore[arg-type]
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=keep_alive,
+            on_response=self.on_response_complete,
+        )
+
     def _refuse(self, refusal: Unavailable, path: str, keep_alive: bool) -> None:
         """Answer 503 now, without a task; the body that follows is read and dropped."""
         cycle = self.cycle
         cycle.response_started = cycle.response_complete = True
-        self.transport.write(error_bytes(refusal, path, keep_alive))
+        defaults = self.server_state.default_headers
+        self.transport.write(error_bytes(refusal, path, keep_alive, defaults))
         if keep_alive:
             self.on_response_complete()
         else:

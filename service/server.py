@@ -35,7 +35,7 @@ from service.dataplane import DataPlane
 from service.guard import Lifecycle
 from service.metrics import Metrics
 from service.oip.grpc import start_server as start_grpc
-from service.protocol import Front, Limits, protocol_class
+from service.protocol import Admit, Front, Limits, protocol_class
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -105,11 +105,15 @@ class DrainingServer(uvicorn.Server):
 
 
 def uvicorn_config(
-    app: ASGIApp, settings: Settings, metrics: Metrics | None = None
+    app: ASGIApp,
+    settings: Settings,
+    metrics: Metrics | None = None,
+    admit: Admit | None = None,
 ) -> uvicorn.Config:
     """uvicorn as `rcegate serve` runs it (the benchmark's echo floor uses the same): uvloop
     and the service's HTTP protocol (service/protocol.py), which also bounds connections,
-    heads and requests in flight; refusals are counted in `metrics` when given."""
+    heads and requests in flight and asks `admit` (the data plane's queues) as each head
+    arrives; its refusals are counted in `metrics` when given."""
     limits = Limits(
         header_timeout=settings.header_timeout,
         keep_alive_timeout=settings.keep_alive_timeout,
@@ -123,7 +127,7 @@ def uvicorn_config(
         app,
         host=settings.host,
         port=settings.port,
-        http=protocol_class(Front(limits, on_refused=on_refused)),
+        http=protocol_class(Front(limits, admit, on_refused)),
         loop="uvloop",
         log_level=settings.log_level,
         log_config=None,  # keep the one logging configuration made by the CLI
@@ -136,5 +140,6 @@ def uvicorn_config(
 
 def serve(app: FastAPI, settings: Settings) -> None:
     """Run the app with the service's connection limits and graceful drain."""
-    config = uvicorn_config(app, settings, app.state.metrics)
+    plane: DataPlane = app.state.plane
+    config = uvicorn_config(app, settings, app.state.metrics, plane.refusal_at_head)
     DrainingServer(config, app, settings.drain_seconds).run()

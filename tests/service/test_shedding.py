@@ -1,0 +1,228 @@
+"""Refusals that stay fast: requests refused as their head arrives, before the app or the body.
+
+A real uvicorn server (the config `rcegate serve` uses) runs the app in a thread of the test,
+so the test can hold the model at a gate or hold the event loop itself: each refusal is shown
+to come while the accepted work is provably still unfinished, with no clock involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.dataplane import DataPlane, model_in_path, queue_refusal
+from service.errors import QueueFull
+from service.server import uvicorn_config
+from service.settings import Settings
+from tests.conftest import TinyArtifact
+from tests.service.conftest import encode
+from tests.service.live import free_port
+from tests.service.test_batching import FAR, Model, images, make, run
+
+
+def spin_until(condition: Callable[[], bool], tries: int = 3000) -> bool:
+    for _ in range(tries):
+        if condition():
+            return True
+        time.sleep(0.01)  # polling interval, not an assertion
+    return False
+
+
+@dataclass
+class Running:
+    url: str
+    port: int
+    server: uvicorn.Server
+    plane: DataPlane
+
+    def metric(self, name: str, labels: str) -> float:
+        total = 0.0
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + "{") and labels in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        front = self.server.config.http_protocol_class.front  # type: ignore[attr-defined]
+        assert front._loop is not None
+        loop: asyncio.AbstractEventLoop = front._loop
+        return loop
+
+
+@contextmanager
+def running(tiny_artifact: TinyArtifact, **overrides: object) -> Iterator[Running]:
+    settings = Settings(
+        model_dir=tiny_artifact.model_dir,
+        default_model=tiny_artifact.name,
+        port=free_port(),
+        access_log=False,
+        **overrides,  # type: ignore[arg-type]
+    )
+    app = create_app(settings)
+    plane: DataPlane = app.state.plane
+    server = uvicorn.Server(uvicorn_config(app, settings, app.state.metrics, plane.refusal_at_head))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        assert spin_until(lambda: server.started and app.state.repository.ready)
+        assert httpx.get(f"{url}/health/ready", timeout=10).status_code == 200
+        yield Running(url, settings.port, server, plane)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def post_png(port: int, png: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(png), png)
+    )
+    return sock
+
+
+def answer(sock: socket.socket) -> tuple[int, bytes]:
+    raw = b""
+    while b"\r\n\r\n" not in raw or not raw.endswith(b"}"):
+        chunk = sock.recv(65536)
+        assert chunk, raw
+        raw += chunk
+    return int(raw.split(b" ", 2)[1]), raw
+
+
+@pytest.mark.parametrize(
+    ("path", "named"),
+    [
+        ("/v1/predict", (None, None)),
+        ("/v1/models/tiny/predict", ("tiny", None)),
+        ("/v1/models/tiny/versions/2/predict", ("tiny", 2)),
+        ("/v2/models/tiny/infer", ("tiny", None)),
+        ("/v2/models/tiny/versions/12/infer", ("tiny", 12)),
+        ("/v2/models/tiny/versions/\u0662/infer", None),  # Arabic-Indic two: not a version
+        ("/v2/models/tiny/versions/x/infer", None),
+        ("/v1/models/tiny", None),
+        ("/v1/models//predict", None),
+        ("/v2/models/tiny/ready", None),
+        ("/health/live", None),
+    ],
+)
+def test_head_time_admission_knows_which_model_a_path_names(
+    path: str, named: tuple[str | None, int | None] | None
+) -> None:
+    assert model_in_path(path) == named
+
+
+def test_a_full_model_queue_refuses_new_requests_at_the_head(
+    tiny_artifact: TinyArtifact,
+    digits: tuple[np.ndarray, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model held at a gate with one batch, two images queued behind it (the queue's bound
+    is 2): the next request is refused 503 queue_full before it is routed (the app's guard
+    never counts it), while the queued ones are still waiting and health answers."""
+    png = encode(digits[0][0])
+    gate, entered = threading.Event(), threading.Event()
+    with running(tiny_artifact, max_queue_images=2, max_images=2, max_queue_wait=0) as live:
+        detector = live.plane.repository.get("tiny")
+        original = detector.run_arrays
+
+        def held(images: np.ndarray) -> dict[str, np.ndarray]:
+            entered.set()
+            assert gate.wait(30)
+            return original(images)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(detector, "run_arrays", held)
+        routed = 'route="/v1/predict",status="503"'
+        refused = 'reason="queue_full"'
+        before = live.metric("rcegate_requests_refused_total", refused)
+        waiting = [post_png(live.port, png)]
+        try:
+            assert entered.wait(30)
+            waiting += [post_png(live.port, png) for _ in range(2)]
+            batcher = live.plane._batchers[("tiny", 1)]
+            assert spin_until(lambda: batcher.reserved == 2)
+            with post_png(live.port, png) as late:
+                status, raw = answer(late)
+            assert status == 503 and b'"code":"overloaded"' in raw
+            assert b"retry-after: 1" in raw.lower()
+            assert httpx.get(f"{live.url}/health/live", timeout=10).status_code == 200
+            assert live.metric("rcegate_requests_refused_total", refused) == before + 1
+            assert live.metric("rcegate_http_requests_total", routed) == 0
+            gate.set()
+            assert [answer(sock)[0] for sock in waiting] == [200, 200, 200]
+        finally:
+            gate.set()
+            for sock in waiting:
+                sock.close()
+
+
+def test_a_loop_running_behind_refuses_requests_but_answers_health(
+    tiny_artifact: TinyArtifact, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The event loop held up (a callback that blocks it, as a stalled parse would) for ten
+    times `max_loop_lag`: a request that arrives meanwhile is refused 503 loop_lag as soon as
+    the loop runs again, and a health probe that arrives with it is answered."""
+    png = encode(digits[0][0])
+    with running(tiny_artifact, max_loop_lag=0.05) as live:
+        before = live.metric("rcegate_requests_refused_total", 'reason="loop_lag"')
+        with (
+            socket.create_connection(("127.0.0.1", live.port), timeout=30) as request,
+            socket.create_connection(("127.0.0.1", live.port), timeout=30) as probe,
+        ):
+            assert httpx.get(f"{live.url}/health/live", timeout=10).status_code == 200
+            blocked, release = threading.Event(), threading.Event()
+
+            def block() -> None:
+                blocked.set()
+                release.wait(0.5)  # ten times max_loop_lag, then the loop runs again
+
+            live.loop().call_soon_threadsafe(block)
+            assert blocked.wait(30)
+            request.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(png), png)
+            )
+            probe.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            refused, raw = answer(request)
+            assert answer(probe)[0] == 200
+        assert refused == 503 and b'"code":"overloaded"' in raw
+        assert live.metric("rcegate_requests_refused_total", 'reason="loop_lag"') == before + 1
+        ok = httpx.post(
+            f"{live.url}/v1/predict", content=png, headers={"content-type": "image/png"}
+        )
+        assert ok.status_code == 200  # the loop caught up: no lag, no refusal
+
+
+def test_the_capacity_check_before_the_body_judges_the_queue_as_admission_does() -> None:
+    """`check_capacity` (before the body) and the head-time refusal refuse on the queue's
+    expected wait too, as `reserve` would for any request, not only on its image count."""
+    model = Model()
+    batcher = make(model, max_queue_wait=1e-9)  # any queued work is over this bound
+
+    async def scenario() -> None:
+        assert queue_refusal(batcher) is None  # empty and unmeasured
+        warm = batcher.reserve(2, time.monotonic() + FAR)
+        batcher.submit(warm, images([1, 2]))
+        await warm.future
+        model.gate.clear()
+        queued = batcher.reserve(3, time.monotonic() + FAR)
+        refusal = queue_refusal(batcher)
+        assert isinstance(refusal, QueueFull) and "ms of work queued" in refusal.message
+        with pytest.raises(QueueFull):  # what reserve says to any request now
+            batcher.reserve(1, time.monotonic() + FAR)
+        batcher.cancel(queued)
+        assert queue_refusal(batcher) is None
+
+    run(scenario)
