@@ -308,8 +308,9 @@ class DataPlane:
         """Thumbnails decode on the event loop, in less time than a hop to a pool thread and
         back costs: at most INLINE_MAX_IMAGES images of at most INLINE_MAX_BYTES, each declaring
         at most `inline_decode_pixels` (judged from its header by `decode_image` itself, so each
-        image is opened once). None when they are not all such thumbnails, or on any error: the
-        pool path then decodes them, or refuses with the error it gives any image."""
+        image is opened once), and only when so many thumbnails cannot pass the request's pixel
+        budget. None when they are not all such thumbnails, or on any error: the pool path then
+        decodes them, or refuses with the error it gives any image."""
         most = self.settings.inline_decode_pixels
         if not most or len(images) > INLINE_MAX_IMAGES:
             return None
@@ -317,12 +318,12 @@ class DataPlane:
             return None
         limits = self._limits
         small = dataclasses.replace(limits, max_pixels=min(most, limits.max_pixels))
+        if len(images) * small.max_pixels > limits.max_request_pixels:
+            return None  # thumbnails could pass the request's budget: headers first, in the pool
         try:
-            decoded = [one(image, small) for image in images]
+            return [one(image, small) for image in images]
         except ServiceError:
             return None
-        total = sum(width * height for width, height in (d.original_size for d in decoded))
-        return decoded if total <= limits.max_request_pixels else None
 
     async def _infer(self, batcher: Batcher, ticket: Ticket, images: np.ndarray) -> Outputs:
         batcher.submit(ticket, images)

@@ -114,3 +114,16 @@ def test_access_log_keeps_one_json_line_per_request_whatever_the_path(
         "/v1/c\x85d\ne",
         "/v1/\u00e9t\u00e9",
     ]
+
+
+def test_a_request_over_its_pixel_budget_decodes_not_even_a_thumbnail(
+    make_client: Callable[..., TestClient], digit_png: bytes
+) -> None:
+    """Thumbnails decode on the event loop without a separate header pass, but only when they
+    cannot pass the request's pixel budget; otherwise every header is judged first."""
+    client = make_client(max_request_pixels=3 * 28 * 28)
+    files = [("files", (f"{i}.png", digit_png, "image/png")) for i in range(4)]
+    assert client.post("/v1/predict", files=files).json()["error"]["code"] == "too_many_pixels"
+    assert "rcegate_decode_duration_seconds_count 0.0" in client.get("/metrics").text
+    assert client.post("/v1/predict", files=files[:3]).status_code == 200
+    assert "rcegate_decode_duration_seconds_count 3.0" in client.get("/metrics").text
