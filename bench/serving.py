@@ -19,8 +19,14 @@ same CPUs unless `--pin` puts the server (and raw ONNX Runtime) on one CPU and t
 on another. Targets from issue 9 are printed with PASS/FAIL; the exit status is 0 whatever they
 say, except with `--cuda` (bench/gpu_check.sh), which exits 1 when CUDA is not really in use.
 
+Side by side with the service, `--variant NAME:RCEGATE_KEY=VALUE[,...]` starts more services
+that differ only in those settings (e.g. `pad:RCEGATE_BATCH_SHAPES=pow2`), measured in the same
+rounds at the same connections (rows `service[NAME] @c`). For every service the batch shapes its
+session ran during the measured rounds are counted (rcegate_batch_shape_runs_total).
+
     python bench/serving.py [--duration 5] [--rounds 3] [--json out.json] [--pin]
-        [--env RCEGATE_KEY=VALUE ...] [--server-args "..."] [--profile stacks.txt]
+        [--env RCEGATE_KEY=VALUE ...] [--variant NAME:RCEGATE_KEY=VALUE,...]
+        [--server-args "..."] [--profile stacks.txt]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -38,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.results import table, write_result  # noqa: E402
 from models.layout import latest_version  # noqa: E402
 from models.manifest import INPUT_NAME, Manifest  # noqa: E402
 from service.detector import CUDA, load_detector  # noqa: E402
@@ -222,6 +230,43 @@ def model_providers(server: Server, name: str) -> list[str]:
     response = httpx.get(f"{server.url}/v1/models/{name}", timeout=10)
     response.raise_for_status()
     return list(response.json()["providers"])
+
+
+def shape_runs(server: Server, model: str) -> tuple[dict[int, float], float]:
+    """The batcher's runs per batch shape (rcegate_batch_shape_runs_total) and the padding rows
+    (rcegate_batch_padding_images_total) of `model`, from the service's /metrics."""
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    runs: dict[int, float] = {}
+    padding = 0.0
+    sample = (
+        r"^(rcegate_batch_shape_runs_total|rcegate_batch_padding_images_total)\{([^}]*)\} (\S+)$"
+    )
+    for name, labels, value in re.findall(sample, text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if found.get("model") != model:
+            continue
+        if name == "rcegate_batch_padding_images_total":
+            padding += float(value)
+        else:
+            runs[int(found["shape"])] = runs.get(int(found["shape"]), 0.0) + float(value)
+    return runs, padding
+
+
+def shapes_between(
+    before: tuple[dict[int, float], float], after: tuple[dict[int, float], float]
+) -> dict[str, Any]:
+    """The shapes run between two `shape_runs` snapshots: {distinct, runs {shape: n}, padding}."""
+    runs = {k: v - before[0].get(k, 0.0) for k, v in sorted(after[0].items())}
+    runs = {k: v for k, v in runs.items() if v > 0}
+    return {"distinct": len(runs), "runs": runs, "padding_images": after[1] - before[1]}
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """`NAME:RCEGATE_A=1,RCEGATE_B=2` -> (NAME, {RCEGATE_A: 1, RCEGATE_B: 2})."""
+    name, sep, pairs = spec.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise SystemExit(f"--variant wants NAME:KEY=VALUE[,KEY=VALUE], got {spec!r}")
+    return name, parse_env(pairs.split(","))
 
 
 # Load generators ----------------------------------------------------------------------------
@@ -424,6 +469,84 @@ def verdicts(
     ]  # fmt: skip
 
 
+def result_tables(
+    rows: dict[str, Measured], overload: dict[str, Any], targets: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """What the docs' benchmarks page shows of a run (bench/results.py renders it)."""
+    measured = [
+        [name, row.images_per_s, row.p50_ms, row.p99_ms, row.non_2xx, row.refused_503]
+        for name, row in rows.items()
+    ]
+    measured.append(
+        [
+            f"service, {overload['rate']:.0f} requests/s offered (open loop), accepted",
+            overload["accepted_images_per_s"],
+            overload["ok_p50_ms"],
+            overload["ok_p99_ms"],
+            overload["non_2xx"],
+            overload["refused_503"],
+        ]
+    )
+    return [
+        table(
+            "Images per second and latency (medians over rounds)",
+            ["configuration", "images/s", "p50 ms", "p99 ms", "non-2xx", "503"],
+            measured,
+            ["", ".1f", ".2f", ".2f", "d", "d"],
+        ),
+        table(
+            "Targets",
+            ["target", "value", "goal", "verdict"],
+            [
+                [t["what"], show(t["value"], 3), t["target"], "pass" if t["pass"] else "FAIL"]
+                for t in targets
+            ],
+        ),
+    ]
+
+
+def variant_tables(
+    rows: dict[str, Measured], variants: dict[str, dict[str, str]]
+) -> list[dict[str, Any]]:
+    """Each variant service against the base one and raw batch 64, at every connection count."""
+    if not variants:
+        return []
+    raw_b64 = rows["raw ORT batch 64"].images_per_s
+    measured = []
+    for name, overrides in variants.items():
+        settings = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        for c in CONNECTIONS:
+            got = rows[f"service[{name}] @{c}"].images_per_s
+            base = rows[f"service @{c}"].images_per_s
+            measured.append([f"service[{name}] @{c}", settings, got, got / base, got / raw_b64])
+    return [
+        table(
+            "Variants against the base service (same connections) and raw ORT batch 64",
+            ["configuration", "settings", "images/s", "x service", "x raw b64"],
+            measured,
+            ["", "", ".1f", ".3f", ".3f"],
+        )
+    ]
+
+
+def shapes_table(
+    batch_shapes: dict[str, dict[str, Any]], variants: dict[str, dict[str, str]]
+) -> dict[str, Any]:
+    """The batch shapes each service's session ran during the measured rounds."""
+    rows = []
+    for name, got in batch_shapes.items():
+        overrides = variants.get(name.removeprefix("service[").removesuffix("]"), {})
+        runs = ", ".join(f"{k}: {v:.0f}" for k, v in got["runs"].items())
+        settings = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "-"
+        rows.append([name, settings, got["distinct"], runs, got["padding_images"]])
+    return table(
+        "Batch shapes run by each service during the measured rounds",
+        ["service", "settings", "distinct shapes", "runs per shape", "padding rows"],
+        rows,
+        ["", "", "d", "", ".0f"],
+    )
+
+
 def show(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -449,6 +572,10 @@ def main() -> None:
         "--env", action="append", default=[], metavar="KEY=VALUE",
         help="set for the service and for raw ORT's settings (e.g. RCEGATE_INTRA_OP_THREADS=1)",
     )  # fmt: skip
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+        help="another service with these settings, measured side by side (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--server-args", default="", help="extra `rcegate serve` arguments")
     parser.add_argument("--cuda", action="store_true", help="require CUDA (bench/gpu_check.sh)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
@@ -461,6 +588,7 @@ def main() -> None:
         parser.error("--duration and --rounds must be >= 1")
 
     os.environ.update(parse_env(args.env))
+    variants = dict(parse_variant(spec) for spec in args.variant)
     if args.cuda:
         os.environ["RCEGATE_PROVIDERS"] = "cuda"
     settings = Settings()
@@ -493,6 +621,7 @@ def main() -> None:
     raw_batches = {1: [images[i : i + 1] for i in range(DIGITS)], 64: [images[:64]]}
 
     env = dict(os.environ)
+    env.setdefault("RCEGATE_GRPC_PORT", "0")  # not measured here; never collide on 8001
     port = free_port()
     command = [str(Path(sys.executable).with_name("rcegate")), "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--model-dir", str(args.model_dir)]
@@ -503,6 +632,7 @@ def main() -> None:
         png_files(digits) as pngs,
         started(pinned(command, server_cpus), env, port) as service,
         started(pinned(echo_command, server_cpus), env, echo_port) as echo,
+        ExitStack() as stack,
     ):
         try:
             wait_ready(service, "/health/ready")
@@ -521,6 +651,14 @@ def main() -> None:
             raise SystemExit(f"FAIL: CUDA is not in use (it fell back to CPU):\n{message}")
         wait_ready(echo, "/")
         ensure_wrk()
+        others: dict[str, Server] = {}
+        for name, overrides in variants.items():
+            other_port = free_port()
+            other_command = [*command[:5], str(other_port), *command[6:]]
+            others[name] = stack.enter_context(
+                started(pinned(other_command, server_cpus), env | overrides, other_port)
+            )
+            wait_ready(others[name], "/health/ready")
 
         def wrk(server: Server, connections: int) -> Callable[[], Measured]:
             return lambda: wrk_run(
@@ -534,14 +672,24 @@ def main() -> None:
             raw_run(session, raw_batches[batch], 0.5)
         wrk_run(service.url, 16, 1, pngs, args.wrk_threads, client_cpus)
         wrk_run(echo.url, 16, 1, pngs, args.wrk_threads, client_cpus)
+        for other in others.values():
+            wrk_run(other.url, 16, 1, pngs, args.wrk_threads, client_cpus)
+        services = {"service": service, **{f"service[{n}]": o for n, o in others.items()}}
+        shapes_before = {n: shape_runs(srv, manifest.name) for n, srv in services.items()}
 
         configs = [Config(f"raw ORT batch {b}", raw(b)) for b in RAW_BATCHES]
         configs += [Config(f"echo @{c}", wrk(echo, c)) for c in ECHO_CONNECTIONS]
         configs += [Config(f"service @{c}", wrk(service, c)) for c in CONNECTIONS]
+        for name, other in others.items():
+            configs += [Config(f"service[{name}] @{c}", wrk(other, c)) for c in CONNECTIONS]
         load_before = os.getloadavg()
         print(f"{args.rounds} rounds of {len(configs)} configurations x {args.duration} s")
         measure_rounds(configs, args.rounds)
         rows = {config.name: config.median() for config in configs}
+        batch_shapes = {
+            n: shapes_between(shapes_before[n], shape_runs(srv, manifest.name))
+            for n, srv in services.items()
+        }
 
         profile = None
         if args.profile:
@@ -625,6 +773,23 @@ def main() -> None:
             "  note: the generator fell behind its schedule (all connections busy or the CPUs "
             "full), so latencies from send understate what an open-loop client would see"
         )
+    raw_b64 = rows["raw ORT batch 64"].images_per_s
+    for name in services:
+        got = batch_shapes[name]
+        runs = ", ".join(f"{k}: {v:.0f}" for k, v in got["runs"].items())
+        overrides = variants.get(name.removeprefix("service[").removesuffix("]"), {})
+        note = f" ({', '.join(f'{k}={v}' for k, v in overrides.items())})" if overrides else ""
+        print(
+            f"batch shapes seen by the session during the service runs, {name}{note}: "
+            f"{got['distinct']} distinct ({runs}); padding rows {got['padding_images']:.0f}"
+        )
+        if overrides:
+            at64 = rows[f"{name} @64"].images_per_s
+            base = rows["service @64"].images_per_s
+            print(
+                f"  {name} @64: {at64:.1f} images/s = {at64 / raw_b64:.3f}x raw b64, "
+                f"{at64 / base:.3f}x service @64 ({at64 / base - 1:+.1%})"
+            )
     print(f"{'target':44s} {'value':>15s} {'goal':>7s}")
     for t in targets:
         verdict = "PASS" if t["pass"] else "FAIL"
@@ -649,6 +814,9 @@ def main() -> None:
             "providers": {"raw": raw_providers, "service": service_providers},
             "env": {k: v for k, v in os.environ.items() if k.startswith("RCEGATE_")},
             "server_args": args.server_args,
+            "variants": variants,
+            "batch_shapes": batch_shapes,
+            "command": " ".join(["python", *sys.argv]),
             "rows": {
                 c.name: {**asdict(rows[c.name]), "rounds": [asdict(x) for x in c.rounds]}
                 for c in configs
@@ -657,7 +825,18 @@ def main() -> None:
             "targets": targets,
             "profile_self_time": profile,
         }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_result(
+            args.json,
+            "serving",
+            f"The service against raw ONNX Runtime and an HTTP floor ({report['model']})",
+            report,
+            [
+                *result_tables(rows, overload, targets),
+                *variant_tables(rows, variants),
+                shapes_table(batch_shapes, variants),
+            ],
+            [placement],
+        )
 
 
 if __name__ == "__main__":

@@ -3,17 +3,21 @@
 Admission happens before any work: `reserve(count)` counts a request's images against the
 bounded queue and refuses at once with `QueueFull` when they do not fit, before the images are
 decoded. The queue is bounded twice: in images (`max_queue_images`) and in expected wait
-(`max_queue_wait`: the queued images divided by the model's measured images per second), so
-accepted requests keep a bounded latency on a fast GPU and on a busy CPU alike. The reservation
-holds while the images are decoded and queued; it is given back as images go into a batch, or
-all at once when the request is cancelled, fails or expires.
+(`max_queue_wait`: the model time the queued images need, from `BatchCost`), so accepted
+requests keep a bounded latency on a fast GPU and on a busy CPU alike. The wait bound never
+refuses while less than one full batch is queued, and its estimate is robust (issue 20): the
+median of recent runs per batch shape, each shape's first (cold) run ignored, so one slow batch
+(a cold shape, a GC pause) cannot make it refuse nearly everything. The reservation holds while
+the images are decoded and queued; it is given back as images go into a batch, or all at once
+when the request is cancelled, fails or expires.
 
 One dedicated thread per model runs ONNX Runtime. It takes queued images in arrival order, up to
-`max_batch_size`, possibly a slice of a large request (a request may span batches), and scatters
-the outputs back so every request gets its rows in its own order. It waits up to
-`max_queue_delay` for a fuller batch only while other admitted requests are still being decoded:
-a lone client never pays the delay. A ticket whose deadline passed, or whose client went away,
-is dropped before its images reach the model. No web imports.
+`max_batch_size`, possibly a slice of a large request (a request may span batches), pads them up
+to the next allowed batch shape (`service.shapes`; the padded rows' outputs are dropped before
+anything reads them), and scatters the outputs back so every request gets its rows in its own
+order. It waits up to `max_queue_delay` for a fuller batch only while other admitted requests
+are still being decoded: a lone client never pays the delay. A ticket whose deadline passed, or
+whose client went away, is dropped before its images reach the model. No web imports.
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from service.errors import DeadlineExceeded, QueueFull, ServiceError, ShuttingDown
+from service.shapes import BatchShapes
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +73,72 @@ class Ticket:
 class BatchStats:
     """What one model run looked like, for the metrics."""
 
-    size: int
+    size: int  # real images (padded rows excluded)
     run_seconds: float
     queue_waits: list[float]
+    shape: int = 0  # the batch shape the model ran (size plus padding)
+
+
+class CostModel(Protocol):
+    """What admission asks of a model-time estimate (`BatchCost` is the service's)."""
+
+    def observe(self, shape: int, images: int, seconds: float) -> None: ...
+
+    def expected_seconds(self, images: int) -> float: ...
+
+
+class BatchCost:
+    """Model time per batch shape: the (low) median of the last `window` runs of each shape, the
+    first run of every shape ignored (on CUDA a new shape costs a cuDNN algorithm search,
+    hundreds of milliseconds on an H200). One slow run, a GC pause, moves a median by at most one
+    place (the low median of two runs is the faster one); the exponential average it replaces
+    took 20% of every batch's rate, and its first batch's whole, so cold shapes made it refuse
+    nearly everything (issue 20).
+
+    `observe` runs on the inference thread and publishes each shape's median by replacing one
+    dict entry; `expected_seconds` runs on the event loop and only reads them.
+    """
+
+    def __init__(self, shapes: BatchShapes, window: int = 15) -> None:
+        self.shapes = shapes
+        self._runs: dict[int, deque[float]] = {}
+        self._window = window
+        self._median: dict[int, float] = {}  # shape -> seconds per run (warm runs only)
+
+    def observe(self, shape: int, images: int, seconds: float) -> None:
+        runs = self._runs.get(shape)
+        if runs is None:  # the first run of this shape: cold, not what the next ones cost
+            self._runs[shape] = deque(maxlen=self._window)
+            return
+        runs.append(seconds)
+        self._median = {**self._median, shape: statistics.median_low(runs)}
+
+    def batch_seconds(self, shape: int) -> float | None:
+        """One run at `shape`: its own median, else the smallest measured larger shape's (an
+        upper bound), else the largest measured smaller shape's scaled by size; None before any
+        warm run."""
+        known = self._median
+        if shape in known:
+            return known[shape]
+        if not known:
+            return None
+        larger = [k for k in known if k > shape]
+        if larger:
+            return known[min(larger)]
+        below = max(known)
+        return known[below] * shape / below
+
+    def expected_seconds(self, images: int) -> float:
+        """Model time for `images` queued images, run in full batches and one last smaller one;
+        0 before any warm run (no estimate, no refusal)."""
+        if images <= 0:
+            return 0.0
+        full, rest = divmod(images, self.shapes.max_batch_size)
+        per_full = self.batch_seconds(self.shapes.max_batch_size) if full else 0.0
+        last = self.batch_seconds(self.shapes.fit(rest)) if rest else 0.0
+        if per_full is None or last is None:
+            return 0.0
+        return full * per_full + last
 
 
 class Batcher:
@@ -84,6 +154,9 @@ class Batcher:
         max_queue_images: int,
         max_queue_wait: float = 0.0,
         on_batch: Callable[[BatchStats], None] | None = None,
+        shapes: BatchShapes | None = None,
+        cost: CostModel | None = None,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -92,7 +165,15 @@ class Batcher:
         self.max_queue_images = max_queue_images
         self.max_queue_wait = max_queue_wait
         self._on_batch = on_batch
-        self._rate = 0.0  # images per second of model time, smoothed over recent batches
+        self.shapes = shapes or BatchShapes(max_batch_size)
+        if self.shapes.max_batch_size != max_batch_size:
+            raise ValueError(
+                f"batch shapes {self.shapes} are for max_batch_size "
+                f"{self.shapes.max_batch_size}, not {max_batch_size}"
+            )
+        self.cost: CostModel = cost or BatchCost(self.shapes)
+        self._timer = timer  # times the model runs (a test injects a clock)
+        self._pads: dict[int, np.ndarray] = {}  # one reusable input buffer per padded shape
         self._cond = threading.Condition()
         self._queue: deque[Ticket] = deque()
         self._reserved = 0  # images admitted and not yet taken into a batch
@@ -123,7 +204,8 @@ class Batcher:
                     "retry later"
                 )
             wait = self.expected_wait(count)
-            if wait > self.max_queue_wait > 0 and self._reserved > 0:
+            # Below one full batch the next run takes everything queued: never refuse there.
+            if wait > self.max_queue_wait > 0 and self._reserved >= self.max_batch_size:
                 raise QueueFull(
                     f"model {self.name} has about {1000 * wait:.0f} ms of work queued "
                     f"(limit {1000 * self.max_queue_wait:.0f} ms); retry later",
@@ -133,9 +215,9 @@ class Batcher:
         return Ticket(count, deadline, loop, loop.create_future())
 
     def expected_wait(self, count: int = 0) -> float:
-        """Seconds of model time for the queued images plus `count` more (0 before any batch
-        ran): the queue is bounded by this, so its wait stays bounded on any hardware."""
-        return (self._reserved + count) / self._rate if self._rate else 0.0
+        """Seconds of model time for the queued images plus `count` more (0 before any warm
+        batch ran): the queue is bounded by this, so its wait stays bounded on any hardware."""
+        return self.cost.expected_seconds(self._reserved + count)
 
     def submit(self, ticket: Ticket, images: np.ndarray) -> None:
         """Queue the decoded images of a reserved ticket (float32 [count, C, H, W])."""
@@ -243,14 +325,28 @@ class Batcher:
             if slices:
                 self._run(slices)
 
-    def _run(self, slices: list[tuple[Ticket, int, int]]) -> None:
+    def _batch(self, slices: list[tuple[Ticket, int, int]]) -> tuple[np.ndarray, int]:
+        """The model input for the slices, padded up to its batch shape; and the real count."""
         parts = [t.images[a:b] for t, a, b in slices if t.images is not None]
-        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        count = sum(len(part) for part in parts)
+        shape = self.shapes.fit(count)
+        if shape == count:
+            return (parts[0] if len(parts) == 1 else np.concatenate(parts)), count
+        buffer = self._pads.get(shape)
+        if buffer is None or buffer.shape[1:] != parts[0].shape[1:]:
+            buffer = self._pads[shape] = np.zeros((shape, *parts[0].shape[1:]), parts[0].dtype)
+        np.concatenate(parts, out=buffer[:count])
+        buffer[count:] = 0  # padding: valid input whose outputs are dropped below
+        return buffer, count
+
+    def _run(self, slices: list[tuple[Ticket, int, int]]) -> None:
+        batch, count = self._batch(slices)
         start = time.monotonic()
+        began = self._timer()
         try:
             outputs = self._run_batch(batch)
         except Exception as exc:  # ORT raises its own exception types
-            logger.exception("model %s failed on a batch of %d images", self.name, len(batch))
+            logger.exception("model %s failed on a batch of %d images", self.name, count)
             for ticket, _, _ in slices:
                 with self._cond:
                     if ticket.closed:  # cancelled meanwhile: nobody waits for it
@@ -260,12 +356,13 @@ class Batcher:
                 failure.__cause__ = exc  # the server log shows the model's own traceback
                 self._resolve(ticket, error=failure)
             return
-        seconds = time.monotonic() - start
-        rate = len(batch) / max(seconds, 1e-6)
-        self._rate = rate if not self._rate else 0.8 * self._rate + 0.2 * rate
+        seconds = self._timer() - began
+        self.cost.observe(len(batch), count, seconds)
         if self._on_batch is not None:
             waits = [start - t.enqueued_at for t, a, _ in slices if a == 0]
-            self._on_batch(BatchStats(len(batch), seconds, waits))
+            self._on_batch(BatchStats(count, seconds, waits, len(batch)))
+        # The padded rows' outputs end here: only the first `count` rows are scattered.
+        outputs = {key: value[:count] for key, value in outputs.items()}
         row = 0
         for ticket, a, b in slices:
             for key, value in outputs.items():

@@ -108,6 +108,7 @@ class DataPlane:
         # Metric series by their labels, looked up once (see _record).
         self._series: dict[tuple[str, int, bool, int], Counter] = {}
         self._histograms: dict[tuple[str, str], Histogram] = {}
+        self.timer: Callable[[], float] = time.perf_counter  # times model runs (a test seam)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -124,6 +125,8 @@ class DataPlane:
                 max_queue_images=s.max_queue_images,
                 max_queue_wait=s.max_queue_wait,
                 on_batch=self._batch_observer(detector),
+                shapes=detector.shapes,  # padded up to them; warmed up at load (issue 20)
+                timer=self.timer,
             )
             self._batchers[key] = batcher
             gauge = self.metrics.queue_images.labels(detector.name, str(detector.version))
@@ -389,7 +392,7 @@ def queue_refusal(batcher: Batcher) -> QueueFull | None:
     if batcher.reserved >= batcher.max_queue_images:
         return QueueFull(f"model {batcher.name} is at capacity; retry later")
     wait = batcher.expected_wait()
-    if wait > batcher.max_queue_wait > 0 and batcher.reserved > 0:
+    if wait > batcher.max_queue_wait > 0 and batcher.reserved >= batcher.max_batch_size:
         return QueueFull(
             f"model {batcher.name} has about {1000 * wait:.0f} ms of work queued "
             f"(limit {1000 * batcher.max_queue_wait:.0f} ms); retry later",
@@ -430,12 +433,22 @@ class BatchObserver:
         self.inference = metrics.inference_duration.labels(model)
         self.size = metrics.batch_size.labels(model)
         self.wait = metrics.queue_wait.labels(model)
+        self.model = model
+        self.shape_runs = metrics.batch_shape_runs
+        self.runs_at: dict[int, Counter] = {}  # shape -> its counter child, looked up once
+        self.padding = metrics.batch_padding.labels(model)
 
     def __call__(self, stats: BatchStats) -> None:
         self.inference.observe(stats.run_seconds)
-        self.size.observe(stats.size)
+        self.size.observe(stats.size)  # real images only, padding apart
         for seconds in stats.queue_waits:
             self.wait.observe(seconds)
+        runs = self.runs_at.get(stats.shape)
+        if runs is None:
+            runs = self.runs_at[stats.shape] = self.shape_runs.labels(self.model, str(stats.shape))
+        runs.inc()
+        if stats.shape > stats.size:
+            self.padding.inc(stats.shape - stats.size)
 
 
 def check_tensor(images: np.ndarray, detector: Detector) -> None:

@@ -9,15 +9,21 @@ calibrated target FPR can be served, and the self-test checks both agree at the 
 Loading refuses a model unless its files are trusted (`service.trust`: regular files inside the
 repository, bounded sizes, a valid signature when keys are configured), the sha256 of model.onnx
 matches the manifest, the graph's inputs and outputs match the manifest, the graph's bound
-decision constants equal the manifest's, and a self-test inference succeeds. No web imports.
+decision constants equal the manifest's, and a self-test inference succeeds. Then every batch
+shape the version will run (`service.shapes`) runs once (warm-up, timed) before `load_detector`
+returns, so `/health/ready` (which waits for loading) never turns 200 on a cold session; each
+worker process loads, and so warms up, its own. On CUDA the provider's options come from the
+settings (`CudaOptions`) and ORT's own report of them is kept for GET /v1/models. No web imports.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
@@ -34,6 +40,7 @@ from models.manifest import (
 )
 from service.errors import InvalidParameter
 from service.settings import Providers
+from service.shapes import CPU, CUDA, BatchShapes
 from service.trust import (
     ArtifactPolicy,
     ModelLoadError,
@@ -46,8 +53,6 @@ from service.trust import (
 
 logger = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 # The graph's outputs and the numpy dtypes the service relies on.
 OUTPUT_DTYPES: dict[str, str] = {
     "logits": "tensor(float)",
@@ -60,7 +65,50 @@ OUTPUT_DTYPES: dict[str, str] = {
 }
 
 
-__all__ = ["Decision", "Detector", "ModelLoadError", "Outputs", "load_detector"]
+__all__ = [
+    "CPU",
+    "CUDA",
+    "CudaOptions",
+    "Decision",
+    "Detector",
+    "ModelLoadError",
+    "Outputs",
+    "load_detector",
+]
+
+ConvAlgoSearch = Literal["auto", "EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
+ArenaExtendStrategy = Literal["kNextPowerOfTwo", "kSameAsRequested"]
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """The CUDA execution provider's options the service sets (ORT's names, from settings)."""
+
+    device_id: int = 0
+    cudnn_conv_algo_search: ConvAlgoSearch = "auto"
+    gpu_mem_limit: int = 0  # bytes; 0 = ORT's default (no limit)
+    arena_extend_strategy: ArenaExtendStrategy = "kNextPowerOfTwo"
+    do_copy_in_default_stream: bool = True
+
+    def search_for(self, shapes: BatchShapes) -> str:
+        """`auto`: EXHAUSTIVE for one batch shape (searched once, at warm-up), DEFAULT for
+        several: with EXHAUSTIVE a shape seen before was searched again after another shape ran
+        (255-680 ms a change on an H200), with DEFAULT a change cost about 24 ms (issue 20)."""
+        if self.cudnn_conv_algo_search != "auto":
+            return self.cudnn_conv_algo_search
+        return "EXHAUSTIVE" if shapes.sizes is not None and len(shapes.sizes) == 1 else "DEFAULT"
+
+    def provider_options(self, shapes: BatchShapes) -> dict[str, str]:
+        """The options as ORT's CUDAExecutionProvider takes them (strings)."""
+        options = {
+            "device_id": str(self.device_id),
+            "cudnn_conv_algo_search": self.search_for(shapes),
+            "arena_extend_strategy": self.arena_extend_strategy,
+            "do_copy_in_default_stream": "1" if self.do_copy_in_default_stream else "0",
+        }
+        if self.gpu_mem_limit:
+            options["gpu_mem_limit"] = str(self.gpu_mem_limit)
+        return options
 
 
 @dataclass(frozen=True)
@@ -109,6 +157,7 @@ class Detector:
         session: ort.InferenceSession,
         directory: Path,
         default_target_fpr: float | None = None,
+        shapes: BatchShapes | None = None,
     ) -> None:
         self.manifest = manifest
         self.session = session
@@ -117,6 +166,16 @@ class Detector:
             manifest.detection.target_fpr if default_target_fpr is None else default_target_fpr
         )
         self.providers: list[str] = list(session.get_providers())
+        # The batch shapes this version runs (the batcher pads up to them); `any` up to 64 when
+        # not given (tests, benchmarks).
+        self.shapes = shapes or BatchShapes(64)
+        self.warmup_seconds = 0.0  # set by warm_up()
+        self.warmup_shapes: tuple[int, ...] = ()
+        options = session.get_provider_options()
+        # What ORT reports for each provider in use (e.g. CUDA's cudnn_conv_algo_search).
+        self.provider_options: dict[str, dict[str, str]] = {
+            p: dict(options.get(p, {})) for p in self.providers
+        }
 
     @property
     def name(self) -> str:
@@ -205,7 +264,10 @@ def preload_cuda() -> None:
 
 
 def create_session(
-    model: bytes, providers: Providers, options: ort.SessionOptions
+    model: bytes,
+    providers: Providers,
+    options: ort.SessionOptions,
+    cuda_options: dict[str, str] | None = None,
 ) -> ort.InferenceSession:
     """An ORT session on the requested providers. `auto` takes CUDA only when it really loads:
     ORT silently falls back to CPU when the CUDA libraries are missing, so check what it uses."""
@@ -215,7 +277,10 @@ def create_session(
     if providers == "cuda" and CUDA not in available:
         raise ModelLoadError(f"providers=cuda but this onnxruntime offers only {available}")
     wanted = [CUDA, CPU] if providers != "cpu" and CUDA in available else [CPU]
-    session = ort.InferenceSession(model, sess_options=options, providers=wanted)
+    chain: list[str | tuple[str, dict[str, str]]] = [
+        (p, cuda_options) if p == CUDA and cuda_options else p for p in wanted
+    ]
+    session = ort.InferenceSession(model, sess_options=options, providers=chain)
     if CUDA in wanted and CUDA not in session.get_providers():
         if providers == "cuda":
             raise ModelLoadError("providers=cuda but the CUDA execution provider failed to load")
@@ -247,20 +312,19 @@ def _check_io(session: ort.InferenceSession, manifest: Manifest) -> None:
 
 
 def self_test(detector: Detector) -> None:
-    """Run a batch of 2 synthetic images and check shapes, ranges and the accept decision."""
+    """Run a batch of 2 synthetic images and check shapes, ranges and the accept decision.
+    The batch is padded up to one of the version's batch shapes like any other batch, so the
+    session never sees a shape outside them."""
     channels, height, width = detector.input_shape
-    images = np.stack(
-        [
-            np.zeros((channels, height, width), np.float32),
-            np.linspace(0, 1, channels * height * width, dtype=np.float32).reshape(
-                channels, height, width
-            ),
-        ]
+    images = np.zeros((detector.shapes.fit(2), channels, height, width), np.float32)
+    images[1] = np.linspace(0, 1, channels * height * width, dtype=np.float32).reshape(
+        channels, height, width
     )
     try:
-        out = detector.run(images)
+        full = detector.run_arrays(images)
     except Exception as exc:  # ORT raises its own exception types
         raise ModelLoadError(f"self-test inference failed: {exc}") from exc
+    out = Outputs({key: value[:2] for key, value in full.items()})
     classes = detector.manifest.num_classes
     if out.probabilities.shape != (2, classes):
         raise ModelLoadError(f"self-test: probabilities shape {out.probabilities.shape}")
@@ -281,6 +345,23 @@ def self_test(detector: Detector) -> None:
         )
 
 
+def warm_up(detector: Detector) -> float:
+    """Run every warm-up shape once (Triton's model warm-up): on CUDA the first run of a shape
+    pays cuDNN's algorithm search, which must not land on a request. Returns the seconds taken
+    (also kept on the detector)."""
+    channels, height, width = detector.input_shape
+    shapes = detector.shapes.warmup()
+    start = time.perf_counter()
+    for shape in shapes:
+        try:
+            detector.run_arrays(np.zeros((shape, channels, height, width), np.float32))
+        except Exception as exc:  # ORT raises its own exception types
+            raise ModelLoadError(f"warm-up at batch shape {shape} failed: {exc}") from exc
+    detector.warmup_seconds = time.perf_counter() - start
+    detector.warmup_shapes = shapes
+    return detector.warmup_seconds
+
+
 def load_detector(
     directory: Path,
     providers: Providers = "auto",
@@ -289,8 +370,15 @@ def load_detector(
     target_fpr: float | None = None,
     graph_optimization: str = "all",
     policy: ArtifactPolicy | None = None,
+    batch_shapes: str = "any",
+    max_batch_size: int = 64,
+    cuda: CudaOptions | None = None,
+    warmup: bool = True,
 ) -> Detector:
-    """Load and verify `<name>/<version>/`; raise ModelLoadError with the reason if refused."""
+    """Load and verify `<name>/<version>/`; raise ModelLoadError with the reason if refused.
+
+    `batch_shapes` (see service.shapes; `auto` = the default of the provider really in use) and
+    `max_batch_size` give the shapes the version runs; with `warmup` each runs once here."""
     policy = policy or ArtifactPolicy()
     root = policy.root or directory.parent.parent
     inside(directory, root, f"{directory.parent.name}/{directory.name}")
@@ -316,19 +404,25 @@ def load_detector(
         raise ModelLoadError(
             f"sha256 mismatch: {MODEL_FILE} is {digest}, manifest says {manifest.sha256}"
         )
+    cuda = cuda or CudaOptions()
+    # The CUDA options depend on the shapes CUDA would run (see CudaOptions.search_for).
+    cuda_options = cuda.provider_options(BatchShapes.resolve(batch_shapes, max_batch_size, CUDA))
     try:
         options = session_options(intra_op_threads, inter_op_threads, graph_optimization)
-        session = create_session(model, providers, options)
+        session = create_session(model, providers, options, cuda_options)
     except ModelLoadError:
         raise
     except Exception as exc:  # ORT raises its own exception types for a corrupt graph
         raise ModelLoadError(f"ONNX Runtime cannot load {MODEL_FILE}: {exc}") from exc
     _check_io(session, manifest)
     check_binding(session.get_modelmeta().custom_metadata_map, manifest)
-    detector = Detector(manifest, session, directory, target_fpr)
+    shapes = BatchShapes.resolve(batch_shapes, max_batch_size, session.get_providers()[0])
+    detector = Detector(manifest, session, directory, target_fpr, shapes)
     try:
         detector.decision()
     except InvalidParameter as exc:
         raise ModelLoadError(f"served {exc.message}") from None
     self_test(detector)
+    if warmup:
+        warm_up(detector)
     return detector

@@ -79,7 +79,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "rcegate_batch_size",
-            "Images per ONNX Runtime run.",
+            "Images per ONNX Runtime run (padding rows excluded).",
             ["model"],
             buckets=BATCH_BUCKETS,
             registry=r,
@@ -176,6 +176,28 @@ class Metrics:
             registry=r,
         )
         # --- end of trust and access ---
+        # -- Batching shapes and warm-up (service/batching.py, service/detector.py) --
+        self.batch_shape_runs = Counter(
+            "rcegate_batch_shape_runs",
+            "ONNX Runtime runs of the batcher per input batch shape (after padding); bounded by "
+            "the batch shape set (at most max_batch_size shapes). Warm-up runs not included.",
+            ["model", "shape"],
+            registry=r,
+        )
+        self.batch_padding = Counter(
+            "rcegate_batch_padding_images",
+            "Padding rows run to reach a batch shape (their outputs are dropped).",
+            ["model"],
+            registry=r,
+        )
+        self.model_warmup = Gauge(
+            "rcegate_model_warmup_seconds",
+            "Seconds the warm-up of a loaded version took (every batch shape run once before "
+            "the version took traffic).",
+            ["model", "version"],
+            registry=r,
+        )
+        # -- end of batching shapes and warm-up --
 
     def describe_models(self, detectors: list[Detector]) -> None:
         """Set the per-model gauges and create the score histogram once the models are loaded."""
@@ -191,3 +213,4 @@ class Metrics:
             self.target_fpr.labels(d.name).set(d.default_target_fpr)
             for metric, value in d.thresholds().items():
                 self.threshold.labels(d.name, metric).set(value)
+            self.model_warmup.labels(d.name, str(d.version)).set(d.warmup_seconds)

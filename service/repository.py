@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.layout import version_directories
-from service.detector import Detector, ModelLoadError, load_detector
+from service.detector import CudaOptions, Detector, ModelLoadError, load_detector
 from service.errors import ModelNotFound, NotReady
 from service.settings import Settings
 from service.trust import ArtifactPolicy
@@ -47,6 +47,13 @@ class ModelRepository:
             max_model_bytes=settings.max_model_bytes,
             max_manifest_bytes=settings.max_manifest_bytes,
             trusted_keys=tuple(settings.trusted_keys),
+        )
+        self.cuda = CudaOptions(
+            device_id=settings.cuda_device_id,
+            cudnn_conv_algo_search=settings.cuda_cudnn_conv_algo_search,
+            gpu_mem_limit=settings.cuda_gpu_mem_limit,
+            arena_extend_strategy=settings.cuda_arena_extend_strategy,
+            do_copy_in_default_stream=settings.cuda_do_copy_in_default_stream,
         )
 
     @property
@@ -113,6 +120,9 @@ class ModelRepository:
                 s.target_fpr,
                 s.graph_optimization,
                 self.policy,
+                batch_shapes=s.batch_shapes,
+                max_batch_size=s.max_batch_size,
+                cuda=self.cuda,
             )
         except ModelLoadError as exc:
             self.refused.append(Refused(name, version, str(exc)))
@@ -120,13 +130,17 @@ class ModelRepository:
             return
         self._detectors.setdefault(detector.name, {})[detector.version] = detector
         logger.info(
-            "loaded model %s/%s (metric %s, threshold %.6g at target_fpr %g) on %s",
+            "loaded model %s/%s (metric %s, threshold %.6g at target_fpr %g) on %s; "
+            "batch shapes %s, warm-up of %s in %.3f s",
             detector.name,
             detector.version,
             detector.metric,
             detector.decision().threshold,
             detector.default_target_fpr,
-            ",".join(detector.providers),
+            _providers(detector),
+            detector.shapes,
+            ",".join(map(str, detector.warmup_shapes)),
+            detector.warmup_seconds,
         )
 
     def detectors(self) -> list[Detector]:
@@ -151,3 +165,23 @@ class ModelRepository:
 
     def names(self) -> list[str]:
         return sorted(self._detectors)
+
+
+# The CUDA provider's options that the service sets, as the startup log line shows them.
+_LOGGED_OPTIONS = (
+    "device_id",
+    "cudnn_conv_algo_search",
+    "gpu_mem_limit",
+    "arena_extend_strategy",
+    "do_copy_in_default_stream",
+)
+
+
+def _providers(detector: Detector) -> str:
+    """`CUDAExecutionProvider(cudnn_conv_algo_search=..., ...),CPUExecutionProvider`."""
+    parts = []
+    for provider in detector.providers:
+        options = detector.provider_options.get(provider, {})
+        shown = [f"{k}={options[k]}" for k in _LOGGED_OPTIONS if k in options]
+        parts.append(f"{provider}({', '.join(shown)})" if shown else provider)
+    return ",".join(parts)

@@ -136,6 +136,9 @@ def model_info(detector: Detector, default: bool) -> ModelInfo:
         ),
         sha256=m.sha256,
         providers=detector.providers,
+        provider_options=detector.provider_options,
+        batch_shapes=None if detector.shapes.sizes is None else list(detector.shapes.sizes),
+        warmup_seconds=detector.warmup_seconds,
         default=default,
     )
 

@@ -81,6 +81,15 @@ class ModelInfo(BaseModel):
     detection: DetectionSummary
     sha256: str
     providers: list[str] = Field(description="Execution providers ONNX Runtime really uses.")
+    provider_options: dict[str, dict[str, str]] = Field(
+        description="Each provider's options as ONNX Runtime reports them (CUDA: "
+        "cudnn_conv_algo_search, gpu_mem_limit, arena_extend_strategy, ...)."
+    )
+    batch_shapes: list[int] | None = Field(
+        description="Batch sizes the model runs (a batch is padded up to the next); null: any "
+        "size up to max_batch_size."
+    )
+    warmup_seconds: float = Field(description="Time of the warm-up run of every batch shape.")
     default: bool = Field(description="True for the version that POST /v1/predict serves.")
 
 

@@ -237,6 +237,52 @@ class Settings(BaseSettings):
         "`rcegate serve` on `host`; 0 turns gRPC off. REST OIP (/v2) is always on `port`.",
     )
 
+    # -- Batching shapes, warm-up and CUDA (service/batching.py, service/detector.py) --------
+    batch_shapes: str = Field(
+        "auto",
+        description="Batch sizes the model runs, a batch padded up to the next (the padded rows' "
+        "outputs dropped): any (no padding), pow2 (1, 2, 4, ... max_batch_size), max (one "
+        "shape), a list such as 1,8,64 (largest = max_batch_size), or auto: the default of the "
+        "provider in use (CPU: any, measured; CUDA: max, provisional until measured on the "
+        "GPU). Every shape runs once (warm-up) before the service is ready.",
+    )
+    cuda_device_id: int = Field(0, ge=0, description="CUDA device the CUDA provider runs on.")
+    cuda_cudnn_conv_algo_search: Literal["auto", "EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "auto",
+        description="cuDNN convolution algorithm search of the CUDA provider; auto: EXHAUSTIVE "
+        "with one batch shape (searched once, at warm-up), DEFAULT with several (EXHAUSTIVE "
+        "searched again on every change of shape: 255-680 ms each on an H200).",
+    )
+    cuda_gpu_mem_limit: int = Field(
+        0, ge=0, description="Bytes the CUDA provider's memory arena may hold; 0 = no limit."
+    )
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kNextPowerOfTwo", description="How the CUDA provider's memory arena grows."
+    )
+    cuda_do_copy_in_default_stream: bool = Field(
+        True,
+        description="CUDA provider: copy inputs and outputs on the compute stream (ORT's "
+        "default); false uses separate streams, which ORT warns may race for some models.",
+    )
+
+    @field_validator("batch_shapes")
+    @classmethod
+    def _check_batch_shapes_spelling(cls, spec: str) -> str:
+        spec = "".join(spec.split()).lower()
+        if spec not in ("auto", "any", "pow2", "max") and not re.fullmatch(r"\d+(,\d+)*", spec):
+            raise ValueError(f"use auto, any, pow2, max or a list like 1,8,64; got {spec!r}")
+        return spec
+
+    @model_validator(mode="after")
+    def _batch_shapes_fit_the_batch(self) -> Settings:
+        from service.shapes import BatchShapes
+
+        if self.batch_shapes != "auto":
+            BatchShapes.parse(self.batch_shapes, self.max_batch_size)  # ValueError: refused
+        return self
+
+    # -- end of batching shapes, warm-up and CUDA --
+
     # -- HTTP protocol and the request path (service/protocol.py) --------------------------------
     max_loop_lag: float = Field(
         0.0,

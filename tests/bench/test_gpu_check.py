@@ -9,9 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_gpu_check_fails_loudly_when_cuda_falls_back_to_cpu() -> None:
+def test_gpu_check_fails_loudly_when_cuda_falls_back_to_cpu(tmp_path: Path) -> None:
+    report = tmp_path / "gpu-check.json"
     done = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--duration", "1", "--rounds", "1"],
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--duration", "1", "--json", str(report)],
         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
         capture_output=True,
         text=True,
@@ -24,4 +25,5 @@ def test_gpu_check_fails_loudly_when_cuda_falls_back_to_cpu() -> None:
     )
     assert "the service (RCEGATE_PROVIDERS=cuda) did not start on CUDA" in done.stderr
     # It stops before measuring anything on the CPU.
-    assert "rounds of" not in done.stdout
+    assert "images/s" not in done.stdout and "requests/s" not in done.stdout
+    assert not report.exists()

@@ -39,6 +39,10 @@ METRICS = HISTOGRAMS | {
     "rcegate_client_disconnects_total",
     "rcegate_inference_requests_total",
     "rcegate_grpc_requests_total",
+    # batching shapes and warm-up (issue 20)
+    "rcegate_batch_shape_runs_total",
+    "rcegate_batch_padding_images_total",
+    "rcegate_model_warmup_seconds",
 }
 # Series names that PromQL may use: histograms expose _bucket, _sum and _count.
 SERIES = (METRICS - HISTOGRAMS) | {

@@ -16,8 +16,9 @@ from typing import TypeVar
 import numpy as np
 import pytest
 
-from service.batching import Batcher, BatchFailed, BatchStats
+from service.batching import BatchCost, Batcher, BatchFailed, BatchStats
 from service.errors import DeadlineExceeded, QueueFull, ShuttingDown
+from service.shapes import BatchShapes
 
 T = TypeVar("T")
 FAR = 3600.0  # a deadline nobody reaches
@@ -267,22 +268,152 @@ def test_closing_finishes_queued_work_and_refuses_new_tickets() -> None:
     run(scenario)
 
 
-def test_queue_is_bounded_by_expected_wait_but_never_refuses_into_an_empty_queue() -> None:
+class Clock:
+    """Model time without waiting: each run advances the clock by what the test says it cost
+    (its first run of a shape `cold` seconds, later runs `warm`), so estimates are exact."""
+
+    def __init__(self, model: Model, cold: float, warm: float) -> None:
+        self.now = 0.0
+        self.model = model
+        self.cold, self.warm = cold, warm
+        self.seen: set[int] = set()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        self.now += self.warm if len(images) in self.seen else self.cold
+        self.seen.add(len(images))
+        return self.model(images)
+
+
+def test_queue_wait_bound_ignores_each_shapes_first_run_and_never_refuses_below_one_batch() -> None:
     model = Model()
-    batcher = make(model, max_queue_wait=1e-9)  # any queued work is over this bound
+    clock = Clock(model, cold=0.3, warm=0.01)
+    batcher = Batcher(
+        "m/1",
+        clock.run,
+        max_batch_size=4,
+        max_queue_delay=0,
+        max_queue_images=16,
+        max_queue_wait=0.015,  # one full batch and a bit
+        timer=clock,
+    )
 
     async def scenario() -> None:
-        assert batcher.expected_wait(1) == 0.0  # no batch ran yet: no estimate, no refusal
-        warm = batcher.reserve(2, time.monotonic() + FAR)
-        batcher.submit(warm, images([1, 2]))
-        await warm.future
-        assert batcher.expected_wait(1) > 0  # the model's speed is now measured
-        model.gate.clear()
-        first = batcher.reserve(3, time.monotonic() + FAR)  # empty queue: always admitted
+        for _ in range(2):  # shape 4 runs cold (0.3 s), then warm (0.01 s)
+            ticket = batcher.reserve(4, time.monotonic() + FAR)
+            batcher.submit(ticket, images([1, 2, 3, 4]))
+            await ticket.future
+        assert batcher.expected_wait(4) == pytest.approx(0.01)  # the cold run is not counted
+        assert batcher.expected_wait(8) == pytest.approx(0.02)
+        model.gate.clear()  # nothing runs from here on: the queue only fills
+        first = batcher.reserve(3, time.monotonic() + FAR)
+        # 3 queued + 3 = 6 images (0.02 s > 0.015 s), but less than one batch is queued.
+        second = batcher.reserve(3, time.monotonic() + FAR)
         with pytest.raises(QueueFull, match="ms of work queued") as refused:
-            batcher.reserve(1, time.monotonic() + FAR)
+            batcher.reserve(3, time.monotonic() + FAR)  # 6 queued: a full batch is waiting
         assert refused.value.headers["Retry-After"] == "1"
         batcher.cancel(first)
+        batcher.cancel(second)
         batcher.reserve(1, time.monotonic() + FAR)
 
     run(scenario)
+    model.gate.set()
+    batcher.close(5)
+
+
+def test_padded_batch_runs_at_the_next_shape_and_padded_rows_reach_no_request() -> None:
+    model = Model(hold=True)
+    seen: list[BatchStats] = []
+    batcher = make(
+        model, max_batch_size=8, shapes=BatchShapes.parse("1,4,8", 8), on_batch=seen.append
+    )
+    shapes: list[np.ndarray] = []
+    original = model.__call__
+
+    def recording(batch: np.ndarray) -> dict[str, np.ndarray]:
+        shapes.append(batch[:, 0, 0, 0].copy())
+        return original(batch)
+
+    batcher._run_batch = recording
+
+    async def scenario() -> list[dict[str, np.ndarray]]:
+        first = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(first, images([100]))
+        await asyncio.to_thread(model.entered.wait, 30)  # shape 1: no padding
+        tickets = [first]
+        for ids in ([1, 2], [3], [4, 5]):  # 5 images queue up: they run as shape 8
+            ticket = batcher.reserve(len(ids), time.monotonic() + FAR)
+            batcher.submit(ticket, images(ids))
+            tickets.append(ticket)
+        model.gate.set()
+        return [await t.future for t in tickets]
+
+    results = run(scenario)
+    batcher.close(5)
+    assert [r["id"].tolist() for r in results] == [[100], [1, 2], [3], [4, 5]]
+    assert [len(r["double"]) for r in results] == [1, 2, 1, 2]
+    assert [s.tolist() for s in shapes] == [[100], [1, 2, 3, 4, 5, 0, 0, 0]]
+    assert [(s.size, s.shape) for s in seen] == [(1, 1), (5, 8)]
+
+
+def test_padding_buffer_is_zeroed_again_after_a_fuller_batch_used_it() -> None:
+    model = Model()
+    rows: list[list[float]] = []
+
+    def recording(batch: np.ndarray) -> dict[str, np.ndarray]:
+        rows.append(batch[:, 0, 0, 0].tolist())
+        return model(batch)
+
+    batcher = Batcher(
+        "m/1", recording, max_batch_size=4, max_queue_delay=0, max_queue_images=16,
+        shapes=BatchShapes.parse("max", 4),
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        for ids in ([7, 8, 9], [5]):
+            ticket = batcher.reserve(len(ids), time.monotonic() + FAR)
+            batcher.submit(ticket, images(ids))
+            assert (await ticket.future)["id"].tolist() == ids
+
+    run(scenario)
+    batcher.close(5)
+    assert rows == [[7, 8, 9, 0], [5, 0, 0, 0]]
+
+
+def test_median_estimate_ignores_cold_shapes_and_pauses_that_made_the_old_estimate_refuse() -> None:
+    """Batches as `any` shapes make them on a GPU (issue 20): each new shape's first run pays a
+    300 ms algorithm search, later runs take 1.4 ms. The old estimate (an EWMA of batch rates)
+    would refuse a queue of one image plus one request for as long as cold runs dominate it;
+    the per-shape median ignores first runs, and a later pause moves it by one place only."""
+    from bench.shape_collapse import LegacyEwma, legacy_would_refuse
+
+    old, new = LegacyEwma(), BatchCost(BatchShapes.parse("any", 64))
+    history = [(3, 0.3), (5, 0.3), (7, 0.3), (3, 0.0014), (5, 0.0014), (3, 0.25), (3, 0.0014)]
+    old_refuses, new_waits = [], []
+    for shape, seconds in history:
+        old.observe(shape, shape, seconds)
+        new.observe(shape, shape, seconds)
+        old_refuses.append(legacy_would_refuse(old, 1, 1, 0.1))
+        new_waits.append(new.expected_seconds(64 + 1))
+    assert old_refuses == [True, True, True, False, False, False, False]
+    assert legacy_would_refuse(LegacyEwma(), 1, 1, 0.1) is False  # before any batch
+    old_full = LegacyEwma()
+    for shape, seconds in history[:4]:
+        old_full.observe(shape, shape, seconds)
+    assert legacy_would_refuse(old_full, 64, 1, 0.1)  # one batch queued: still refused
+    assert new_waits[:3] == [0.0, 0.0, 0.0]  # first runs only: no estimate, no refusal
+    assert max(new_waits) < 0.1
+    assert new.batch_seconds(3) == pytest.approx(0.0014)  # the 0.25 s pause left no mark
+
+
+def test_median_estimate_for_an_unmeasured_shape_comes_from_its_neighbours() -> None:
+    cost = BatchCost(BatchShapes.parse("any", 64))
+    assert cost.expected_seconds(10) == 0.0  # nothing measured: no estimate, no refusal
+    for seconds in (9.0, 0.010, 0.012, 0.011):  # shape 16: cold, then three warm runs
+        cost.observe(16, 16, seconds)
+    assert cost.batch_seconds(16) == pytest.approx(0.011)
+    assert cost.batch_seconds(4) == pytest.approx(0.011)  # a larger shape bounds it
+    assert cost.batch_seconds(64) == pytest.approx(0.044)  # scaled up from 16
+    assert cost.expected_seconds(64 + 16) == pytest.approx(0.044 + 0.011)

@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from service.app import create_app
+from service.batching import Batcher
 from service.dataplane import DataPlane, model_in_path, queue_refusal
 from service.errors import QueueFull
 from service.server import uvicorn_config
@@ -28,7 +29,7 @@ from service.settings import Settings
 from tests.conftest import TinyArtifact
 from tests.service.conftest import encode
 from tests.service.live import free_port
-from tests.service.test_batching import FAR, Model, images, make, run
+from tests.service.test_batching import FAR, Clock, Model, images, run
 
 
 def spin_until(condition: Callable[[], bool], tries: int = 3000) -> bool:
@@ -207,22 +208,38 @@ def test_a_loop_running_behind_refuses_requests_but_answers_health(
 
 def test_the_capacity_check_before_the_body_judges_the_queue_as_admission_does() -> None:
     """`check_capacity` (before the body) and the head-time refusal refuse on the queue's
-    expected wait too, as `reserve` would for any request, not only on its image count."""
+    expected wait too, exactly when `reserve` would refuse any request: over the bound with a
+    full batch queued, never below one batch."""
     model = Model()
-    batcher = make(model, max_queue_wait=1e-9)  # any queued work is over this bound
+    clock = Clock(model, cold=0.3, warm=0.01)
+    batcher = Batcher(
+        "m/1",
+        clock.run,
+        max_batch_size=4,
+        max_queue_delay=0,
+        max_queue_images=16,
+        max_queue_wait=0.015,  # one full batch and a bit
+        timer=clock,
+    )
 
     async def scenario() -> None:
-        assert queue_refusal(batcher) is None  # empty and unmeasured
-        warm = batcher.reserve(2, time.monotonic() + FAR)
-        batcher.submit(warm, images([1, 2]))
-        await warm.future
-        model.gate.clear()
-        queued = batcher.reserve(3, time.monotonic() + FAR)
+        for _ in range(2):  # shape 4 runs cold, then warm: the speed is measured
+            ticket = batcher.reserve(4, time.monotonic() + FAR)
+            batcher.submit(ticket, images([1, 2, 3, 4]))
+            await ticket.future
+        model.gate.clear()  # nothing runs from here on: the queue only fills
+        assert queue_refusal(batcher) is None
+        first = batcher.reserve(3, time.monotonic() + FAR)
+        assert queue_refusal(batcher) is None  # below one batch
+        second = batcher.reserve(3, time.monotonic() + FAR)  # 6 images: 0.02 s > 0.015 s
         refusal = queue_refusal(batcher)
         assert isinstance(refusal, QueueFull) and "ms of work queued" in refusal.message
         with pytest.raises(QueueFull):  # what reserve says to any request now
             batcher.reserve(1, time.monotonic() + FAR)
-        batcher.cancel(queued)
+        batcher.cancel(first)
+        batcher.cancel(second)
         assert queue_refusal(batcher) is None
 
     run(scenario)
+    model.gate.set()
+    batcher.close(5)

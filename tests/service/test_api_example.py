@@ -1,5 +1,5 @@
-"""The README's predict example: the files its curl commands name exist, and the service
-answers the first command with the JSON the README shows (figures as rounded there)."""
+"""The API page's predict example: the files the docs' curl commands name exist, and the service
+answers the first command with the JSON docs/api.md shows (figures as rounded there)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import ROOT
 
-README = (ROOT / "README.md").read_text()
+API = (ROOT / "docs" / "api.md").read_text()
+TEXTS = [(ROOT / "README.md").read_text(), *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
 
 
 def example() -> dict[str, object]:
-    block = re.search(r"<!-- readme-example: predict -->\n```json\n(.*?)```", README, re.S)
-    assert block is not None, "the README lost its predict example"
+    block = re.search(r"<!-- output -->\n```json\n(\{\"model\".*?)```", API, re.S)
+    assert block is not None, "docs/api.md lost its predict example"
     shown: dict[str, object] = json.loads(block[1])
     return shown
 
 
 def test_the_curl_examples_name_files_of_the_checkout() -> None:
-    named = re.findall(r"@(samples/[\w.-]+)", README)
+    named = [path for text in TEXTS for path in re.findall(r"@(samples/[\w.-]+)", text)]
     assert "samples/clean-7.png" in named and "samples/adversarial-5.png" in named
     for path in named:
         assert (ROOT / path).is_file(), path
