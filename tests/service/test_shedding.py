@@ -218,7 +218,7 @@ def test_the_capacity_check_before_the_body_judges_the_queue_as_admission_does()
         max_batch_size=4,
         max_queue_delay=0,
         max_queue_images=16,
-        max_queue_wait=0.015,  # one full batch and a bit
+        max_queue_wait=0.005,  # half a batch: even 3 queued images are over it
         timer=clock,
     )
 
@@ -230,8 +230,8 @@ def test_the_capacity_check_before_the_body_judges_the_queue_as_admission_does()
         model.gate.clear()  # nothing runs from here on: the queue only fills
         assert queue_refusal(batcher) is None
         first = batcher.reserve(3, time.monotonic() + FAR)
-        assert queue_refusal(batcher) is None  # below one batch
-        second = batcher.reserve(3, time.monotonic() + FAR)  # 6 images: 0.02 s > 0.015 s
+        assert queue_refusal(batcher) is None  # over the bound, but below one batch
+        second = batcher.reserve(3, time.monotonic() + FAR)  # 6 images: a full batch waits
         refusal = queue_refusal(batcher)
         assert isinstance(refusal, QueueFull) and "ms of work queued" in refusal.message
         with pytest.raises(QueueFull):  # what reserve says to any request now
