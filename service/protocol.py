@@ -437,6 +437,10 @@ class ServiceProtocol(HttpToolsProtocol):
         if refusal is not None:
             if front.on_refused is not None:
                 front.on_refused(refusal.reason)
+            # A client waiting for "100 Continue" may send its body or not: the connection's
+            # framing is unknown after a refusal, so it ends (RFC 9110 10.1.1).
+            keep_alive = keep_alive and not self.expect_100_continue
+            self.cycle.keep_alive = keep_alive
             if not busy:
                 self._refuse(refusal, full_path, keep_alive)
                 return

@@ -225,10 +225,16 @@ def test_a_saturated_server_refuses_at_the_head_while_health_stays_open(
             status, headers, body = read_response(sock)
         assert status == 503 and headers[b"retry-after"] == b"1"
         assert b'"code":"overloaded"' in body
+        assert b"connection" not in headers  # its body follows: read and dropped, kept alive
+        expecting = predict_request(png)[: -len(png)] + b"Expect: 100-continue\r\n\r\n"
+        with connect(live) as sock:  # one that waits for "100 Continue" may never send its body
+            sock.sendall(expecting.replace(b"\r\n\r\nExpect", b"\r\nExpect"))
+            status, headers, _ = read_response(sock)
+        assert status == 503 and headers[b"connection"] == b"close"
         assert httpx.get(f"{live.url}/health/ready", timeout=10).status_code == 200
         assert httpx.get(f"{live.url}/v2/health/live", timeout=10).status_code == 200
         after = live.metric("rcegate_requests_refused_total", 'reason="concurrency"')
-        assert after == before + 1
+        assert after == before + 2
         # The refusal came first: the held requests are only now completed and answered.
         for sock in held:
             sock.sendall(png[-len(png) // 2 :])
