@@ -8,7 +8,6 @@ computed, a client that disconnects cancels its queued images (recorded as 499).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import orjson
@@ -29,13 +28,13 @@ async def predict(
     """Answer a v1 predict request. The body is serialised once here (the route's
     `response_model` documents it), never validated by the framework."""
     arrival = time.monotonic()
-    options = dataclasses.replace(options, client=request_client(request.scope))
+    options = PredictOptions(options.target_fpr, options.mode, request_client(request.scope))
     detector.decision(options.target_fpr)  # an invalid target_fpr fails before the body
     plane.check_capacity(detector)
     s = plane.settings
     uploads = await read_uploads(request, s.max_body_bytes, s.max_images)
     images = [EncodedImage(u.data, u.describe(i)) for i, u in enumerate(uploads)]
-    async with cancel_on_disconnect(request.receive):
+    async with cancel_on_disconnect(request.receive, request.scope):
         prediction = await plane.predict_encoded(detector, images, options, plane.deadline(arrival))
     body = response_body(prediction, uploads, s.withhold_rejected)
     return Response(body, media_type="application/json")

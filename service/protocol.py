@@ -58,7 +58,7 @@ from service.errors import (
     TooManyRequests,
     Unavailable,
 )
-from service.guard import OPEN_PREFIXES
+from service.guard import ON_DISCONNECT, OPEN_PREFIXES
 from service.oip.rest import is_oip
 
 logger = logging.getLogger(__name__)
@@ -244,7 +244,9 @@ class ServiceProtocol(HttpToolsProtocol):
         self._lingering = False
         self._refused_input = False  # a 400/431 is due: nothing more is parsed
         self._discarded = 0
+        self._lost: Callable[[], None] | None = None  # see _on_disconnect
         self._cycle_transport: _CycleTransport
+        self._extensions: dict[str, object]
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -253,6 +255,7 @@ class ServiceProtocol(HttpToolsProtocol):
         front = self.front
         front.start(self.loop)
         self._cycle_transport = _CycleTransport(transport, self._linger)
+        self._extensions = {ON_DISCONNECT: self._on_disconnect}
         front.connections.add(self)
         if len(front.connections) > front.limits.max_connections:
             victim = front.make_room() or self
@@ -264,6 +267,18 @@ class ServiceProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()
         super().connection_lost(exc)
+        lost, self._lost = self._lost, None
+        if lost is not None:
+            lost()
+
+    def _on_disconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """The `rcegate.on_disconnect` extension: `callback` runs if the connection is lost
+        before the returned function is called (one request at a time per connection)."""
+        self._lost = callback
+        return self._forget_lost
+
+    def _forget_lost(self) -> None:
+        self._lost = None
 
     def _forget(self) -> None:
         front = self.front
@@ -424,6 +439,7 @@ class ServiceProtocol(HttpToolsProtocol):
         scope["path"] = full_path
         scope["raw_path"] = self.root_path.encode("ascii") + raw_path
         scope["query_string"] = parsed_url.query or b""
+        scope["extensions"] = self._extensions  # type: ignore[typeddict-item]
         keep_alive = http_version != "1.0" and parser.should_keep_alive()
 
         refusal = None
