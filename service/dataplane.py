@@ -197,8 +197,9 @@ class DataPlane:
         """What `check_capacity` would answer a request for the model its path names (v1
         predict, v2 infer; the default or newest version unless the path names one), decided
         as its head arrives, before it is routed or its body read, so the refusal costs
-        nothing. None when the path names no loaded model or its queue has room. Not counted:
-        the caller counts what it refuses."""
+        nothing; the requests already in flight count as work ahead of it. None when the path
+        names no loaded model or its queue has room. Not counted: the caller counts what it
+        refuses."""
         if method != "POST":
             return None
         named = model_in_path(path)
@@ -210,7 +211,11 @@ class DataPlane:
         except ServiceError:
             return None  # the app gives the error
         batcher = self._batchers.get((detector.name, detector.version))
-        return None if batcher is None else queue_refusal(batcher)
+        if batcher is None:
+            return None
+        # Requests in flight whose images are not reserved yet (bodies still arriving, being
+        # decoded) are work ahead too: without them a burst of heads all pass an empty queue.
+        return queue_refusal(batcher, self.lifecycle.in_flight)
 
     def refused(self, error: Unavailable) -> Unavailable:
         """Count a refusal by its reason; returns the error for the caller to raise."""
@@ -386,13 +391,16 @@ class DataPlane:
                     histogram.observe(value)
 
 
-def queue_refusal(batcher: Batcher) -> QueueFull | None:
+def queue_refusal(batcher: Batcher, ahead: int = 0) -> QueueFull | None:
     """A refusal when the model's queue has no room for any request (its images at the bound,
-    or its expected wait over it, as `Batcher.reserve` judges), else None."""
+    or its expected wait over it, as `Batcher.reserve` judges), else None. With `ahead`, the
+    work ahead of a new request is at least that many images (requests in flight that have not
+    reserved their images yet, one image each), not only what is queued."""
     if batcher.reserved >= batcher.max_queue_images:
         return QueueFull(f"model {batcher.name} is at capacity; retry later")
-    wait = batcher.expected_wait()
-    if wait > batcher.max_queue_wait > 0 and batcher.reserved >= batcher.max_batch_size:
+    queued = max(batcher.reserved, ahead)
+    wait = batcher.expected_wait(queued - batcher.reserved)
+    if wait > batcher.max_queue_wait > 0 and queued >= batcher.max_batch_size:
         return QueueFull(
             f"model {batcher.name} has about {1000 * wait:.0f} ms of work queued "
             f"(limit {1000 * batcher.max_queue_wait:.0f} ms); retry later",

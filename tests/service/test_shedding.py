@@ -85,11 +85,13 @@ def running(tiny_artifact: TinyArtifact, **overrides: object) -> Iterator[Runnin
         thread.join(30)
 
 
-def post_png(port: int, png: bytes) -> socket.socket:
+def post_png(port: int, png: bytes, missing: int = 0) -> socket.socket:
+    """A predict request on a new connection; with `missing`, its body stays that many bytes
+    short, so the request stays in flight (reading its body) until the socket closes."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(
         b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(png), png)
+        b"Content-Length: %d\r\n\r\n%s" % (len(png) + missing, png)
     )
     return sock
 
@@ -169,6 +171,36 @@ def test_a_full_model_queue_refuses_new_requests_at_the_head(
                 sock.close()
 
 
+def test_requests_still_sending_their_bodies_count_as_work_ahead_at_the_head(
+    tiny_artifact: TinyArtifact, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A full batch of requests in flight whose images are not queued yet (their bodies are
+    still arriving): a new request is refused at its head, although the queue itself is empty,
+    since the work ahead of it is over the wait bound."""
+    png = encode(digits[0][0])
+    with running(tiny_artifact, max_batch_size=2, max_queue_wait=1e-6) as live:
+        for _ in range(3):  # a shape's first run is cold; the next ones measure its speed
+            ok = httpx.post(
+                f"{live.url}/v1/predict", content=png, headers={"content-type": "image/png"}
+            )
+            assert ok.status_code == 200
+        assert live.plane._batchers[("tiny", 1)].expected_wait(2) > 1e-6
+        refused = 'reason="queue_full"'
+        before = live.metric("rcegate_requests_refused_total", refused)
+        held = [post_png(live.port, png, missing=1) for _ in range(2)]
+        try:
+            assert spin_until(lambda: live.plane.lifecycle.in_flight == 2)
+            assert live.plane._batchers[("tiny", 1)].reserved == 0
+            with post_png(live.port, png) as late:
+                status, raw = answer(late)
+            assert status == 503 and b'"code":"overloaded"' in raw
+            assert live.metric("rcegate_requests_refused_total", refused) == before + 1
+            assert live.metric("rcegate_http_requests_total", 'status="503"') == 0
+        finally:
+            for sock in held:
+                sock.close()
+
+
 def test_a_loop_running_behind_refuses_requests_but_answers_health(
     tiny_artifact: TinyArtifact, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -231,6 +263,9 @@ def test_the_capacity_check_before_the_body_judges_the_queue_as_admission_does()
         assert queue_refusal(batcher) is None
         first = batcher.reserve(3, time.monotonic() + FAR)
         assert queue_refusal(batcher) is None  # over the bound, but below one batch
+        assert queue_refusal(batcher, ahead=2) is None  # fewer in flight than queued
+        # Three more requests in flight, not reserved yet (head-time): a full batch is ahead.
+        assert isinstance(queue_refusal(batcher, ahead=6), QueueFull)
         second = batcher.reserve(3, time.monotonic() + FAR)  # 6 images: a full batch waits
         refusal = queue_refusal(batcher)
         assert isinstance(refusal, QueueFull) and "ms of work queued" in refusal.message
