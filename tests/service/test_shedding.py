@@ -8,6 +8,7 @@ to come while the accepted work is provably still unfinished, with no clock invo
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
 import time
@@ -24,7 +25,7 @@ from service.app import create_app
 from service.batching import Batcher
 from service.dataplane import DataPlane, model_in_path, queue_refusal
 from service.errors import QueueFull
-from service.server import uvicorn_config
+from service.server import GC_THRESHOLD, DrainingServer, uvicorn_config
 from service.settings import Settings
 from tests.conftest import TinyArtifact
 from tests.service.conftest import encode
@@ -232,10 +233,18 @@ def test_a_loop_running_behind_refuses_requests_but_answers_health(
             assert answer(probe)[0] == 200
         assert refused == 503 and b'"code":"overloaded"' in raw
         assert live.metric("rcegate_requests_refused_total", 'reason="loop_lag"') == before + 1
-        ok = httpx.post(
-            f"{live.url}/v1/predict", content=png, headers={"content-type": "image/png"}
-        )
-        assert ok.status_code == 200  # the loop caught up: no lag, no refusal
+        # The loop caught up: no lag, no refusal. (The test shares the server's process, so a
+        # collection of the test's own garbage can hold the loop past 50 ms again: a few tries.)
+        statuses = []
+        for _ in range(20):
+            ok = httpx.post(
+                f"{live.url}/v1/predict", content=png, headers={"content-type": "image/png"}
+            )
+            statuses.append(ok.status_code)
+            if ok.status_code == 200:
+                break
+            assert b"behind its requests" in ok.content
+        assert statuses[-1] == 200, statuses
 
 
 def test_the_capacity_check_before_the_body_judges_the_queue_as_admission_does() -> None:
@@ -278,3 +287,33 @@ def test_the_capacity_check_before_the_body_judges_the_queue_as_admission_does()
     run(scenario)
     model.gate.set()
     batcher.close(5)
+
+
+def test_serve_freezes_what_is_loaded_once_the_models_are_ready(
+    tiny_artifact: TinyArtifact,
+) -> None:
+    """`rcegate serve` (its DrainingServer) moves the loaded app and models out of the cyclic
+    collector's reach once loading is done, and collects young objects less often: full
+    collections otherwise scanned all of it, pausing every request."""
+    threshold = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    settings = Settings(
+        model_dir=tiny_artifact.model_dir,
+        default_model=tiny_artifact.name,
+        port=free_port(),
+        grpc_port=0,
+        access_log=False,
+    )
+    app = create_app(settings)
+    server = DrainingServer(uvicorn_config(app, settings), app, settings.drain_seconds)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert spin_until(lambda: server.started and app.state.repository.ready)
+        assert spin_until(lambda: gc.get_freeze_count() > frozen)
+        assert gc.get_threshold()[0] == GC_THRESHOLD
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
