@@ -41,6 +41,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.results import table, write_result  # noqa: E402
+
 PERF_ANALYZER = ROOT / "scripts" / "perf-analyzer"
 MODEL = "mnist-rce"
 
@@ -266,7 +270,7 @@ def main() -> None:
         f"\n{MODEL}, one image per request, {args.rounds} interleaved rounds of "
         f"{args.seconds:g} s, {os.cpu_count()} CPUs, load average now {load}"
     )
-    for title, table, digits_ in (
+    for title, measured, digits_ in (
         ("images/s", figures, 0),
         ("server CPU ms per image (user + system, all threads)", cpu, 2),
     ):
@@ -277,11 +281,34 @@ def main() -> None:
         for name in names:
             cells = []
             for c in args.concurrency:
-                v, d = table[name][c], digits_
+                v, d = measured[name][c], digits_
                 cells.append(f"{statistics.median(v):.{d}f} ({min(v):.{d}f}-{max(v):.{d}f})")
             print(f"| {name} | {' | '.join(cells)} |")
     if args.json:
-        args.json.write_text(json.dumps({"images_per_s": figures, "cpu_ms": cpu}, indent=2) + "\n")
+        tables = []
+        for title, table_, digits_ in (
+            ("images/s, median (min-max over rounds)", figures, 0),
+            ("server CPU ms per image, median (min-max over rounds)", cpu, 2),
+        ):
+            d = digits_
+            rows = [
+                [name]
+                + [
+                    f"{statistics.median(v):.{d}f} ({min(v):.{d}f}-{max(v):.{d}f})"
+                    for v in (table_[name][c] for c in args.concurrency)
+                ]
+                for name in names
+            ]
+            columns = ["configuration", *(f"concurrency {c}" for c in args.concurrency)]
+            tables.append(table(title, columns, rows))
+        write_result(
+            args.json,
+            "oip",
+            f"OIP REST (binary) and gRPC against v1 ({MODEL}, one image per request, "
+            f"{args.rounds} interleaved rounds of {args.seconds:g} s)",
+            {"images_per_s": figures, "cpu_ms": cpu, "load_average_end": os.getloadavg()},
+            tables,
+        )
 
 
 if __name__ == "__main__":

@@ -27,11 +27,17 @@ session ran during the measured rounds are counted (rcegate_batch_shape_runs_tot
     python bench/serving.py [--duration 5] [--rounds 3] [--json out.json] [--pin]
         [--env RCEGATE_KEY=VALUE ...] [--variant NAME:RCEGATE_KEY=VALUE,...]
         [--server-args "..."] [--profile stacks.txt]
+
+Worker scaling (`--workers 1,2,...`, instead of the run above): one `rcegate serve --workers N`
+per N, all started at once (an idle server costs nothing), measured interleaved in rounds at
+`--workers-connections` (64) connections next to raw ORT batch 64; prints images/s per N and its
+ratio to N x the 1-worker figure (issue 25's target: >= 0.8 while N <= cores / 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -231,7 +237,9 @@ def wait_ready(server: Server, path: str, timeout: float = 90.0) -> None:
                     reasons = "; ".join(
                         f"{r['name']}/{r['version']}: {r['reason']}" for r in refused
                     )
-                    raise SystemExit(f"the service is not ready: {reasons or 'no reason'}")
+                    # Nothing refused: another worker process is still loading (--workers).
+                    if reasons:
+                        raise SystemExit(f"the service is not ready: {reasons}")
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
@@ -624,6 +632,198 @@ def show(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+# Worker scaling (issue 25) ------------------------------------------------------------------
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return total
+
+
+def workers_sweep(
+    args: argparse.Namespace,
+    manifest: Manifest,
+    session: Any,
+    raw_batch: list[np.ndarray],
+    digits: np.ndarray,
+) -> None:
+    """`rcegate serve --workers N` for each N, side by side with raw ORT batch 64."""
+    counts = sorted(set(args.workers))
+    if counts[0] != 1:
+        counts.insert(0, 1)  # the ratios need the 1-worker figure of the same run
+    connections = args.workers_connections
+    env = dict(os.environ)
+    rcegate = str(Path(sys.executable).with_name("rcegate"))
+    with contextlib.ExitStack() as stack:
+        pngs = stack.enter_context(png_files(digits))
+        servers: dict[int, Server] = {}
+        for count in counts:
+            port = free_port()
+            command = [rcegate, "serve", "--host", "127.0.0.1", "--port", str(port)]
+            command += ["--model-dir", str(args.model_dir), "--default-model", manifest.name]
+            command += ["--grpc-port", "0", "--workers", str(count)]
+            command += shlex.split(args.server_args)
+            servers[count] = stack.enter_context(started(command, env, port))
+        for server in servers.values():
+            wait_ready(server, "/health/ready")
+        ensure_wrk()
+
+        cpu_ms: dict[str, list[float]] = {}
+
+        def wrk(name: str, server: Server) -> Callable[[], Measured]:
+            """wrk at `connections`; also records the server's CPU time per answered image
+            (all its processes), which the other loads of a shared machine do not inflate."""
+
+            def run() -> Measured:
+                before = tree_cpu_seconds(server.process.pid)
+                got = wrk_run(server.url, connections, args.duration, pngs, args.wrk_threads, None)
+                used = tree_cpu_seconds(server.process.pid) - before
+                images = got.images_per_s * args.duration
+                cpu_ms.setdefault(name, []).append(1000 * used / images if images else 0.0)
+                return got
+
+            return run
+
+        raw_run(session, raw_batch, 0.5)  # warm-up, not measured
+        for server in servers.values():
+            wrk_run(server.url, 16, 1, pngs, args.wrk_threads, None)
+        configs = [Config("raw ORT batch 64", lambda: raw_run(session, raw_batch, args.duration))]
+        for n, server in servers.items():
+            name = f"workers {n} @{connections}"
+            configs.append(Config(name, wrk(name, server)))
+        load_before = os.getloadavg()
+        print(f"{args.rounds} rounds of {len(configs)} configurations x {args.duration} s")
+        measure_rounds(configs, args.rounds)
+        load_after = os.getloadavg()
+    rows = {config.name: config.median() for config in configs}
+    one = rows[f"workers 1 @{connections}"].images_per_s
+    cores = len(os.sched_getaffinity(0))
+    raw = rows["raw ORT batch 64"].images_per_s
+    print()
+    print(
+        f"{manifest.name}/{manifest.version}, {args.rounds} rounds x {args.duration} s, medians; "
+        f"{cores} CPUs shared by the servers and wrk (not pinned); load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
+    )
+    print(f"{'configuration':22s} {'images/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} "
+          f"{'503':>6s} {'/ N x 1-worker':>15s} {'/ raw b64':>10s} "
+          f"{'CPU ms/image':>13s}")  # fmt: skip
+    scaling = []
+    for name, row in rows.items():
+        count = int(name.split()[1]) if name.startswith("workers") else None
+        ratio = row.images_per_s / (count * one) if count else None
+        cpu = statistics.median(cpu_ms[name]) if name in cpu_ms else None
+        print(
+            f"{name:22s} {row.images_per_s:10.1f} {row.p50_ms:8.2f} {row.p99_ms:8.2f} "
+            f"{row.refused_503:6d} {show(ratio, 3):>15s} {row.images_per_s / raw:10.3f} "
+            f"{show(cpu, 3):>13s}"
+        )
+        if count:
+            # Issue 25: >= 0.8 x N x 1-worker while N <= cores / 2; beyond, N must not lose to 1.
+            scales = count <= max(1, cores // 2)
+            goal = 0.8 * count * one if scales else one
+            scaling.append(
+                {
+                    "workers": count,
+                    "target": "0.8 x N x 1-worker" if scales else "not below 1 worker",
+                    **asdict(row),
+                    "ratio_to_n_x_one": ratio,
+                    "ratio_to_raw_b64": row.images_per_s / raw,
+                    "server_cpu_ms_per_image": cpu,
+                    "server_cpu_ms_per_image_rounds": cpu_ms[name],
+                    "target_images_per_s": goal,
+                    "pass": row.images_per_s >= goal,
+                }
+            )
+    for entry in scaling[1:]:
+        verdict = "PASS" if entry["pass"] else "FAIL"
+        print(
+            f"target: workers {entry['workers']} >= {entry['target_images_per_s']:.1f} images/s "
+            f"({entry['target']}): {entry['images_per_s']:.1f} {verdict}"
+        )
+    if args.json:
+        cpu_note = (
+            "CPU ms/image: CPU time of the server's processes (workers and supervisor) per "
+            "answered image; unlike images/s it does not depend on how much of a shared machine "
+            "the run got"
+        )
+        placement = f"not pinned: the servers and wrk share CPUs {sorted(os.sched_getaffinity(0))}"
+        report = {
+            "model": f"{manifest.name}/{manifest.version}",
+            "connections": connections,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "cores": cores,
+            "placement": placement,
+            "load_average": [load_before[0], load_after[0]],
+            "env": {k: v for k, v in os.environ.items() if k.startswith("RCEGATE_")},
+            "server_args": args.server_args,
+            "rows": {
+                c.name: {**asdict(rows[c.name]), "rounds": [asdict(x) for x in c.rounds]}
+                for c in configs
+            },
+            "scaling": scaling,
+        }
+        ratios = {f"workers {e['workers']} @{connections}": e["ratio_to_n_x_one"] for e in scaling}
+        measured = [
+            [
+                name,
+                row.images_per_s,
+                row.p50_ms,
+                row.p99_ms,
+                row.refused_503,
+                show(ratios.get(name), 3),
+                show(statistics.median(cpu_ms[name]) if name in cpu_ms else None, 3),
+            ]
+            for name, row in rows.items()
+        ]
+        targets = [
+            [
+                f"workers {e['workers']} @{connections}",
+                f"{e['images_per_s']:.1f}",
+                f">= {e['target_images_per_s']:.1f} ({e['target']})",
+                "pass" if e["pass"] else "FAIL",
+            ]
+            for e in scaling[1:]
+        ]
+        write_result(
+            args.json,
+            "workers",
+            f"Worker processes: rcegate serve --workers N at {connections} connections "
+            f"({report['model']})",
+            report,
+            [
+                table(
+                    "Images per second by worker count (medians over rounds)",
+                    [
+                        "configuration",
+                        "images/s",
+                        "p50 ms",
+                        "p99 ms",
+                        "503",
+                        "/ (N x 1 worker)",
+                        "CPU ms/image",
+                    ],
+                    measured,
+                    ["", ".1f", ".2f", ".2f", "d", "", ""],
+                ),
+                table("Targets (issue 25)", ["run", "images/s", "goal", "verdict"], targets),
+            ],
+            [placement, cpu_note],
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models")
@@ -648,6 +848,11 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra `rcegate serve` arguments")
     parser.add_argument("--cuda", action="store_true", help="require CUDA (bench/gpu_check.sh)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument(
+        "--workers", type=lambda text: [int(n) for n in text.split(",")], metavar="N,N,...",
+        help="the worker-scaling sweep instead of the standard run (e.g. 1,2)",
+    )  # fmt: skip
+    parser.add_argument("--workers-connections", type=int, default=64)
     parser.add_argument(
         "--profile", type=Path, metavar="STACKS.txt",
         help="after the rounds, py-spy the service in one more run at 64 connections",
@@ -688,6 +893,9 @@ def main() -> None:
     digits = mnist_digits(DIGITS)
     images = digits.astype(np.float32)[:, None] / np.float32(255.0)
     raw_batches = {1: [images[i : i + 1] for i in range(DIGITS)], 64: [images[:64]]}
+    if args.workers:
+        workers_sweep(args, manifest, session, raw_batches[64], digits)
+        return
 
     env = dict(os.environ)
     env.setdefault("RCEGATE_GRPC_PORT", "0")  # not measured here; never collide on 8001

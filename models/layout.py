@@ -5,10 +5,17 @@ reader of the repository (the service's loader, the Triton converter, the benchm
 tests) finds versions here, so "which versions are there" and "which is the newest" have one
 answer. Entries whose name starts with a dot are staging leftovers of an atomic write
 (`models.files`) and never count.
+
+A version is written one way only, on disk as in a request (`parse_version`): ASCII decimal
+digits, no leading zero, no sign, separator or space, at most 10 digits (the manifest's bound).
+`0002`, `2.0`, `2_0`, ` 2` and other scripts' digits (`٢`, `²`, `①`, which `str.isdigit()`
+accepts) never alias version 2. A directory with such a name is `misnamed`: the service refuses
+it alone and says why; other names without any digit (`notes`) are not versions at all.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from models.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
@@ -17,22 +24,51 @@ from models.manifest import MANIFEST_FILE, MODEL_FILE, Manifest, sha256_file
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent
 
 
+# The manifest's bound on a version number (models.manifest.Manifest.version).
+MAX_VERSION = 1_000_000_000
+_VERSION = re.compile(r"[1-9][0-9]{0,9}")  # [0-9], unlike \d, is ASCII only
+
+
 class ArtifactError(Exception):
     """A version is missing, incomplete, or does not match its manifest."""
 
 
+def parse_version(text: str) -> int | None:
+    """The version number `text` writes canonically (`2`, `10`), else None (`0002`, `²`, ...)."""
+    if _VERSION.fullmatch(text) is None:
+        return None
+    number = int(text)
+    return number if number <= MAX_VERSION else None
+
+
 def _is_version(path: Path) -> bool:
-    return path.is_dir() and path.name.isdigit()
+    return parse_version(path.name) is not None and path.is_dir()
+
+
+def _candidates(model_dir: Path) -> list[Path]:
+    return [
+        path
+        for path in model_dir.glob("*/*")
+        if not path.parent.name.startswith(".") and not path.name.startswith(".")
+    ]
 
 
 def version_directories(model_dir: Path) -> list[Path]:
     """Every `<name>/<version>/` directory under `model_dir`, by name then version number."""
-    found = [
-        path
-        for path in model_dir.glob("*/*")
-        if _is_version(path) and not path.parent.name.startswith(".")
-    ]
+    found = [path for path in _candidates(model_dir) if _is_version(path)]
     return sorted(found, key=lambda p: (p.parent.name, int(p.name)))
+
+
+def misnamed_version_directories(model_dir: Path) -> list[Path]:
+    """Directories under a model that name a version non-canonically (a digit of any script
+    in a name that `parse_version` refuses: `0002`, `2.0`, `²`, `v2`), by path."""
+    return sorted(
+        path
+        for path in _candidates(model_dir)
+        if parse_version(path.name) is None
+        and any(c.isnumeric() for c in path.name)
+        and path.is_dir()
+    )
 
 
 def versions(model_dir: Path, name: str) -> list[int]:

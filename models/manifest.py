@@ -48,7 +48,11 @@ OUTPUT_NAMES: tuple[str, ...] = ("logits", "probabilities", "label", *METRICS, "
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # Every float finite: an infinite or NaN threshold, calibration level, sigma^2 or range
+    # would make a decision no number can meet, or an answer JSON cannot carry (issue 21).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 class SplitInfo(_Strict):
@@ -106,6 +110,14 @@ class CalibrationTable(_Strict):
                 raise ValueError(f"calibration table for {metric} has the wrong length")
             if not all(math.isfinite(v) for v in values):
                 raise ValueError(f"calibration table for {metric} has a non-finite value")
+            # Interpolation computes each segment's slope: finite values can still overflow
+            # it (1e308 apart, or levels 1e-300 apart), and then a threshold is inf or NaN.
+            with np.errstate(over="ignore", invalid="ignore"):
+                slopes = np.diff(np.asarray(values)) / np.diff(np.asarray(self.fpr))
+            if not np.isfinite(slopes).all():
+                raise ValueError(
+                    f"calibration table for {metric} interpolates to a non-finite threshold"
+                )
         return self
 
     @property
@@ -120,7 +132,10 @@ class CalibrationTable(_Strict):
         low, high = self.fpr_range
         if not low <= target_fpr <= high:
             raise ValueError(f"target_fpr must lie in [{low}, {high}], got {target_fpr}")
-        return float(np.interp(target_fpr, self.fpr, self.thresholds[metric]))
+        threshold = float(np.interp(target_fpr, self.fpr, self.thresholds[metric]))
+        if not math.isfinite(threshold):  # the validator above makes this unreachable
+            raise ValueError(f"the calibration table gives no finite threshold at {target_fpr}")
+        return threshold
 
 
 class DetectionInfo(_Strict):

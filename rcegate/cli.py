@@ -59,9 +59,14 @@ def load_commands(app: typer.Typer, group: str = GROUP) -> list[str]:
 def build_app() -> typer.Typer:
     # Typer's own exception printer would show a long framed traceback for every error; main()
     # prints one line instead, and the traceback only with --debug.
+    # Plain help (no rich markup): click wraps every paragraph to the terminal and shows no
+    # `<bool>` type for flags; shell completion is left to the shell.
     app = typer.Typer(
         help="rcegate: image classification that says whether to trust each answer.",
         pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        add_completion=False,
+        context_settings={"max_content_width": 100},
     )
     app.callback()(_options)
     load_commands(app)

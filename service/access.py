@@ -3,9 +3,14 @@
 - API keys (optional): `Settings.api_keys` maps a client id to the sha256 of its key; a request
   presents the key as `Authorization: Bearer <key>` or `x-api-key: <key>`. The presented key is
   hashed and compared with every stored hash in constant time. Health endpoints stay open;
-  /metrics needs a key only with `metrics_require_key`. A refusal is 401 with
-  `WWW-Authenticate: Bearer`. Keys never reach a log line (only the client id does).
-  `ApiKeys.authorize` takes any mapping of lower-case header names, so gRPC metadata can use it.
+  /metrics needs a key only with `metrics_require_key`, and then one of `metrics_keys` (a
+  client's key does not open it). A refusal is 401 with `WWW-Authenticate: Bearer`. Keys never
+  reach a log line (only the client id does). `ApiKeys.authorize` takes any mapping of
+  lower-case header names, so gRPC metadata can use it.
+- Client addresses: a connection's peer, or, only from a configured proxy
+  (`forwarded_allow_ips`), the address its X-Forwarded-For names (uvicorn does it for HTTP,
+  `TrustedProxies` for gRPC); gRPC peers (`ipv4:1.2.3.4:5`, `ipv6:[2001:db8::1]:443`) are read
+  by `peer_address`.
 - Request ids: a client's `X-Request-ID` (1-128 of A-Z a-z 0-9 . _ : -) is echoed, anything else
   replaced by a fresh one; every response carries it.
 - Access log: one JSON line per request (id, client, method, path, route, status, duration), no
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -30,6 +36,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,6 +53,7 @@ HEALTH_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/
 METRICS_PATH = "/metrics"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _MAX_LOGGED_PATH = 256
+_MAX_LOGGED_METHOD = 16
 ACCESS_LOGGER = "rcegate.access"
 ACCESS_QUEUE = 10_000
 
@@ -105,6 +113,62 @@ def client_name(identity: Identity | None, address: str | None) -> str:
     return f"addr:{address or 'unknown'}"
 
 
+def peer_address(peer: str) -> str | None:
+    """The address of a gRPC peer: `ipv4:10.0.0.1:5000` -> `10.0.0.1`, `ipv6:[2001:db8::1]:443`
+    (brackets maybe percent-encoded) -> `2001:db8::1`, `unix:...` -> `unix`; None otherwise."""
+    scheme, _, rest = unquote(peer[:256]).partition(":")
+    if scheme.startswith("unix"):
+        return "unix"
+    if scheme == "ipv6" and rest.startswith("["):
+        host = rest[1 : rest.find("]")]
+    elif scheme in ("ipv4", "ipv6"):
+        host = rest.rpartition(":")[0]
+    else:
+        return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+class TrustedProxies:
+    """`forwarded_allow_ips`: peers whose X-Forwarded-For is believed (as uvicorn does on HTTP:
+    the rightmost address that is not itself a trusted proxy)."""
+
+    MAX_HOPS = 32
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        entries = list(entries)
+        self._any = "*" in entries
+        self._networks = [ipaddress.ip_network(e, strict=False) for e in entries if e != "*"]
+
+    def trusts(self, address: str | None) -> bool:
+        if address is None or not (self._any or self._networks):
+            return False
+        if self._any:
+            return True
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self._networks)
+
+    def client(self, peer: str | None, forwarded: Iterable[str]) -> str | None:
+        """Who the client is: `peer`, unless `peer` is a trusted proxy that forwarded for
+        someone (then the rightmost untrusted address of X-Forwarded-For)."""
+        if not self.trusts(peer):
+            return peer
+        hops = [hop.strip() for value in forwarded for hop in value.split(",")][-self.MAX_HOPS :]
+        for hop in reversed(hops):
+            try:
+                address = str(ipaddress.ip_address(hop))
+            except ValueError:
+                return None  # a proxy we trust wrote something that is not an address
+            if not self.trusts(address):
+                return address
+        return peer
+
+
 def presented_key(headers: Mapping[str, str]) -> str | None:
     authorization = headers.get("authorization")
     if authorization:
@@ -124,14 +188,6 @@ def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
 
 
-def printable(text: str, limit: int = 1024) -> str:
-    """`text` safe for one log line: control characters escaped, length bounded."""
-    text = text[:limit]
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
 class AccessLog:
     """One JSON line per request, written in batches by a thread from a bounded buffer
     (dropped and counted when full). The event loop only appends a line: no lock, no wake-up;
@@ -145,8 +201,11 @@ class AccessLog:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(message)s"))
             self.logger.addHandler(handler)
-            self.logger.setLevel(logging.INFO)
             self.logger.propagate = False
+        if self.logger.level == logging.NOTSET:
+            # The access log is on by setting: a handler an operator attached without a level
+            # must not inherit root's WARNING and silently lose every line.
+            self.logger.setLevel(logging.INFO)
         self._lines: deque[str] = deque()
         self._capacity = capacity
         self._dropped = metrics.access_log_dropped
@@ -201,6 +260,8 @@ class AccessLayer:
         self.render = render
         self.log = log
         self.metrics_open = not settings.metrics_require_key
+        # Reading /metrics is the operator's: its own keys, never a client's (issue 21).
+        self.metrics_keys = ApiKeys(settings.metrics_keys)
         self.demo_open = settings.demo
         # Generated ids: a random per-process prefix and a counter (cheaper than uuid4 per request).
         self._prefix = uuid.uuid4().hex[:16]
@@ -210,11 +271,17 @@ class AccessLayer:
         return f"{self._prefix}{next(self._counter):016x}"
 
     def needs_key(self, path: str) -> bool:
+        return self.keys_for(path) is not None
+
+    def keys_for(self, path: str) -> ApiKeys | None:
+        """The keys that open `path`; None when it is open."""
+        if path == METRICS_PATH:
+            return None if self.metrics_open else self.metrics_keys
         if not self.keys.enabled or path in HEALTH_PATHS:
-            return False
+            return None
         if self.demo_open and demo.is_open(path):  # static: its script sends the user's key
-            return False
-        return not (path == METRICS_PATH and self.metrics_open)
+            return None
+        return self.keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -240,12 +307,15 @@ class AccessLayer:
 
         try:
             identity = None
-            if self.needs_key(scope["path"]):
+            keys = self.keys_for(scope["path"])
+            if keys is not None:
                 try:
-                    identity = self.keys.authorize(headers)
+                    identity = keys.authorize(headers)
                 except Unauthorized as exc:
                     await self.render(exc)(scope, receive, send_with_id)
                     return
+            if keys is self.metrics_keys and identity is not None:
+                identity = Identity(f"metrics.{identity.client_id}")  # never a client's policy
             who = client_name(identity, peer[0] if peer else None)
             # Read by the data plane's prober tracking (via the adapters) and by the routes.
             scope.setdefault("state", {})[_CLIENT] = who
@@ -258,7 +328,7 @@ class AccessLayer:
                         "ts": round(time.time(), 3),
                         "request_id": request_id,
                         "client": who,
-                        "method": scope["method"],
+                        "method": scope["method"][:_MAX_LOGGED_METHOD],
                         "path": scope["path"][:_MAX_LOGGED_PATH],
                         "route": route,
                         "status": status,

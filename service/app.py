@@ -23,13 +23,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from service.access import AccessLayer, AccessLog, ApiKeys, printable
+from service.access import AccessLayer, AccessLog, ApiKeys
 from service.dataplane import DataPlane
 from service.demo import install_demo
 from service.detector import Detector
 from service.docs import install_docs
 from service.errors import ClientDisconnected, ServiceError, Unavailable
-from service.guard import Guard
+from service.guard import Guard, Lifecycle
 from service.imaging import configure_pillow
 from service.metrics import Metrics
 from service.oip.rest import oip_errors, oip_render
@@ -38,6 +38,7 @@ from service.repository import ModelRepository
 from service.routes import PredictFastPath, router
 from service.schemas import ErrorBody, ErrorDetail
 from service.settings import Settings
+from service.text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,14 @@ def _configure_logging(settings: Settings) -> None:
     logging.getLogger("service").setLevel(settings.log_level.upper())
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = None) -> FastAPI:
+    """The app; a worker process (service/workers.py) passes a `lifecycle` that also sees the
+    other workers' readiness and the supervisor's drain."""
     settings = settings or Settings()
     _configure_logging(settings)
     metrics = Metrics()
     repository = ModelRepository(settings)
-    plane = DataPlane(settings, repository, metrics)
+    plane = DataPlane(settings, repository, metrics, lifecycle)
     access_log = AccessLog(metrics) if settings.access_log else None
 
     def before_ready(detectors: list[Detector]) -> None:
@@ -123,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loading = asyncio.create_task(asyncio.to_thread(repository.load, before_ready))
         app.state.loading = loading
         yield
+        repository.stop()
         if not loading.done():
             loading.cancel()
         # Whatever is still queued finishes before the inference threads stop.

@@ -323,7 +323,12 @@ class Batcher:
                     ),
                 )
             if slices:
-                self._run(slices)
+                try:
+                    self._run(slices)
+                except Exception as exc:  # a bug outside the model run: fail the batch, not
+                    # the thread (a dead thread would strand every later request of the model)
+                    logger.exception("model %s: batch bookkeeping failed", self.name)
+                    self._fail(slices, exc)
 
     def _batch(self, slices: list[tuple[Ticket, int, int]]) -> tuple[np.ndarray, int]:
         """The model input for the slices, padded up to its batch shape; and the real count."""
@@ -347,20 +352,16 @@ class Batcher:
             outputs = self._run_batch(batch)
         except Exception as exc:  # ORT raises its own exception types
             logger.exception("model %s failed on a batch of %d images", self.name, count)
-            for ticket, _, _ in slices:
-                with self._cond:
-                    if ticket.closed:  # cancelled meanwhile: nobody waits for it
-                        continue
-                    self._close(ticket)
-                failure = BatchFailed("internal server error")
-                failure.__cause__ = exc  # the server log shows the model's own traceback
-                self._resolve(ticket, error=failure)
+            self._fail(slices, exc)
             return
         seconds = self._timer() - began
         self.cost.observe(len(batch), count, seconds)
         if self._on_batch is not None:
             waits = [start - t.enqueued_at for t, a, _ in slices if a == 0]
-            self._on_batch(BatchStats(count, seconds, waits, len(batch)))
+            try:
+                self._on_batch(BatchStats(count, seconds, waits, len(batch)))
+            except Exception:  # metrics must never cost the answers
+                logger.exception("model %s: recording a batch failed", self.name)
         # The padded rows' outputs end here: only the first `count` rows are scattered.
         outputs = {key: value[:count] for key, value in outputs.items()}
         row = 0
@@ -378,6 +379,17 @@ class Batcher:
                     ticket.closed = True
                 ticket.images = None
                 self._resolve(ticket, result=ticket.outputs)
+
+    def _fail(self, slices: list[tuple[Ticket, int, int]], exc: Exception) -> None:
+        """Answer every still-open ticket of a failed batch with a 500 and release its places."""
+        for ticket, _, _ in slices:
+            with self._cond:
+                if ticket.closed:  # cancelled or answered meanwhile: nobody waits for it
+                    continue
+                self._close(ticket)
+            failure = BatchFailed("internal server error")
+            failure.__cause__ = exc  # the server log shows the original traceback
+            self._resolve(ticket, error=failure)
 
     @staticmethod
     def _resolve(

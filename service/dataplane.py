@@ -22,10 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from models.manifest import METRICS
 from service.batching import Batcher, BatchStats, Ticket
+from service.budget import ParsePool
 from service.detector import Decision, Detector, Outputs
 from service.errors import (
     DeadlineExceeded,
@@ -45,6 +46,7 @@ from service.imaging import (
     probe_image,
 )
 from service.metrics import Metrics
+from service.policy import Policy
 from service.probers import ProberTracker
 from service.repository import ModelRepository
 from service.settings import Mode, Settings
@@ -92,12 +94,20 @@ class Prediction:
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, repository: ModelRepository, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        repository: ModelRepository,
+        metrics: Metrics,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self.settings = settings
         self.repository = repository
         self.metrics = metrics
-        self.lifecycle = Lifecycle()
+        # A worker process passes one that also sees the other workers (service/workers.py).
+        self.lifecycle = lifecycle or Lifecycle()
         self._batchers: dict[tuple[str, int], Batcher] = {}
+        self._queue_gauges: dict[tuple[str, int], Gauge] = {}
         self._limits = DecodeLimits(
             settings.max_image_side, settings.max_pixels, settings.max_request_pixels
         )
@@ -105,7 +115,9 @@ class DataPlane:
             max_workers=settings.decode_workers, thread_name_prefix="rcegate-decode"
         )
         self.probers = ProberTracker(settings, metrics)
-        # Metric series by their labels, looked up once (see _record).
+        self.parsing = ParsePool(settings.parse_workers)  # large OIP parses (service/budget.py)
+        self.policy = Policy(settings)  # modes and target FPRs a client may ask for
+        # Metric series by their labels, looked up once (see _record); a withheld class is -1.
         self._series: dict[tuple[str, int, bool, int], Counter] = {}
         self._histograms: dict[tuple[str, str], Histogram] = {}
         self.timer: Callable[[], float] = time.perf_counter  # times model runs (a test seam)
@@ -129,8 +141,10 @@ class DataPlane:
                 timer=self.timer,
             )
             self._batchers[key] = batcher
+            # Set on every admission and every answer (not a set_function: that would not
+            # reach /metrics from another worker process).
             gauge = self.metrics.queue_images.labels(detector.name, str(detector.version))
-            gauge.set_function(functools.partial(getattr, batcher, "reserved"))
+            self._queue_gauges[key] = gauge
 
     def drain(self) -> None:
         """Refuse new requests from now on (SIGTERM); those already in flight still finish."""
@@ -142,8 +156,11 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        """Every model loaded and self-tested, and not draining: new work is welcome."""
-        return self.repository.ready and not self.draining
+        """Every model loaded and self-tested, and not draining, in this process and in every
+        other worker process: new work is welcome."""
+        return (
+            self.repository.ready and not self.draining and self.lifecycle.others_unready() is None
+        )
 
     def check_ready(self) -> None:
         """Why the service is not ready, as the error every protocol's readiness check answers
@@ -152,6 +169,9 @@ class DataPlane:
             raise ShuttingDown("draining: finishing accepted requests before exit")
         if not self.repository.ready:
             raise NotReady(self.repository.error or "models are still loading")
+        others = self.lifecycle.others_unready()
+        if others is not None:
+            raise NotReady(others)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued work, then stop the inference threads and the decode pool."""
@@ -161,6 +181,7 @@ class DataPlane:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             batcher.close(left)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.parsing.close()
 
     @property
     def busy(self) -> bool:
@@ -229,9 +250,15 @@ class DataPlane:
         if time.monotonic() >= deadline:
             raise self.refused(DeadlineExceeded("the request's deadline passed before admission"))
         try:
-            return self._batcher(detector).reserve(count, deadline)
+            ticket = self._batcher(detector).reserve(count, deadline)
         except Unavailable as exc:
             raise self.refused(exc) from None
+        self._show_queue(detector)
+        return ticket
+
+    def _show_queue(self, detector: Detector) -> None:
+        key = (detector.name, detector.version)
+        self._queue_gauges[key].set(self._batchers[key].reserved)
 
     # -- the work ------------------------------------------------------------------------
 
@@ -243,7 +270,7 @@ class DataPlane:
         deadline: float,
     ) -> Prediction:
         """Decode image files (bounded pool) and answer them; admission comes first."""
-        decision = detector.decision(options.target_fpr)  # 422 before any work
+        decision, mode = self._policy(detector, options)  # 403/422 before any work
         self.probers.check(options.client)
         batcher = self._batcher(detector)
         ticket = self._reserve(detector, len(images), deadline)
@@ -254,13 +281,14 @@ class DataPlane:
             outputs = await self._infer(batcher, ticket, pixels)
         finally:
             batcher.cancel(ticket)
-        return self._decide(detector, decision, options, outputs, decoded)
+            self._show_queue(detector)
+        return self._decide(detector, decision, mode, options, outputs, decoded)
 
     async def predict_arrays(
         self, detector: Detector, images: np.ndarray, options: PredictOptions, deadline: float
     ) -> Prediction:
         """Answer float32 [N, C, H, W] tensors in the model's value range."""
-        decision = detector.decision(options.target_fpr)
+        decision, mode = self._policy(detector, options)
         self.probers.check(options.client)
         check_tensor(images, detector)
         batcher = self._batcher(detector)
@@ -269,7 +297,12 @@ class DataPlane:
             outputs = await self._infer(batcher, ticket, images)
         finally:
             batcher.cancel(ticket)
-        return self._decide(detector, decision, options, outputs, None)
+            self._show_queue(detector)
+        return self._decide(detector, decision, mode, options, outputs, None)
+
+    def _policy(self, detector: Detector, options: PredictOptions) -> tuple[Decision, Mode]:
+        """The decision and mode the operator's policy grants this request (service/policy.py)."""
+        return self.policy.resolve(detector, options.mode, options.target_fpr, options.client)
 
     async def _decode(
         self, images: Sequence[EncodedImage], shape: tuple[int, int, int], deadline: float
@@ -353,14 +386,14 @@ class DataPlane:
         self,
         detector: Detector,
         decision: Decision,
+        mode: Mode,
         options: PredictOptions,
         outputs: Outputs,
         decoded: list[DecodedImage] | None,
     ) -> Prediction:
         accepted = Detector.accept(outputs, decision)
-        self._record(detector, outputs, accepted)
+        self._record(detector, outputs, accepted, mode)
         self.probers.observe(options.client, len(accepted), int((~accepted).sum()))
-        mode = options.mode or self.settings.mode
         return Prediction(detector, decision, mode, outputs, accepted, decoded)
 
     # -- metrics -------------------------------------------------------------------------
@@ -368,26 +401,37 @@ class DataPlane:
     def _batch_observer(self, detector: Detector) -> BatchObserver:
         return BatchObserver(self.metrics, detector.name)
 
-    def _record(self, detector: Detector, outputs: Outputs, accepted: np.ndarray) -> None:
+    def _record(
+        self, detector: Detector, outputs: Outputs, accepted: np.ndarray, mode: Mode
+    ) -> None:
+        """Count the answered images. /metrics shows no more than the answers did (issue 21):
+        an image whose label was withheld (enforce, rejected) is counted without its class,
+        and its scores stay out of the score histogram when they were withheld too."""
         m = self.metrics
         names = detector.manifest.class_names
         series = self._series
-        for label, ok in zip(outputs.label.tolist(), accepted.tolist(), strict=True):
-            key = (detector.name, detector.version, ok, label)
+        shown = accepted | (mode == "annotate")
+        scored = shown | (not self.settings.withhold_rejected)
+        for label, ok, show in zip(
+            outputs.label.tolist(), accepted.tolist(), shown.tolist(), strict=True
+        ):
+            key = (detector.name, detector.version, ok, label if show else -1)
             counter = series.get(key)
             if counter is None:  # label lookups cost more than the increments: once per series
                 decision = "accepted" if ok else "rejected"
                 version = str(detector.version)
-                counter = m.images.labels(detector.name, version, decision, names[label])
+                counter = m.images.labels(
+                    detector.name, version, decision, names[label] if show else ""
+                )
                 series[key] = counter
             counter.inc()
-        if m.detection_score is not None:
+        if m.detection_score is not None and scored.any():
             for metric in METRICS:
                 histogram = self._histograms.get((detector.name, metric))
                 if histogram is None:
                     histogram = m.detection_score.labels(detector.name, metric)
                     self._histograms[(detector.name, metric)] = histogram
-                for value in outputs.scores[metric].tolist():
+                for value in outputs.scores[metric][scored].tolist():
                     histogram.observe(value)
 
 

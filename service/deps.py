@@ -9,7 +9,9 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request
+from pydantic import BeforeValidator
 
+from models.layout import MAX_VERSION, parse_version
 from service.dataplane import DataPlane, PredictOptions
 from service.detector import Detector
 from service.guard import Lifecycle
@@ -41,10 +43,26 @@ async def get_named_detector(repository: RepositoryDep, name: ModelName) -> Dete
     return repository.get(name)
 
 
+def _canonical_version(text: object) -> object:
+    """Only the canonical spelling of a version (`2`, never `02`, `2.0`, `2_0`, ` 2`, `²` or
+    a 5,000-digit number), checked on the raw text before any integer conversion."""
+    if isinstance(text, str) and parse_version(text) is None:
+        raise ValueError(
+            f"a version is 1-10 ASCII digits without a leading zero, at most {MAX_VERSION}"
+        )
+    return text
+
+
+# The validator after Path(), so the OpenAPI schema keeps minimum/maximum.
+VersionPath = Annotated[
+    int,
+    Path(ge=1, le=MAX_VERSION, description="Model version (canonical: 2, not 02 or 2.0)."),
+    BeforeValidator(_canonical_version),
+]
+
+
 async def get_versioned_detector(
-    repository: RepositoryDep,
-    name: ModelName,
-    version: Annotated[int, Path(ge=1, description="Model version.")],
+    repository: RepositoryDep, name: ModelName, version: VersionPath
 ) -> Detector:
     return repository.get(name, version)
 

@@ -397,8 +397,8 @@ def load_detector(
     try:
         # Hash and load the same bytes, so the file cannot change between check and use.
         model = read_regular(directory / MODEL_FILE, root, policy.max_model_bytes)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {MODEL_FILE}: {exc}") from None
+    except OSError as exc:  # its text names the file's absolute path: say only what failed
+        raise ModelLoadError(f"cannot read {MODEL_FILE}: {exc.strerror or 'error'}") from None
     digest = hashlib.sha256(model).hexdigest()
     if digest != manifest.sha256:
         raise ModelLoadError(

@@ -246,3 +246,11 @@ class LoopBehind(Unavailable):
 
 
 # -- end of HTTP protocol --
+
+
+# -- Hardening (issue 21) --
+class Forbidden(ServiceError):
+    """Not permitted by the operator's policy: a mode or target_fpr this client may not have."""
+
+    status = HTTPStatus.FORBIDDEN
+    code = "forbidden"

@@ -33,6 +33,10 @@ from service.settings import Settings
 RenderError = Callable[[ServiceError], ASGIApp]
 # Always answered, even while overloaded or draining: probes and scrapes must see the truth.
 OPEN_PREFIXES = ("/health/", "/metrics", "/v2/health/")
+# The method label of the HTTP metrics: the RFC 9110 methods; anything else counts as "other".
+METHOD_LABELS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
 
 
 @dataclass
@@ -42,6 +46,11 @@ class Lifecycle:
     in_flight: int = 0  # guarded requests being served
     body_bytes: int = 0  # bytes of bodies received by requests still in flight
     draining: bool = False  # set on SIGTERM, together with the data plane's own flag
+
+    def others_unready(self) -> str | None:
+        """Why another worker process is not ready (service/workers.py overrides this); None
+        when every other one is, or when this process is the only one."""
+        return None
 
 
 @dataclass
@@ -74,7 +83,8 @@ class Guard:
         finally:
             self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"]
+            # A closed set: any other token a client sends is "other" (issue 21: bounded series).
+            method = scope["method"] if scope["method"] in METHOD_LABELS else "other"
             self.metrics.http_requests.labels(route, method, str(status)).inc()
             self.metrics.http_duration.labels(route, method).observe(time.perf_counter() - start)
 

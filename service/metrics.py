@@ -1,8 +1,15 @@
 """Every Prometheus metric of the service, defined here and nowhere else (prefix `rcegate_`).
 
 Each app owns its own `CollectorRegistry`, so several apps in one process (tests) do not collide.
+With worker processes (service/workers.py) the supervisor sets `PROMETHEUS_MULTIPROC_DIR` before
+any worker starts: prometheus-client then keeps every value in a file per process, and /metrics
+(`Metrics.exposition`) merges every worker's files, so one scrape of any worker sees them all.
+Gauges say how workers combine (`multiprocess_mode`): sums of live workers for the in-flight and
+queue gauges, the value of a live worker for the per-model constants. `Gauge.set_function` does
+not reach other processes, so no gauge here uses it.
 Labels are bounded: model names and versions come from the repository, `route` is the route
-template (never the raw path), `predicted_class` is a class name from the manifest.
+template (never the raw path), `method` one of the RFC 9110 methods or `other`,
+`predicted_class` a class name from the manifest (empty when the answer withheld it).
 
 Detection-score buckets: one histogram family needs one bucket list, shared by its three
 metrics, so the edges are the union of a coarse range per metric and, for every loaded model and
@@ -13,12 +20,25 @@ rejection rate at T (up to scores exactly equal to T).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from models.manifest import METRICS
-from service.detector import Detector
+
+if TYPE_CHECKING:  # the worker supervisor imports this module and must not load ONNX Runtime
+    from service.detector import Detector
 
 BUCKET_FPR = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 COARSE_BUCKETS = (
@@ -29,6 +49,8 @@ COARSE_BUCKETS = (
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 REFUSAL_REASONS = ("queue_full", "deadline", "concurrency", "body_budget", "draining", "loop_lag")
+# prometheus-client's switch for multi-process mode; read once per app, as prometheus-client does.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def score_buckets(detectors: Iterable[Detector]) -> list[float]:
@@ -48,10 +70,15 @@ def score_buckets(detectors: Iterable[Detector]) -> list[float]:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # Set by the worker supervisor (service/workers.py); None: one process, one registry.
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        # Read at scrape time next to the merged files (the workers' own state, e.g.).
+        self.scrape_collectors: list[Collector] = []
         r = self.registry
         self.images = Counter(
             "rcegate_images",
-            "Images answered, by decision (accepted|rejected) and predicted class.",
+            "Images answered, by decision (accepted|rejected) and predicted class (empty when "
+            "the answer withheld it: a rejected image in enforce mode).",
             ["model", "version", "decision", "predicted_class"],
             registry=r,
         )
@@ -60,9 +87,14 @@ class Metrics:
             "Served detection threshold per metric (accept iff score >= threshold).",
             ["model", "metric"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.target_fpr = Gauge(
-            "rcegate_target_fpr", "Served target false-positive rate.", ["model"], registry=r
+            "rcegate_target_fpr",
+            "Served target false-positive rate.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.decode_duration = Histogram(
             "rcegate_decode_duration_seconds",
@@ -89,6 +121,7 @@ class Metrics:
             "Loaded model versions (value 1) with their execution providers and default metric.",
             ["model", "version", "providers", "metric"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.http_requests = Counter(
             "rcegate_http_requests",
@@ -104,13 +137,17 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "rcegate_requests_in_flight", "HTTP requests being served.", registry=r
+            "rcegate_requests_in_flight",
+            "HTTP requests being served.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_images = Gauge(
             "rcegate_queue_images",
             "Images admitted and not yet run (being decoded or queued), per model version.",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_wait = Histogram(
             "rcegate_queue_wait_seconds",
@@ -164,6 +201,7 @@ class Metrics:
             "Clients currently flagged as probing the detector (rejection rate far above "
             "target_fpr over the prober window).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.prober_flags = Counter(
             "rcegate_prober_flags",
@@ -196,6 +234,7 @@ class Metrics:
             "the version took traffic).",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livemax",  # worker processes: the slowest live worker's
         )
         # -- end of batching shapes and warm-up --
 
@@ -203,7 +242,8 @@ class Metrics:
         """Set the per-model gauges and create the score histogram once the models are loaded."""
         self.detection_score = Histogram(
             "rcegate_detection_score",
-            "Detection scores of answered images per metric (higher = more like clean data).",
+            "Detection scores of answered images per metric (higher = more like clean data); "
+            "scores an answer withheld (enforce mode) are not observed.",
             ["model", "metric"],
             buckets=score_buckets(detectors),
             registry=self.registry,
@@ -214,3 +254,42 @@ class Metrics:
             for metric, value in d.thresholds().items():
                 self.threshold.labels(d.name, metric).set(value)
             self.model_warmup.labels(d.name, str(d.version)).set(d.warmup_seconds)
+
+    def exposition(self) -> bytes:
+        """The text /metrics answers: this app's registry, or with worker processes every
+        worker's values merged from the multi-process directory (dead workers' counters and
+        histograms included, their live-only gauges removed by the supervisor)."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        for collector in self.scrape_collectors:
+            registry.register(collector)
+        return generate_latest(registry)
+
+
+class WorkerCollector(Collector):
+    """The worker processes as the supervisor's shared state shows them at scrape time:
+    `rcegate_workers{state}` (starting, ready, replacing) and `rcegate_worker_restarts_total`."""
+
+    STATES = ("starting", "ready", "replacing")
+
+    def __init__(self, read: Callable[[], tuple[dict[str, int], int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        states, restarts = self._read()
+        workers = GaugeMetricFamily(
+            "rcegate_workers",
+            "Worker processes by state: starting (not ready yet), ready, replacing (a "
+            "replacement loading its models, not yet taking connections).",
+            labels=["state"],
+        )
+        for state in self.STATES:
+            workers.add_metric([state], states.get(state, 0))
+        yield workers
+        yield CounterMetricFamily(
+            "rcegate_worker_restarts",
+            "Worker processes replaced after they died or hung.",
+            value=restarts,
+        )

@@ -6,6 +6,7 @@ first, then every received chunk is counted), so an oversized request is never b
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
@@ -23,6 +24,7 @@ from service.errors import (
 from service.imaging import CONTENT_TYPES
 
 FIELD = "files"
+_DIGITS = re.compile(r"[0-9]{1,20}")
 MULTIPART = "multipart/form-data"
 
 
@@ -69,7 +71,9 @@ def limited(request: Request, limit: int) -> Request:
     """`request` with its body refused (413) past `limit` bytes: at once when Content-Length
     says so, else as soon as the streamed chunks pass it (every adapter reads bodies so)."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    # ASCII digits only: `²` passes str.isdigit() and then fails int() (issue 21). Anything
+    # else is left to the byte count of the stream.
+    if length is not None and _DIGITS.fullmatch(length) and int(length) > limit:
         raise _too_large(limit)
     return Request(request.scope, _limited(request.receive, limit))
 

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.layout import version_directories
+from models.layout import misnamed_version_directories, version_directories
 from service.detector import CudaOptions, Detector, ModelLoadError, load_detector
 from service.errors import ModelNotFound, NotReady
 from service.settings import Settings
+from service.text import printable, shown
 from service.trust import ArtifactPolicy
 
 # The model POST /v1/predict answers with when RCEGATE_DEFAULT_MODEL is unset and it is loaded.
@@ -39,6 +40,7 @@ class ModelRepository:
         self._detectors: dict[str, dict[int, Detector]] = {}
         self.refused: list[Refused] = []
         self._loaded = threading.Event()
+        self._stopping = threading.Event()
         self.error: str | None = None
         # The model POST /v1/predict answers with; settled once loading finished.
         self.default_name = settings.default_model or BUILTIN_DEFAULT_MODEL
@@ -64,6 +66,11 @@ class ModelRepository:
     def loaded(self) -> bool:
         return self._loaded.is_set()
 
+    def stop(self) -> None:
+        """Stop loading after the version being loaded: the service is shutting down (a port
+        that could not be bound, a signal while loading), so nothing more is loaded or logged."""
+        self._stopping.set()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until loading finished (for tests and the CLI); True if it did in time."""
         return self._loaded.wait(timeout)
@@ -83,11 +90,25 @@ class ModelRepository:
                     "no trusted keys: model versions are checked for consistency, not for "
                     "who made them (set RCEGATE_TRUSTED_KEYS to require signatures)"
                 )
+            if s.model_dir.is_dir():
+                for directory in misnamed_version_directories(s.model_dir):
+                    self._refuse(
+                        directory,
+                        "not a version: a version directory is named by 1-10 "
+                        "ASCII digits without a leading zero (1, 2, 10)",
+                    )
             for directory in directories:
+                if self._stopping.is_set():
+                    logger.info("model loading stopped: the service is shutting down")
+                    self.error = "the service is shutting down"
+                    return
                 self._load_one(directory)
             if not self._detectors:
-                self.error = f"no model could be loaded from {s.model_dir}"
-                logger.error("%s; the service stays unready", self.error)
+                # Said on the open readiness endpoints: no filesystem path (it is in the log).
+                self.error = "no model could be loaded (see the server log)"
+                logger.error(
+                    "no model could be loaded from %s; the service stays unready", s.model_dir
+                )
             elif s.default_model is None:
                 self.default_name = (
                     BUILTIN_DEFAULT_MODEL
@@ -110,7 +131,6 @@ class ModelRepository:
 
     def _load_one(self, directory: Path) -> None:
         s = self.settings
-        name, version = directory.parent.name, directory.name
         try:
             detector = load_detector(
                 directory,
@@ -125,9 +145,14 @@ class ModelRepository:
                 cuda=self.cuda,
             )
         except ModelLoadError as exc:
-            self.refused.append(Refused(name, version, str(exc)))
-            logger.error("refused model %s/%s from %s: %s", name, version, directory, exc)
+            self._refuse(directory, str(exc))
             return
+        except Exception as exc:  # a bug or an unforeseen entry: it refuses itself alone
+            logger.exception("loading %s crashed", directory)
+            self._refuse(directory, f"loading failed unexpectedly ({type(exc).__name__})")
+            return
+        if self._stopping.is_set():
+            return  # shut down while this version loaded: it will never serve
         self._detectors.setdefault(detector.name, {})[detector.version] = detector
         logger.info(
             "loaded model %s/%s (metric %s, threshold %.6g at target_fpr %g) on %s; "
@@ -143,6 +168,15 @@ class ModelRepository:
             detector.warmup_seconds,
         )
 
+    def _refuse(self, directory: Path, reason: str) -> None:
+        """List a version under `refused` (GET /v1/models shows it) and log it once. The
+        reason a client reads names no absolute path: the repository's own is replaced."""
+        name, version = printable(directory.parent.name, 128), printable(directory.name, 64)
+        for root in {str(self.settings.model_dir.resolve()), str(self.settings.model_dir)}:
+            reason = reason.replace(root, "<model_dir>")
+        self.refused.append(Refused(name, version, printable(reason)))
+        logger.error("refused model %s/%s from %s: %s", name, version, directory, reason)
+
     def detectors(self) -> list[Detector]:
         """Every loaded version, sorted by name then version."""
         return [
@@ -154,12 +188,14 @@ class ModelRepository:
             raise NotReady("models are still loading")
         versions = self._detectors.get(name)
         if not versions:
-            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {sorted(self._detectors)})")
+            raise ModelNotFound(
+                f"model {shown(name)} is not loaded (loaded: {sorted(self._detectors)})"
+            )
         if version is None:
             return versions[max(versions)]
         if version not in versions:
             raise ModelNotFound(
-                f"model {name!r} has no loaded version {version} (loaded: {sorted(versions)})"
+                f"model {shown(name)} has no loaded version {version} (loaded: {sorted(versions)})"
             )
         return versions[version]
 

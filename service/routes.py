@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -48,6 +48,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in {
         400: "Undecodable image, no image, or a malformed multipart body.",
+        403: "A mode or target_fpr the operator's policy does not permit this client.",
         404: "Unknown model or version.",
         413: "Body over the byte limit, too many images, or an image over the pixel limit.",
         415: "Unsupported Content-Type.",
@@ -198,7 +199,7 @@ async def ready(plane: PlaneDep) -> Health:
 
 @router.get("/metrics", tags=["metrics"], response_class=Response)
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]

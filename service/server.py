@@ -43,7 +43,14 @@ logger = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        app: FastAPI,
+        drain_seconds: float,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         super().__init__(config)
         self._app = app
         self._plane: DataPlane = app.state.plane
@@ -52,6 +59,9 @@ class DrainingServer(uvicorn.Server):
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._grpc: aio.Server | None = None
+        # Worker processes (service/workers.py) share the gRPC port with SO_REUSEPORT.
+        self._reuse_port = reuse_port
+        self._signalled = False  # our own first signal, whatever the shared drain flag says
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -65,7 +75,12 @@ class DrainingServer(uvicorn.Server):
         state = self._app.state
         try:
             self._grpc = await start_grpc(
-                state.plane, state.repository, state.lifecycle, state.metrics, settings
+                state.plane,
+                state.repository,
+                state.lifecycle,
+                state.metrics,
+                settings,
+                reuse_port=self._reuse_port,
             )
         except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
             logger.error("cannot serve gRPC on port %d: %s", settings.grpc_port, exc)
@@ -81,10 +96,11 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._lifecycle.draining or self._loop is None:
+        if self._signalled or self._loop is None:
             super().handle_exit(sig, frame)  # a second signal: exit now
             self.force_exit = True
             return
+        self._signalled = True
         self._plane.drain()
         logger.info(
             "signal %d: draining (ready is 503, new requests refused) for at most %g s",
@@ -157,11 +173,20 @@ def uvicorn_config(
         limit_concurrency=None,  # connections and requests are bounded by the protocol
         timeout_keep_alive=settings.keep_alive_timeout,
         timeout_graceful_shutdown=1,  # the drain already waited for the requests in flight
+        # X-Forwarded-For/-Proto only from configured proxies (uvicorn trusts 127.0.0.1 else).
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
 
 
 def serve(app: FastAPI, settings: Settings) -> None:
-    """Run the app with the service's connection limits and graceful drain."""
+    """Run the app with the service's connection limits and graceful drain (one process; the
+    worker processes of service/workers.py run a DrainingServer each on the shared socket)."""
+    DrainingServer(service_config(app, settings), app, settings.drain_seconds).run()
+
+
+def service_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """`uvicorn_config` for the service's app: head-time refusals asked of its data plane and
+    counted in its metrics."""
     plane: DataPlane = app.state.plane
-    config = uvicorn_config(app, settings, app.state.metrics, plane.refusal_at_head)
-    DrainingServer(config, app, settings.drain_seconds).run()
+    return uvicorn_config(app, settings, app.state.metrics, plane.refusal_at_head)

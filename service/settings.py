@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.layout import DEFAULT_MODEL_DIR
@@ -19,6 +19,34 @@ Providers = Literal["auto", "cpu", "cuda"]
 Mode = Literal["annotate", "enforce"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+
+def check_key_digests(keys: dict[str, str], what: str) -> dict[str, str]:
+    """Key ids of 1-64 of A-Z a-z 0-9 . _ - mapping to a sha256 in hex (ValueError otherwise)."""
+    for ident, digest in keys.items():
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", ident):
+            raise ValueError(f"{what} id {ident!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"{what} {ident!r}: give the sha256 of the key (64 hex digits)")
+    return keys
+
+
+class ClientPolicy(BaseModel):
+    """What one API key's client may ask for (`Settings.client_policies`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modes: list[Mode] = Field(
+        min_length=1, description="Modes the client may ask for; its default is the first."
+    )
+    looser_target_fpr: bool = Field(
+        False,
+        description="Whether, when held to enforce, it may ask for a target_fpr whose "
+        "threshold is below the served one.",
+    )
+
+
+MAX_WORKERS = 256
 
 # The sample images of a source or editable install (`rcegate samples`); absent in a wheel.
 DEFAULT_SAMPLES_DIR = DEFAULT_MODEL_DIR.parent / "samples"
@@ -220,12 +248,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _check_api_keys(cls, keys: dict[str, str]) -> dict[str, str]:
-        for ident, digest in keys.items():
-            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", ident):
-                raise ValueError(f"api key id {ident!r}: use 1-64 of A-Z a-z 0-9 . _ -")
-            if not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise ValueError(f"api key {ident!r}: give the sha256 of the key (64 hex digits)")
-        return keys
+        return check_key_digests(keys, "api key")
 
     # --- end of trust and access ---
     # -- Open Inference Protocol (service/oip) -------------------------------------------------
@@ -236,6 +259,102 @@ class Settings(BaseSettings):
         description="Port of the OIP gRPC service (inference.GRPCInferenceService) started by "
         "`rcegate serve` on `host`; 0 turns gRPC off. REST OIP (/v2) is always on `port`.",
     )
+
+    # -- Hardening: parsing budgets, enforce policy, forwarded headers --
+    grpc_max_message_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Largest gRPC request message (RESOURCE_EXHAUSTED above); unset: 4 MiB, or "
+        "half of max_inflight_body_bytes when smaller. A call reserves twice this much of "
+        "max_inflight_body_bytes while its message arrives (after its API key was checked), "
+        "then twice the message's own size (its bytes and the parsed message) until it is "
+        "answered.",
+    )
+    parse_workers: int = Field(
+        1,
+        gt=0,
+        le=16,
+        description="Threads that inflate and parse large OIP requests (over 64 KiB); smaller "
+        "ones are parsed on the event loop.",
+    )
+    client_modes: list[Mode] | None = Field(
+        None,
+        description="Modes a request may ask for (the `mode` query or parameter); unset: "
+        "enforce always, annotate only when RCEGATE_MODE is annotate. A request held to "
+        "enforce that asks for annotate gets 403. JSON list.",
+    )
+    client_looser_target_fpr: bool = Field(
+        False,
+        description="Whether a request held to enforce (annotate not allowed) may ask for a "
+        "target_fpr whose threshold is below the served one: a looser decision, and a way to "
+        "bisect a withheld score. Off: 403.",
+    )
+    client_policies: dict[str, ClientPolicy] = Field(
+        default_factory=dict,
+        max_length=1024,
+        description='Per API key id, {"modes": [...], "looser_target_fpr": false}: replaces '
+        "client_modes and client_looser_target_fpr for that client. JSON object.",
+    )
+    metrics_keys: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Id -> sha256 (hex) of the keys that may read /metrics when "
+        "metrics_require_key is on; client API keys do not open /metrics. JSON object.",
+    )
+    forwarded_allow_ips: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Addresses or networks (CIDR) of reverse proxies whose X-Forwarded-For "
+        "and X-Forwarded-Proto are trusted (HTTP, and x-forwarded-for metadata on gRPC); "
+        'empty: forwarded headers are ignored. "*" trusts every peer. JSON list.',
+    )
+
+    @field_validator("metrics_keys")
+    @classmethod
+    def _check_metrics_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        return check_key_digests(keys, "metrics key")
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _check_proxies(cls, entries: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in entries:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"forwarded_allow_ips: {entry!r} is not an address or network"
+                ) from None
+        return entries
+
+    @model_validator(mode="after")
+    def _check_hardening(self) -> Settings:
+        if 2 * (self.grpc_max_message_bytes or 0) > self.max_inflight_body_bytes:
+            raise ValueError(
+                f"grpc_max_message_bytes ({self.grpc_max_message_bytes}) must be at most half "
+                f"of max_inflight_body_bytes ({self.max_inflight_body_bytes})"
+            )
+        if self.metrics_require_key and not self.metrics_keys:
+            raise ValueError(
+                "metrics_require_key needs metrics_keys (RCEGATE_METRICS_KEYS): client API keys "
+                "do not open /metrics"
+            )
+        unknown = sorted(set(self.client_policies) - set(self.api_keys))
+        if unknown:
+            raise ValueError(f"client_policies name clients without an API key: {unknown}")
+        return self
+
+    @property
+    def grpc_message_limit(self) -> int:
+        """The largest gRPC request message (`grpc_max_message_bytes` or its default)."""
+        if self.grpc_max_message_bytes is not None:
+            return self.grpc_max_message_bytes
+        return min(4 * 1024 * 1024, self.max_inflight_body_bytes // 2)
+
+    # -- end of hardening --
 
     # -- Batching shapes, warm-up and CUDA (service/batching.py, service/detector.py) --------
     batch_shapes: str = Field(
@@ -291,6 +410,37 @@ class Settings(BaseSettings):
         "loop_lag) as their head arrives; health and metrics always pass. 0 = no such bound.",
     )
     # -- end of HTTP protocol --
+
+    # -- Worker processes (service/workers.py) --
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Server processes (1 to 256) behind the one HTTP port and the one gRPC port "
+        "of `rcegate serve` (a supervisor shares the sockets, replaces a worker that dies, "
+        "drains them all on SIGTERM and aggregates /metrics); auto: chosen from the cores and "
+        "the provider (docs/serving.md, Worker processes).",
+    )
+    worker_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="With several workers: seconds a ready worker's event loop may stay "
+        "unresponsive before the supervisor kills and replaces it; 0 = never.",
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: object) -> object:
+        # One clear message instead of one per member of the union.
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            count = int(value)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            count = 0
+        if not 1 <= count <= MAX_WORKERS or isinstance(value, bool | float):
+            raise ValueError(f"give a number of workers from 1 to {MAX_WORKERS}, or auto")
+        return count
+
+    # -- end of worker processes --
 
     @model_validator(mode="after")
     def _request_fits_the_queue(self) -> Settings:

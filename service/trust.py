@@ -73,9 +73,8 @@ def inside(path: Path, root: Path, label: str | None = None) -> Path:
     """The real path of `path`, which must lie inside `root` (symlinks resolved)."""
     real = path.resolve()
     if not real.is_relative_to(root.resolve()):
-        raise ModelLoadError(
-            f"{label or path.name} resolves to {real}, outside the model repository"
-        )
+        # Where it points is for the operator's log; the reason is shown to clients too.
+        raise ModelLoadError(f"{label or path.name} resolves outside the model repository")
     return real
 
 

@@ -8,6 +8,7 @@ install reports a clear message instead of an ImportError.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import json
 import logging
@@ -84,12 +85,15 @@ Force = Annotated[
 ]
 
 
+NEEDS_TRAIN = "needs the training extra: pip install 'rcegate[train]' (in a checkout: '.[train]')"
+
+
 def _require_torch() -> None:
     try:
         import torch  # noqa: F401
     except ModuleNotFoundError:
-        typer.echo("This command needs the training extra: pip install 'rcegate[train]'", err=True)
-        raise typer.Exit(2) from None
+        typer.echo(f"error: this command {NEEDS_TRAIN}", err=True)
+        raise typer.Exit(1) from None
 
 
 def training_options(
@@ -579,8 +583,8 @@ def stamp(
     try:
         from training.stamp import StampError, restamp
     except ModuleNotFoundError:
-        typer.echo("This command needs the onnx package: pip install 'rcegate[train]'", err=True)
-        raise typer.Exit(2) from None
+        typer.echo(f"error: this command {NEEDS_TRAIN}", err=True)
+        raise typer.Exit(1) from None
     for directory in artifacts:
         try:
             digest = restamp(directory, force=force)
@@ -618,7 +622,17 @@ def samples(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("masking-check")(masking_check)
-    for command in (train, calibrate, export, pipeline, evaluate, report, stamp, samples, ablation):
-        app.command()(command)
+    # Without torch (a service-only install) these commands cannot run: --help leaves them out
+    # and says which extra brings them; invoked anyway, each says so in one line.
+    try:
+        hidden = importlib.util.find_spec("torch") is None
+    except (ImportError, ValueError):
+        hidden = True
+    app.command("masking-check", hidden=hidden)(masking_check)
+    commands = (train, calibrate, export, pipeline, evaluate, report, stamp, samples, ablation)
+    for command in commands:
+        app.command(hidden=hidden)(command)
+    if hidden:
+        names = ", ".join(sorted(["masking-check", *(c.__name__ for c in commands)]))
+        app.info.epilog = f"Not available in this install: {names}; each {NEEDS_TRAIN}."
     logging.getLogger("training").setLevel(logging.INFO)

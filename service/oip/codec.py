@@ -13,7 +13,9 @@ threshold used (not the graph's, which knows only the deployed threshold), and i
 decision's score are always returned, whatever outputs were asked for. In enforce mode a
 rejected image's `label` is -1 and its `probabilities` and `logits` are all zero: the tensor
 keeps its shape, holds no NaN, and says "withheld" unambiguously (a real probability row sums
-to 1).
+to 1). With `withhold_rejected` (the default) its scores (`confidence`, `non_me`, `log_kd`)
+are 0 too and the response parameters leave out `threshold` whenever an image was withheld,
+as v1 answers null: a rejected image's answer is its verdict, never a score to climb.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from models.manifest import INPUT_NAME, OUTPUT_NAMES
+from models.manifest import INPUT_NAME, METRICS, OUTPUT_NAMES
 from service.dataplane import Prediction, PredictOptions
 from service.errors import InvalidInput, TooManyImages
+from service.oip.bounds import MAX_DIMS
+from service.text import shown
 
 INPUT_DATATYPE = "FP32"
 # OIP datatype names of the numpy dtypes the graph produces (and of its one input); keyed by
@@ -56,6 +60,7 @@ _ITEMSIZE = {
 # Outputs withheld for a rejected image in enforce mode, and what replaces them.
 WITHHELD_LABEL = -1
 WITHHELD = ("label", "probabilities", "logits")
+WITHHELD_SCORE = 0.0  # what a withheld score reads (never look at it: `accepted` is false)
 MODES = ("annotate", "enforce")
 
 
@@ -83,20 +88,24 @@ def check_input_header(
 ) -> InputHeader:
     """The one input's name, datatype and shape, against the model and the image limit."""
     if name != INPUT_NAME:
-        raise InvalidInput(f"unknown input {name!r}: the model has one input, {INPUT_NAME!r}")
+        raise InvalidInput(f"unknown input {shown(name)}: the model has one input, {INPUT_NAME!r}")
     if datatype != INPUT_DATATYPE:
         raise InvalidInput(
-            f"input {INPUT_NAME!r} must have datatype {INPUT_DATATYPE}, got {datatype!r}"
+            f"input {INPUT_NAME!r} must have datatype {INPUT_DATATYPE}, got {shown(datatype)}"
         )
     dims = ", ".join(map(str, image_shape))
     if (
         not isinstance(shape, Sequence)
         or isinstance(shape, str | bytes)
+        or len(shape) > MAX_DIMS
         or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
     ):
-        raise InvalidInput(f"input {INPUT_NAME!r}: shape must be a list of integers")
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}: shape must be a list of integers (at most {MAX_DIMS})"
+        )
     if len(shape) != 4 or tuple(shape[1:]) != image_shape or shape[0] < 0:
-        raise InvalidInput(f"input {INPUT_NAME!r} must have shape [N, {dims}], got {list(shape)}")
+        got = ", ".join(shown(d, 20) for d in shape)
+        raise InvalidInput(f"input {INPUT_NAME!r} must have shape [N, {dims}], got [{got}]")
     count = int(shape[0])
     if count == 0:
         raise InvalidInput(f"input {INPUT_NAME!r} holds no image (N = 0)")
@@ -121,7 +130,7 @@ def tensor_from_values(values: object, header: InputHeader) -> np.ndarray:
         raise InvalidInput(f"input {INPUT_NAME!r}: data must be a list of numbers")
     try:
         array = np.asarray(values)
-    except ValueError:  # ragged nesting
+    except (ValueError, OverflowError, TypeError):  # ragged nesting, integers beyond int64
         raise InvalidInput(f"input {INPUT_NAME!r}: data is not a rectangular array") from None
     if array.dtype.kind not in "iuf":  # strings, booleans, nulls, objects
         raise InvalidInput(f"input {INPUT_NAME!r}: data must hold numbers only")
@@ -159,12 +168,12 @@ def parse_options(parameters: Mapping[str, object]) -> PredictOptions:
     mode = parameters.get("mode")
     if target_fpr is not None:
         if isinstance(target_fpr, bool) or not isinstance(target_fpr, int | float):
-            raise InvalidInput(f"parameter target_fpr must be a number, got {target_fpr!r}")
+            raise InvalidInput(f"parameter target_fpr must be a number, got {shown(target_fpr)}")
         if not (math.isfinite(target_fpr) and 0 < target_fpr < 1):
-            raise InvalidInput(f"parameter target_fpr must lie in (0, 1), got {target_fpr!r}")
+            raise InvalidInput(f"parameter target_fpr must lie in (0, 1), got {shown(target_fpr)}")
         target_fpr = float(target_fpr)
     if mode is not None and mode not in MODES:
-        raise InvalidInput(f"parameter mode must be 'annotate' or 'enforce', got {mode!r}")
+        raise InvalidInput(f"parameter mode must be 'annotate' or 'enforce', got {shown(mode)}")
     return PredictOptions(target_fpr=target_fpr, mode=mode)  # type: ignore[arg-type]
 
 
@@ -177,17 +186,18 @@ def select_outputs(requested: Sequence[str] | None, metric: str) -> list[str]:
     for name in requested:
         if name not in OUTPUT_NAMES:
             raise InvalidInput(
-                f"unknown output {name!r}; the model's outputs are {', '.join(OUTPUT_NAMES)}"
+                f"unknown output {shown(name)}; the model's outputs are {', '.join(OUTPUT_NAMES)}"
             )
         if name in seen:
-            raise InvalidInput(f"output {name!r} is requested twice")
+            raise InvalidInput(f"output {shown(name)} is requested twice")
         seen.add(name)
     verdict = [name for name in ("accepted", metric) if name not in seen]
     return [*requested, *verdict]
 
 
-def result_tensors(prediction: Prediction) -> dict[str, np.ndarray]:
-    """Every output for the answer: the service's `accepted`, and enforce mode applied."""
+def result_tensors(prediction: Prediction, withhold_rejected: bool = True) -> dict[str, np.ndarray]:
+    """Every output for the answer: the service's `accepted`, and enforce mode applied (the
+    scores too with `withhold_rejected`)."""
     arrays = dict(prediction.outputs.arrays)
     arrays["accepted"] = np.asarray(prediction.accepted, dtype=bool)
     hidden = ~np.array([prediction.shown(i) for i in range(len(prediction))], dtype=bool)
@@ -195,25 +205,28 @@ def result_tensors(prediction: Prediction) -> dict[str, np.ndarray]:
         label = arrays["label"].copy()
         label[hidden] = WITHHELD_LABEL
         arrays["label"] = label
-        for name in ("probabilities", "logits"):
+        for name in ("probabilities", "logits", *(METRICS if withhold_rejected else ())):
             values = arrays[name].copy()
-            values[hidden] = 0.0
+            values[hidden] = WITHHELD_SCORE
             arrays[name] = values
     return arrays
 
 
-def response_parameters(prediction: Prediction) -> dict[str, Any]:
-    """The decision every image was judged by: accept iff `<metric>` >= `threshold`."""
+def response_parameters(prediction: Prediction, withhold_rejected: bool = True) -> dict[str, Any]:
+    """The decision every image was judged by: accept iff `<metric>` >= `threshold`; without
+    the threshold when an image's scores were withheld (enforce mode)."""
     p = prediction
     withheld = 0 if p.mode == "annotate" else int((~p.accepted).sum())
-    return {
-        "metric": p.decision.metric,
-        "threshold": float(p.decision.threshold),
-        "target_fpr": float(p.decision.target_fpr),
-        "mode": p.mode,
-        "accepted_count": int(p.accepted.sum()),
-        "withheld_count": withheld,
-    }
+    parameters: dict[str, Any] = {"metric": p.decision.metric}
+    if not (withheld and withhold_rejected):
+        parameters["threshold"] = float(p.decision.threshold)
+    parameters.update(
+        target_fpr=float(p.decision.target_fpr),
+        mode=p.mode,
+        accepted_count=int(p.accepted.sum()),
+        withheld_count=withheld,
+    )
+    return parameters
 
 
 def datatype_of(array: np.ndarray) -> str:

@@ -13,8 +13,20 @@ tritonclient sends) or `contents.fp32_contents`; outputs always go back as
 the service's message with a gRPC status: 400/413/422 INVALID_ARGUMENT, 404 NOT_FOUND,
 503 UNAVAILABLE (with `retry-after` in the trailing metadata), DEADLINE_EXCEEDED when the
 deadline passed, CANCELLED when the client went away, INTERNAL for a bug (logged, never
-described). Messages above `max_body_bytes` are refused by gRPC itself (RESOURCE_EXHAUSTED).
-A client's own gRPC deadline shortens the request's deadline.
+described). A client's own gRPC deadline shortens the request's deadline.
+
+Cost before trust (issue 21): every method is served from raw bytes (no deserializer), so a
+call's API key is checked from its metadata before a byte of its message is read: a call with
+a wrong key costs its headers only (the message stays in the transport's flow-control window
+and is dropped). Then ModelInfer passes the drain and the concurrency cap, the call reserves twice
+`grpc_max_message_bytes` of the worker's in-flight byte budget (shared with HTTP bodies;
+UNAVAILABLE + retry-after beyond: gRPC's buffer and the bytes handed over) and reads its
+message within `body_timeout` (DEADLINE_EXCEEDED), keeping twice the message's own size
+reserved (the bytes and the parsed message) until it is answered. The message
+is checked on its bytes (service/oip/wire.py: field counts, lengths, at most 4,096 fields)
+before it is parsed, and parsed in the parse pool when it is over 64 KiB. Messages above
+`grpc_max_message_bytes` are refused by gRPC itself (RESOURCE_EXHAUSTED); every request but
+ModelInfer's may hold 64 KiB; ServerLive, ServerReady and ServerMetadata are never read.
 """
 
 from __future__ import annotations
@@ -22,19 +34,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
-from service.access import ApiKeys, client_name
+from service.access import ApiKeys, TrustedProxies, client_name, peer_address
+from service.budget import ParsePool, Reservation
 from service.dataplane import DataPlane
 from service.detector import Detector
 from service.errors import (
+    BodyTimeout,
     InvalidInput,
     ModelNotFound,
     ServiceError,
@@ -54,6 +69,7 @@ from service.oip.codec import (
 )
 from service.oip.infer import InferAnswer, InferRequest, count, infer, plan_outputs
 from service.oip.metadata import model_config, model_metadata, parse_version, server_metadata
+from service.oip.wire import INFER_REQUEST, NAMED_REQUEST, Schema, check
 from service.repository import ModelRepository
 from service.settings import Settings
 
@@ -63,6 +79,7 @@ SERVICE = "inference.GRPCInferenceService"
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     408: grpc.StatusCode.DEADLINE_EXCEEDED,
     413: grpc.StatusCode.INVALID_ARGUMENT,
@@ -234,38 +251,30 @@ class InferenceService:
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Message:  # noqa: N802
-        error: BaseException | None = None
         try:
-            return await self._infer(request, context)
+            answer = await self._infer(request, context)
         except BaseException as exc:
-            error = exc
+            # Not kept in a local: a frame holding its own exception is a reference cycle that
+            # keeps the request (megabytes) alive until the garbage collector runs.
+            count(self.metrics, "oip_grpc", exc)
             raise
-        finally:
-            count(self.metrics, "oip_grpc", error)
+        count(self.metrics, "oip_grpc", None)
+        return answer
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> Message:
+        # The gate (`Gate.admitted`) already counted this call against the concurrency cap
+        # and the drain, before its message was read.
         arrival = time.monotonic()
-        plane, life = self.plane, self.lifecycle
-        plane.check_open()  # what the HTTP guard does for REST: no new work while draining
+        plane = self.plane
+        plane.check_open()
         detector = self._model(request.model_name, request.model_version)
-        if life.in_flight >= self.settings.max_concurrent_requests:
-            raise plane.refused(
-                TooManyRequests(
-                    f"more than {self.settings.max_concurrent_requests} requests in flight; "
-                    "retry later"
-                )
-            )
-        life.in_flight += 1  # shared with the HTTP guard: one cap, one drain
-        try:
-            plane.check_capacity(detector)
-            decoded = decode_request(request, detector, self.settings.max_images)
-            deadline = plane.deadline(arrival)
-            remaining = context.time_remaining()
-            if remaining is not None:
-                deadline = min(deadline, time.monotonic() + remaining)
-            answer = await infer(plane, detector, decoded, deadline, CLIENT.get())
-        finally:
-            life.in_flight -= 1
+        plane.check_capacity(detector)
+        decoded = decode_request(request, detector, self.settings.max_images)
+        deadline = plane.deadline(arrival)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            deadline = min(deadline, time.monotonic() + remaining)
+        answer = await infer(plane, detector, decoded, deadline, CLIENT.get())
         return encode_response(answer)
 
 
@@ -283,30 +292,101 @@ _MESSAGES: dict[str, tuple[type[Message], type[Message]]] = {
 
 # Health RPCs stay open like /health and /v2/health; every other RPC needs a key when keys are on.
 OPEN_RPCS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+# Requests without fields: their message is never read.
+UNREAD_RPCS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
+# The largest request message of every RPC but ModelInfer (a name and a version).
+SMALL_MESSAGE_BYTES = 64 * 1024
+# Copies of a request message held at once while it is received and parsed.
+COPIES = 2
 # Who is calling (`key:<id>` or `addr:<ip>`), for prober tracking in ModelInfer.
 CLIENT: ContextVar[str | None] = ContextVar("rcegate_grpc_client", default=None)
 
 
-def _authorize(method: str, keys: ApiKeys, context: Any) -> None:
-    """The API key from the call's metadata (`authorization: Bearer ...` or `x-api-key`)."""
-    metadata = {str(k).lower(): str(v) for k, v in (context.invocation_metadata() or ())}
-    identity = None if method in OPEN_RPCS else keys.authorize(metadata)
-    peer = str(context.peer() or "")  # e.g. ipv4:127.0.0.1:50312
-    address = peer.split(":")[1] if peer.count(":") >= 2 else peer or None
+def _authorize(method: str, keys: ApiKeys, proxies: TrustedProxies, context: Any) -> None:
+    """The API key from the call's metadata (`authorization: Bearer ...` or `x-api-key`), read
+    before any byte of the message."""
+    metadata = context.invocation_metadata() or ()
+    headers = {str(k).lower(): str(v) for k, v in metadata}
+    identity = None if method in OPEN_RPCS else keys.authorize(headers)
+    forwarded = [str(v) for k, v in metadata if str(k).lower() == "x-forwarded-for"]
+    address = proxies.client(peer_address(str(context.peer() or "")), forwarded)
     CLIENT.set(client_name(identity, address))
 
 
-def _instrumented(method: str, rpc: Rpc, metrics: Metrics, keys: ApiKeys) -> Rpc:
-    """API keys, metrics for every call, and the service's errors as gRPC statuses."""
+def parse_message(raw: bytes, kind: type[Message], schema: Schema) -> Message:
+    """A request message from its bytes: bounded on the wire first (service/oip/wire.py)."""
+    name = kind.DESCRIPTOR.name
+    check(raw, schema, name)
+    try:
+        return kind.FromString(raw)
+    except DecodeError:
+        raise InvalidInput(f"the {name} message is not valid protobuf") from None
+
+
+@dataclass
+class Receiver:
+    """Reads one call's request message under the worker's byte budget and deadlines."""
+
+    lifecycle: Lifecycle
+    settings: Settings
+    pool: ParsePool
+
+    async def receive(
+        self, method: str, kind: type[Message], context: Any, held: Reservation
+    ) -> Message:
+        s = self.settings
+        # Reserved before a byte is read: the most gRPC may buffer for the message, twice
+        # (its buffer and the bytes handed over; then the bytes and the parsed message).
+        held.resize(COPIES * s.grpc_message_limit)
+        try:
+            raw = await asyncio.wait_for(context.read(), s.body_timeout)
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the request message did not arrive within {s.body_timeout:g} s"
+            ) from None
+        if raw is aio.EOF or not isinstance(raw, bytes):
+            raise InvalidInput("the call carried no request message")
+        held.resize(COPIES * len(raw))
+        if method != "ModelInfer" and len(raw) > SMALL_MESSAGE_BYTES:
+            raise InvalidInput(
+                f"a {method} request of {len(raw)} bytes; at most {SMALL_MESSAGE_BYTES}"
+            )
+        schema = INFER_REQUEST if method == "ModelInfer" else NAMED_REQUEST
+        return await self.pool.run(len(raw), parse_message, raw, kind, schema)
+
+
+def _forget(error: BaseException) -> None:
+    """Drop the frames an error carries (and with them the request message, megabytes).
+    `context.abort` raises an AbortError chained to this error, and grpc.aio's handling of it
+    forms a reference cycle: without this, every refused message stayed in memory until the
+    garbage collector ran (issue 21: 40 refused 4 MiB messages held 300 MB)."""
+    error.__traceback__ = None
+
+
+def _instrumented(
+    method: str,
+    rpc: Rpc,
+    kind: type[Message],
+    metrics: Metrics,
+    gate: Gate,
+) -> Callable[[AsyncIterator[bytes], aio.ServicerContext[Any, Any]], Awaitable[Message]]:
+    """API keys, admission, the byte budget, metrics for every call, and the service's errors
+    as gRPC statuses."""
     requests = metrics.grpc_requests
     duration = metrics.grpc_duration.labels(method)
 
-    async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Message:
+    async def call(_: AsyncIterator[bytes], context: aio.ServicerContext[Any, Any]) -> Message:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            _authorize(method, keys, context)
-            return await rpc(request, context)
+            _authorize(method, gate.keys, gate.proxies, context)
+            if method in UNREAD_RPCS:
+                return await rpc(kind(), context)
+            budget = gate.settings.max_inflight_body_bytes
+            refused = gate.plane.refused
+            with gate.admitted(method), Reservation(gate.lifecycle, budget, refused) as held:
+                # No local for the request: see `_forget` below.
+                return await rpc(await gate.receiver.receive(method, kind, context, held), context)
         except ServiceError as exc:
             code = status_code(exc)
             trailing = (
@@ -314,7 +394,9 @@ def _instrumented(method: str, rpc: Rpc, metrics: Metrics, keys: ApiKeys) -> Rpc
             )
             if code == grpc.StatusCode.INTERNAL:
                 logger.error("%s/%s -> %s", SERVICE, method, code.name, exc_info=exc)
+                _forget(exc)
                 await context.abort(code, "internal server error")
+            _forget(exc)
             await context.abort(code, exc.message, trailing_metadata=trailing)
             raise  # abort raised already; this line only tells mypy
         except asyncio.CancelledError:  # the client cancelled or went away: its images are freed
@@ -326,6 +408,7 @@ def _instrumented(method: str, rpc: Rpc, metrics: Metrics, keys: ApiKeys) -> Rpc
         except Exception as exc:
             code = grpc.StatusCode.INTERNAL
             logger.error("%s/%s -> INTERNAL", SERVICE, method, exc_info=exc)
+            _forget(exc)
             await context.abort(code, "internal server error")
             raise
         finally:
@@ -335,11 +418,43 @@ def _instrumented(method: str, rpc: Rpc, metrics: Metrics, keys: ApiKeys) -> Rpc
     return call
 
 
-def handler(service: InferenceService, metrics: Metrics, keys: ApiKeys) -> grpc.GenericRpcHandler:
-    methods = {
-        name: grpc.unary_unary_rpc_method_handler(
-            _instrumented(name, getattr(service, name), metrics, keys),
-            request_deserializer=request.FromString,
+@dataclass
+class Gate:
+    """What a call passes before its message is read: its key, then (ModelInfer) the drain and
+    the concurrency cap shared with HTTP, then the byte budget (`Receiver`)."""
+
+    keys: ApiKeys
+    proxies: TrustedProxies
+    plane: DataPlane
+    lifecycle: Lifecycle
+    settings: Settings
+    receiver: Receiver
+
+    @contextmanager
+    def admitted(self, method: str) -> Iterator[None]:
+        if method != "ModelInfer":
+            yield
+            return
+        self.plane.check_open()  # what the HTTP guard does for REST: no new work while draining
+        cap = self.settings.max_concurrent_requests
+        if self.lifecycle.in_flight >= cap:
+            raise self.plane.refused(
+                TooManyRequests(f"more than {cap} requests in flight; retry later")
+            )
+        self.lifecycle.in_flight += 1  # shared with the HTTP guard: one cap, one drain
+        try:
+            yield
+        finally:
+            self.lifecycle.in_flight -= 1
+
+
+def handler(service: InferenceService, metrics: Metrics, gate: Gate) -> grpc.GenericRpcHandler:
+    """Every RPC from raw bytes (a stream-unary handler without a deserializer: the wire is the
+    same as a unary call's), so nothing is read or parsed before the gate says so."""
+    methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        name: grpc.stream_unary_rpc_method_handler(
+            _instrumented(name, getattr(service, name), request, metrics, gate),
+            request_deserializer=None,
             response_serializer=response.SerializeToString,
         )
         for name, (request, response) in _MESSAGES.items()
@@ -357,19 +472,34 @@ async def start_server(
     lifecycle: Lifecycle,
     metrics: Metrics,
     settings: Settings,
+    *,
+    reuse_port: bool = False,
 ) -> aio.Server:
-    """Bind `host:grpc_port` and start serving; raises RuntimeError if the port is taken."""
+    """Bind `host:grpc_port` and start serving; raises RuntimeError if the port is taken.
+    `reuse_port`: the worker processes of one `rcegate serve` share the port (SO_REUSEPORT;
+    their supervisor has checked that no other program holds it)."""
     server = aio.server(
         options=[
-            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_receive_message_length", settings.grpc_message_limit),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share
+            # Otherwise a second server on the same port must fail, not share it.
+            ("grpc.so_reuseport", int(reuse_port)),
+            # Streams not yet read keep to the 64 KiB initial window (issue 21: a call refused
+            # before its message is read must cost no more).
+            ("grpc.http2.bdp_probe", 0),
         ],
         maximum_concurrent_rpcs=settings.max_connections,
     )
     service = InferenceService(plane, repository, lifecycle, metrics, settings)
-    keys = ApiKeys(settings.api_keys)
-    server.add_generic_rpc_handlers((handler(service, metrics, keys),))
+    gate = Gate(
+        keys=ApiKeys(settings.api_keys),
+        proxies=TrustedProxies(settings.forwarded_allow_ips),
+        plane=plane,
+        lifecycle=lifecycle,
+        settings=settings,
+        receiver=Receiver(lifecycle, settings, plane.parsing),
+    )
+    server.add_generic_rpc_handlers((handler(service, metrics, gate),))
     where = address(settings.host, settings.grpc_port)
     server.add_insecure_port(where)
     await server.start()

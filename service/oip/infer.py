@@ -67,8 +67,8 @@ async def infer(
         id=request.id,
         prediction=prediction,
         outputs=request.outputs,
-        tensors=result_tensors(prediction),
-        parameters=response_parameters(prediction),
+        tensors=result_tensors(prediction, plane.settings.withhold_rejected),
+        parameters=response_parameters(prediction, plane.settings.withhold_rejected),
     )
 
 

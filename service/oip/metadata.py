@@ -13,12 +13,14 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from models.layout import parse_version as canonical_version
 from models.manifest import INPUT_NAME, OUTPUT_NAMES
 from service.detector import OUTPUT_DTYPES, Detector
 from service.errors import ModelNotFound
 from service.oip.codec import INPUT_DATATYPE
 from service.repository import ModelRepository
 from service.settings import Settings
+from service.text import shown
 
 SERVER_NAME = "rcegate"
 # `binary_tensor_data`: Triton's extension for REST; `model_configuration`: GET .../config.
@@ -40,12 +42,14 @@ def server_metadata() -> dict[str, Any]:
 
 
 def parse_version(name: str, text: str | None) -> int | None:
-    """An OIP version string -> rcegate's integer version; "" or None means the newest."""
+    """An OIP version string -> rcegate's integer version; "" or None means the newest. Only
+    the canonical spelling names a version (`2`; `02`, `2.0`, `²` name none: 404)."""
     if not text:
         return None
-    if not text.isdigit():
-        raise ModelNotFound(f"model {name!r} has no version {text!r}")
-    return int(text)
+    version = canonical_version(text)
+    if version is None:
+        raise ModelNotFound(f"model {shown(name)} has no version {shown(text)}")
+    return version
 
 
 def output_specs(detector: Detector) -> list[tuple[str, str, list[int]]]:

@@ -8,12 +8,18 @@ shape needs. Outputs come back as binary when the request output says `binary_da
 by default when the request says `binary_data_output: true` (what `tritonclient.http` sends
 when it names no outputs); the response then has the same header and `binary_data_size` on
 each binary output. Bodies may be gzip or deflate encoded (tritonclient's
-`request_compression_algorithm`); they are inflated up to `max_body_bytes` and no further.
+`request_compression_algorithm`).
 
 Order of work, as on v1: the model (404, or 503 while draining), the model's queue (503
 before the body is read), the body (413/408 while it streams), the header and tensor checks
-(400/413), then the data plane. Errors on /v2 answer `{"error": "<message>"}` with the status
-of the service's error (the protocol has no 422: invalid parameters are 400).
+(400/413), then the data plane. Every step is bounded before it runs (service/oip/bounds.py):
+the body, inflated, may hold at most what `max_images` images of the model need (JSON at most
+64 KiB + 32 bytes per value; binary data exactly 4 bytes per value), inflating reserves that
+much of the in-flight byte budget first, and the JSON's values are counted before it is
+parsed. Inflating and parsing over 64 KiB run in the parse pool, off the event loop.
+
+Errors on /v2 answer `{"error": "<message>"}` with the status of the service's error (the
+protocol has no 422: invalid parameters are 400).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.access import request_client
+from service.budget import ParsePool, Reservation
 from service.dataplane import DataPlane
 from service.deps import PlaneDep, RepositoryDep, SettingsDep
 from service.detector import Detector
@@ -40,6 +47,17 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.guard import cancel_on_disconnect
+from service.oip.bounds import (
+    MAX_NAME,
+    MAX_PARAMETERS,
+    MAX_TENSORS,
+    MAX_TEXT,
+    RequestBounds,
+    byte_count,
+    json_tokens,
+    load_json,
+    too_many_values,
+)
 from service.oip.codec import (
     check_input_header,
     datatype_of,
@@ -51,9 +69,11 @@ from service.oip.codec import (
 from service.oip.infer import InferAnswer, InferRequest, count, infer, plan_outputs
 from service.oip.metadata import model_config, model_metadata, parse_version, server_metadata
 from service.payload import limited
+from service.text import shown
 
 PREFIX = "/v2"
 HEADER_LENGTH = "inference-header-content-length"
+INFLATE_STEP = 64 * 1024  # bytes inflated between two turns of the event loop
 BINARY_SIZE = "binary_data_size"
 
 
@@ -68,6 +88,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "A malformed request: JSON, tensor datatype or shape, byte counts, values.",
         401: "An API key is required (when keys are configured).",
+        403: "A mode or target_fpr the operator's policy does not permit this client.",
         404: "Unknown model or version.",
         405: "Wrong method.",
         408: "The body did not arrive within the body timeout.",
@@ -182,14 +203,15 @@ async def post_version_infer(
 
 
 async def _counted(plane: DataPlane, name: str, version: str | None, request: Request) -> Response:
-    error: BaseException | None = None
     try:
-        return await _infer(plane, name, version, request)
+        response = await _infer(plane, name, version, request)
     except BaseException as exc:
-        error = exc
+        # Not kept in a local: a frame holding its own exception is a reference cycle that
+        # keeps the request body alive until the garbage collector runs.
+        count(plane.metrics, "oip_rest", exc)
         raise
-    finally:
-        count(plane.metrics, "oip_rest", error)
+    count(plane.metrics, "oip_rest", None)
+    return response
 
 
 async def _infer(plane: DataPlane, name: str, version: str | None, request: Request) -> Response:
@@ -197,48 +219,112 @@ async def _infer(plane: DataPlane, name: str, version: str | None, request: Requ
     detector = _detector(plane, name, version)
     plane.check_capacity(detector)
     s = plane.settings
-    body = await read_body(request, s.max_body_bytes)
-    header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-    framed = HEADER_LENGTH in request.headers
-    decoded = decode_request(header, binary, detector, s.max_images, framed)
-    async with cancel_on_disconnect(request.receive):
-        client = request_client(request.scope)
-        answer = await infer(plane, detector, decoded.request, plane.deadline(arrival), client)
+    bounds = RequestBounds.of(detector.input_shape, s.max_images)
+    encoding = content_encoding(request.headers.get("content-encoding"))
+    header_size = header_length(request.headers.get(HEADER_LENGTH), bounds)
+    # JSON alone, or a JSON header and binary tensor data: at most what the model can take.
+    useful = bounds.json_bytes if header_size is None else header_size + bounds.binary_bytes
+    limit = min(s.max_body_bytes, useful)
+    body = await read_body(request, limit)
+    with Reservation(plane.lifecycle, s.max_inflight_body_bytes, plane.refused) as held:
+        if encoding != "identity":
+            json_part = limit if header_size is None else header_size
+            inflater = Inflater(encoding, limit, json_part, bounds)
+            body = await inflater.run(body, held, plane.parsing)
+        header, binary = split_body(body, header_size)
+        framed = header_size is not None
+        decoded = await plane.parsing.run(
+            len(header), decode_request, header, binary, detector, s.max_images, framed, bounds
+        )
+        async with cancel_on_disconnect(request.receive):
+            client = request_client(request.scope)
+            answer = await infer(plane, detector, decoded.request, plane.deadline(arrival), client)
     return encode_response(answer, decoded.binary_outputs)
 
 
 # -- the wire format ---------------------------------------------------------------------------
 
 
+def content_encoding(header: str | None) -> str:
+    """identity, gzip or deflate (415 for anything else, before the body is read)."""
+    encoding = (header or "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
+        raise UnsupportedMediaType(f"Content-Encoding {shown(encoding)} is not supported")
+    return encoding
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused (413) once it passes `limit`; gzip/deflate inflated likewise."""
+    """The whole body as sent, refused (413) once it passes `limit`."""
     body = bytearray()
     async for chunk in limited(request, limit).stream():
         body += chunk
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding == "identity":
-        return bytes(body)
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported")
-    inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-    try:
-        inflated = inflater.decompress(bytes(body), limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"the {encoding} body cannot be inflated: {exc}") from None
-    if len(inflated) > limit:
-        raise BodyTooLarge(f"the inflated request body is over the limit of {limit} bytes")
-    return inflated
+    return bytes(body)
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
-    """(JSON header, binary tensor data) by Inference-Header-Content-Length."""
-    if header_length is None:
-        return body, memoryview(b"")
-    if not header_length.strip().isdigit():
-        raise InvalidInput(
-            f"Inference-Header-Content-Length must be a byte count: {header_length!r}"
+class Inflater:
+    """A gzip or deflate body inflated up to `limit` bytes (413 beyond), `INFLATE_STEP` bytes
+    at a time in the parse pool (zlib releases the GIL): each step's output is reserved in the
+    shared byte budget before it is made, and the JSON part's values are counted as they come
+    out, so a bomb stops at its first chunk over either bound."""
+
+    def __init__(self, encoding: str, limit: int, json_part: int, bounds: RequestBounds) -> None:
+        self.encoding = encoding
+        self.limit = limit
+        self.json_left = json_part  # bytes of the output that are JSON (the header)
+        self.bounds = bounds
+        self.tokens = 0
+        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+
+    def _step(self, data: bytes, size: int) -> bytes:
+        try:
+            chunk = self._zlib.decompress(data, size)
+        except zlib.error as exc:
+            raise InvalidInput(f"the {self.encoding} body cannot be inflated: {exc}") from None
+        if self.json_left > 0:
+            self.tokens += json_tokens(chunk[: self.json_left])
+            self.json_left -= len(chunk)
+            if self.tokens > self.bounds.json_tokens:
+                raise too_many_values(self.bounds)
+        return chunk
+
+    async def run(self, body: bytes, held: Reservation, pool: ParsePool) -> bytes:
+        inflated = bytearray()
+        tail = body
+        while True:
+            step = min(INFLATE_STEP, self.limit + 1 - len(inflated))
+            held.resize(len(inflated) + step)
+            chunk = await pool.offload(self._step, tail, step)
+            inflated += chunk
+            if len(inflated) > self.limit:
+                raise BodyTooLarge(
+                    f"the inflated request body is over the limit of {self.limit} bytes for "
+                    "this model"
+                )
+            tail = self._zlib.unconsumed_tail
+            if self._zlib.eof or (not tail and len(chunk) < step):
+                break
+        held.resize(len(inflated))
+        return bytes(inflated)
+
+
+def header_length(text: str | None, bounds: RequestBounds) -> int | None:
+    """Inference-Header-Content-Length: the JSON header's bytes (None: the body is all JSON),
+    at most the model's JSON bound (413)."""
+    if text is None:
+        return None
+    size = byte_count(text, "Inference-Header-Content-Length")
+    if size > bounds.json_bytes:
+        raise BodyTooLarge(
+            f"Inference-Header-Content-Length {size} is over the {bounds.json_bytes} bytes "
+            "a JSON header for this model may have"
         )
-    size = int(header_length)
+    return size
+
+
+def split_body(body: bytes, size: int | None) -> tuple[bytes, memoryview]:
+    """(JSON header, binary tensor data) by Inference-Header-Content-Length's `size`."""
+    if size is None:
+        return body, memoryview(b"")
     if not 0 < size <= len(body):
         raise InvalidInput(
             f"Inference-Header-Content-Length {size} does not fit a body of {len(body)} bytes"
@@ -260,26 +346,55 @@ def _object(value: object, what: str) -> dict[str, Any]:
     return value
 
 
-def _flag(parameters: dict[str, Any], key: str, what: str) -> bool | None:
-    value = parameters.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise InvalidInput(f"{what} parameter {key} must be true or false, got {value!r}")
+def _parameters(value: object, what: str) -> dict[str, Any]:
+    parameters = _object(value, what)
+    if len(parameters) > MAX_PARAMETERS:
+        raise InvalidInput(f"{what} has {len(parameters)} entries, at most {MAX_PARAMETERS}")
+    return parameters
+
+
+def _list(value: object, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise InvalidInput(f"{what} must be a list")
+    if len(value) > MAX_TENSORS:
+        raise InvalidInput(f"{what} has {len(value)} entries, at most {MAX_TENSORS}")
     return value
 
 
+def _flag(parameters: dict[str, Any], key: str, what: str) -> bool | None:
+    value = parameters.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidInput(f"{what} parameter {key} must be true or false, got {shown(value)}")
+    return value
+
+
+def _depth(value: object) -> int:
+    """How deeply `value` nests lists along its first elements (iteratively, no recursion)."""
+    depth = 0
+    while isinstance(value, list):
+        depth += 1
+        value = value[0] if value else None
+    return depth
+
+
 def decode_request(
-    header: bytes, binary: memoryview, detector: Detector, max_images: int, framed: bool = True
+    header: bytes,
+    binary: memoryview,
+    detector: Detector,
+    max_images: int,
+    framed: bool = True,
+    bounds: RequestBounds | None = None,
 ) -> DecodedRest:
-    try:
-        document = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        hint = "" if framed else " (binary tensor data needs Inference-Header-Content-Length)"
-        raise InvalidInput(f"the inference request is not valid JSON: {exc}{hint}") from None
-    body = _object(document, "the inference request")
+    """Parse and check one request (JSON within `bounds`, then every field's type, count and
+    length) into the tensor and options the data plane takes."""
+    bounds = bounds or RequestBounds.of(detector.input_shape, max_images)
+    body = _object(load_json(header, bounds, framed), "the inference request")
     request_id = body.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInput("id must be a string")
-    parameters = _object(body.get("parameters"), "parameters")
+    if len(request_id) > MAX_TEXT:
+        raise InvalidInput(f"id has {len(request_id)} characters, at most {MAX_TEXT}")
+    parameters = _parameters(body.get("parameters"), "parameters")
     options = parse_options(parameters)
     default_binary = bool(_flag(parameters, "binary_data_output", "the request's"))
 
@@ -295,11 +410,11 @@ def decode_request(
         detector.input_shape,
         max_images,
     )
-    input_parameters = _object(tensor.get("parameters"), "inputs[0].parameters")
+    input_parameters = _parameters(tensor.get("parameters"), "inputs[0].parameters")
     size = input_parameters.get(BINARY_SIZE)
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise InvalidInput(f"{BINARY_SIZE} must be a byte count, got {size!r}")
+            raise InvalidInput(f"{BINARY_SIZE} must be a byte count, got {shown(size)}")
         if "data" in tensor:
             raise InvalidInput("input 'images' has both data and binary_data_size")
         if size != len(binary):
@@ -315,22 +430,26 @@ def decode_request(
             )
         if "data" not in tensor:
             raise InvalidInput("input 'images' has neither data nor binary_data_size")
-        images = tensor_from_values(tensor["data"], shape)
+        data = tensor["data"]
+        if _depth(data) > len(shape.shape):
+            raise InvalidInput(
+                f"input 'images': data nests deeper than its shape's {len(shape.shape)} levels"
+            )
+        images = tensor_from_values(data, shape)
 
     requested = body.get("outputs")
     names: list[str] | None = None
     binary_outputs: dict[str, bool] = {}
     if requested is not None:
-        if not isinstance(requested, list):
-            raise InvalidInput("outputs must be a list")
+        requested = _list(requested, "outputs")
         names = []
         for i, output in enumerate(requested):
             entry = _object(output, f"outputs[{i}]")
             name = entry.get("name")
-            if not isinstance(name, str):
-                raise InvalidInput(f"outputs[{i}].name must be a string")
+            if not isinstance(name, str) or len(name) > MAX_NAME:
+                raise InvalidInput(f"outputs[{i}].name must be a name (a string)")
             flag = _flag(
-                _object(entry.get("parameters"), f"outputs[{i}].parameters"),
+                _parameters(entry.get("parameters"), f"outputs[{i}].parameters"),
                 "binary_data",
                 f"outputs[{i}]",
             )

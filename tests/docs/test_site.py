@@ -138,3 +138,13 @@ def test_the_build_fails_on_a_stale_generated_region(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "configuration.md: generated region 'settings' is out of date" in done.stderr
+
+
+def test_the_readme_stays_a_few_screens_and_links_the_docs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    # no notes to ourselves: the only HTML comments are the examples' output markers
+    assert set(re.findall(r"<!--.*?-->", readme)) <= {"<!-- output -->"}
+    linked = set(re.findall(r"\]\(docs/(\w+)\.md", readme))
+    pages = {page.stem for page in (ROOT / "docs").glob("*.md")}
+    assert linked == pages, pages ^ linked

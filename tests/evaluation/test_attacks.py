@@ -171,12 +171,19 @@ def test_adaptive_pgd_lowers_rejection_compared_with_plain_pgd(models, objective
     assert adaptive_rejected[adaptive_missed].mean() < plain_rejected[plain_missed].mean()
 
 
-def test_deployed_logits_are_what_art_attacks(models):
-    from training.deployed import DeployedLogits
+@pytest.mark.parametrize("objective", ["ce", "rce"])
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+def test_the_classifier_art_attacks_outputs_the_deployed_logits(models, objective, loss):
+    """What every ART attack differentiates is the deployed classifier (Pang et al. 2018,
+    section 3.2): -Z of the RCE-trained network, Z of the CE-trained one."""
+    from training.attacks import art_classifier
 
-    model = models["rce"]
-    images = torch.from_numpy(to_tensor(model.dataset.test.images[:8]).numpy())
+    model = models[objective]
+    images = to_tensor(model.dataset.test.images[:8])
     with torch.no_grad():
         raw, _ = model.detector.network(images)
-        ours = DeployedLogits(model.detector.network, "rce")(images)
-    assert torch.equal(ours, -raw)
+    deployed = -raw if objective == "rce" else raw
+    classifier = art_classifier(
+        model.detector, tuple(images.shape[1:]), model.detector.num_classes, loss
+    )
+    np.testing.assert_allclose(classifier.predict(images.numpy()), deployed.numpy(), atol=1e-5)

@@ -1,4 +1,5 @@
-"""`rcegate serve` in its own process on a free loopback port, for tests of the real server."""
+"""`rcegate serve` in its own process on a free loopback port, for tests of the real server
+(`live_server(log, "--workers", "2")` for several worker processes behind the port)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ class Live:
                 total += float(match.group(2))
         return total
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes of `rcegate serve --workers N` (spawned children of the
+        supervisor; its other child, multiprocessing's resource tracker, excluded)."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [
+            int(child)
+            for child in children
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+        ]
+
     def peak_rss_bytes(self) -> int:
         """The server process's peak resident set size (VmHWM)."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -82,7 +94,8 @@ def live_server(log: Path, *args: str, **env: str) -> Iterator[Live]:
             env=clean,
             cwd=ROOT,
         )
-    url = f"http://127.0.0.1:{port}"
+    host = env.get("host", "127.0.0.1")  # an IPv6 host (`::1`) is bracketed in the URL
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     try:
         wait_ready(url, process, log)
         yield Live(url, port, process, log)

@@ -6,14 +6,17 @@ import hashlib
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.access import ACCESS_LOGGER, ApiKeys, Identity, printable
+from service.access import ACCESS_LOGGER, AccessLog, ApiKeys, Identity
 from service.errors import Unauthorized
+from service.metrics import Metrics
+from service.text import printable
 from tests.service.conftest import encode
 
 PNG = {"content-type": "image/png"}
@@ -30,13 +33,17 @@ UNAUTHORIZED = {
 
 @pytest.fixture
 def access_lines() -> Iterator[io.StringIO]:
-    """Everything the access logger writes while the test runs."""
+    """Everything the access logger writes while the test runs. (At INFO: an AccessLog made
+    while this handler is attached finds the logger configured and leaves its level alone.)"""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logger = logging.getLogger(ACCESS_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     yield stream
     logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def test_authorize_accepts_bearer_and_x_api_key_and_names_the_client() -> None:
@@ -50,6 +57,54 @@ def test_authorize_accepts_bearer_and_x_api_key_and_names_the_client() -> None:
             keys.authorize(headers)
     with pytest.raises(Unauthorized, match="the API key is not valid"):
         keys.authorize({"x-api-key": KEY + "x"})
+
+
+# Three clients: the keys are hashed in order, so a lookup that names every caller after the
+# first (or the last) configured key shows at once.
+CLIENT_KEYS = {ident: f"{ident}-key-for-ci" for ident in ("alice", "bob", "carol")}
+CLIENTS = {ident: hashlib.sha256(key.encode()).hexdigest() for ident, key in CLIENT_KEYS.items()}
+
+
+def test_authorize_names_each_of_several_clients_by_its_own_key() -> None:
+    keys = ApiKeys(CLIENTS)
+    for ident, key in CLIENT_KEYS.items():
+        assert keys.authorize({"authorization": f"Bearer {key}"}) == Identity(ident)
+        assert keys.authorize({"x-api-key": key}) == Identity(ident)
+    with pytest.raises(Unauthorized, match="the API key is not valid"):
+        keys.authorize({"x-api-key": KEY})  # another deployment's key
+
+
+def test_each_api_key_is_its_own_client_in_the_access_log_and_prober_tracking(
+    make_client: Callable[..., TestClient], digit_png: bytes, access_lines: io.StringIO
+) -> None:
+    """Three keys; bob (neither the first nor the last configured) sends mostly rejected noise
+    and is throttled; alice and carol, who sent nothing suspicious, are still answered, and the
+    access log names every request's own client."""
+    client = make_client(
+        api_keys=CLIENTS, prober_throttle=True, prober_min_images=8, prober_rejection_rate=0.5
+    )
+
+    def digit_from(ident: str) -> int:
+        headers = {**PNG, "x-api-key": CLIENT_KEYS[ident]}
+        return client.post("/v1/predict", content=digit_png, headers=headers).status_code
+
+    rng = np.random.default_rng(1)
+    noise = [encode(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(8)]
+    files = [("files", (f"{i}.png", data, "image/png")) for i, data in enumerate(noise)]
+    probe = client.post("/v1/predict", files=files, headers={"x-api-key": CLIENT_KEYS["bob"]})
+    assert probe.status_code == 200
+    assert sum(not r["accepted"] for r in probe.json()["predictions"]) >= 4
+    assert digit_from("bob") == 429
+    assert digit_from("alice") == 200
+    assert digit_from("carol") == 200
+    client.app.state.access_log.close()  # type: ignore[attr-defined]
+    lines = [json.loads(line) for line in access_lines.getvalue().splitlines()]
+    assert [(line["client"], line["status"]) for line in lines] == [
+        ("key:bob", 200),
+        ("key:bob", 429),
+        ("key:alice", 200),
+        ("key:carol", 200),
+    ]
 
 
 def test_keys_guard_v1_and_docs_but_not_health(
@@ -92,17 +147,26 @@ def test_keys_guard_v1_and_docs_but_not_health(
     assert KEY not in text and KEYS["ci"] not in text
 
 
-def test_metrics_can_require_a_key(make_client: Callable[..., TestClient]) -> None:
-    client = make_client(api_keys=KEYS, metrics_require_key=True)
+def test_metrics_can_require_a_metrics_key_that_no_client_key_opens(
+    make_client: Callable[..., TestClient],
+) -> None:
+    scraper = "s3cret-scraper-key"
+    client = make_client(
+        api_keys=KEYS,
+        metrics_require_key=True,
+        metrics_keys={"prometheus": hashlib.sha256(scraper.encode()).hexdigest()},
+    )
     assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", headers={"x-api-key": KEY}).status_code == 200
+    assert client.get("/metrics", headers={"x-api-key": KEY}).status_code == 401  # a client's
+    assert client.get("/metrics", headers={"x-api-key": scraper}).status_code == 200
+    assert client.get("/v1/models", headers={"x-api-key": scraper}).status_code == 401
     assert client.get("/health/live").status_code == 200
 
 
 def test_enforce_mode_withholds_scores_of_rejected_images(
     make_client: Callable[..., TestClient], digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    client = make_client(mode="enforce")
+    client = make_client(mode="enforce", client_modes=["enforce", "annotate"])
     # Real digits and random noise: at target_fpr 0.5 about half of the clean digits are
     # accepted (that is what the calibration promises; 16 make "none" a 1-in-65,536 event
     # for a calibrated model) and the noise is rejected.
@@ -235,6 +299,9 @@ def test_api_keys_come_from_the_environment_as_hashes(monkeypatch: pytest.Monkey
 
     monkeypatch.setenv("RCEGATE_API_KEYS", json.dumps(KEYS))
     monkeypatch.setenv("RCEGATE_METRICS_REQUIRE_KEY", "true")
+    with pytest.raises(ValidationError, match="metrics_require_key needs metrics_keys"):
+        Settings()
+    monkeypatch.setenv("RCEGATE_METRICS_KEYS", json.dumps({"prometheus": KEYS["ci"]}))
     settings = Settings()
     assert settings.api_keys == KEYS and settings.metrics_require_key
     monkeypatch.setenv("RCEGATE_API_KEYS", json.dumps({"ci": KEY}))  # the key, not its hash
@@ -243,3 +310,57 @@ def test_api_keys_come_from_the_environment_as_hashes(monkeypatch: pytest.Monkey
     monkeypatch.setenv("RCEGATE_API_KEYS", json.dumps({"bad id": KEYS["ci"]}))
     with pytest.raises(ValidationError, match="api key id 'bad id'"):
         Settings()
+
+
+def test_access_log_drops_and_counts_lines_while_its_writer_is_behind(
+    access_lines: io.StringIO,
+) -> None:
+    """The event loop only enqueues: with the writer stuck and its queue (capacity 1) full, a
+    line is dropped and counted, never waited for."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Stuck(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            entered.set()
+            assert release.wait(30), "the test never released the writer"
+
+    stuck = Stuck()
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.addHandler(stuck)
+    metrics = Metrics()
+    log = AccessLog(metrics, capacity=1)
+    try:
+        log.write({"n": 1})
+        assert entered.wait(30)  # the writer holds line 1; the queue is empty
+        log.write({"n": 2})  # queued
+        log.write({"n": 3})  # no room: dropped at once
+        assert metrics.registry.get_sample_value("rcegate_access_log_dropped_total") == 1
+    finally:
+        release.set()
+        log.close()
+        logger.removeHandler(stuck)
+    assert [json.loads(line) for line in access_lines.getvalue().splitlines()] == [
+        {"n": 1},
+        {"n": 2},
+    ]
+
+
+def test_access_log_reaches_a_handler_attached_without_a_level() -> None:
+    """An operator's logging config that attaches a handler to rcegate.access but sets no level
+    still gets every line (the logger would otherwise inherit root's WARNING)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger(ACCESS_LOGGER)
+    saved = logger.level
+    logger.setLevel(logging.NOTSET)
+    logger.addHandler(handler)
+    try:
+        log = AccessLog(Metrics())
+        log.write({"path": "/v1/predict", "status": 200})
+        log.close()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+    assert [json.loads(line) for line in stream.getvalue().splitlines()] == [
+        {"path": "/v1/predict", "status": 200}
+    ]

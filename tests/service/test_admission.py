@@ -6,17 +6,20 @@ inference thread where a test needs the queue to fill, so nothing depends on tim
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -218,3 +221,148 @@ def test_client_that_disconnects_while_queued_cancels_its_images(
         held.gate.set()
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def threaded_server(settings: Settings) -> Iterator[FastAPI]:
+    """The app behind a real uvicorn server on 127.0.0.1, in a thread of this process (so a
+    test can hold its model); stopped afterwards."""
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert spin_until(lambda: server.started and app.state.repository.loaded)
+        yield app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def hold(app: FastAPI, name: str, monkeypatch: pytest.MonkeyPatch) -> Held:
+    """Hold the model's runs at a gate (the data plane looks the run up per batch)."""
+    detector = app.state.repository.get(name)
+    original = detector.run_arrays
+    held = Held()
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        held.entered.set()
+        assert held.gate.wait(30), "the test never opened the gate"
+        held.sizes.append(len(images))
+        return original(images)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(detector, "run_arrays", run)
+    return held
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response (status, lower-case headers, body of its Content-Length), read
+    without waiting for the connection to close."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response head: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the response body"
+        body += chunk
+    return int(status_line.split(" ")[1]), headers, body
+
+
+def test_a_queue_exactly_full_answers_503_before_the_client_sends_the_body(
+    tiny_artifact: TinyArtifact,
+    digits: tuple[np.ndarray, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real server whose queue of 1 image holds exactly 1 (queued behind a held batch): a
+    client that sends only a request head announcing 1 MB gets its 503 at once, for the v1 and
+    the Open Inference Protocol routes, though not one byte of its body was sent. Reading the
+    body first would wait for it (408 after the 5 s body timeout)."""
+    name = tiny_artifact.name
+    settings = Settings(
+        model_dir=tiny_artifact.model_dir,
+        default_model=name,
+        port=free_port(),
+        max_queue_images=1,
+        max_images=1,
+        body_timeout=5.0,
+    )
+    pngs = [encode(image) for image in digits[0][:2]]
+    with threaded_server(settings) as app:
+        url = f"http://127.0.0.1:{settings.port}"
+        held = hold(app, name, monkeypatch)
+        plane = app.state.plane
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                running = pool.submit(
+                    httpx.post, f"{url}/v1/predict", content=pngs[0], headers=PNG, timeout=60
+                )
+                assert held.entered.wait(30)  # image 0 is in the model; the queue is empty
+                queued = pool.submit(
+                    httpx.post, f"{url}/v1/predict", content=pngs[1], headers=PNG, timeout=60
+                )
+                assert spin_until(lambda: plane.busy)  # image 1 is admitted: the queue is full
+                heads = {
+                    "/v1/predict": "image/png",
+                    f"/v2/models/{name}/infer": "application/json",
+                }
+                for path, media in heads.items():
+                    with socket.create_connection(("127.0.0.1", settings.port), timeout=30) as sock:
+                        sock.sendall(
+                            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {media}\r\n"
+                            "Content-Length: 1000000\r\n\r\n".encode()
+                        )
+                        status, headers, body = read_answer(sock)  # no body byte was sent
+                    assert (status, path) == (503, path), body
+                    assert headers["retry-after"] == "1"
+                    error = json.loads(body)["error"]
+                    message = error if path.startswith("/v2/") else error["message"]
+                    assert "at capacity" in message, body
+                refused = httpx.get(f"{url}/metrics").text
+                assert 'rcegate_requests_refused_total{reason="queue_full"} 2.0' in refused
+                held.gate.set()
+                assert running.result(30).status_code == 200
+                assert queued.result(30).status_code == 200
+            assert held.sizes == [1, 1]
+        finally:
+            held.gate.set()
+
+
+def test_a_request_refused_for_an_undecodable_image_gives_back_its_queue_places(
+    make_client: Callable[..., TestClient], digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Admitted images hold queue places while they decode; a request refused for a bad image
+    (400) gives them back, so bad requests cannot fill the queue for everyone."""
+    client = make_client(max_queue_images=2, max_images=2)
+    good = encode(digits[0][0])
+    truncated = good[: len(good) // 2]  # its header is valid: admitted, then decoding fails
+    for _ in range(3):
+        refused = client.post("/v1/predict", files=files([good, truncated]))
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "invalid_image"
+    assert client.app.state.plane.busy is False  # type: ignore[attr-defined]
+    assert client.post("/v1/predict", files=files([good, good])).status_code == 200
+
+
+def test_a_request_whose_deadline_passed_before_admission_is_refused_unqueued_and_undecoded(
+    make_client: Callable[..., TestClient], digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A deadline already passed when the images would be admitted (here: a deadline of 1 ns,
+    as for a body that took the whole request timeout to arrive): 503 at admission, counted
+    as a deadline refusal; nothing is reserved, decoded or run."""
+    client = make_client(request_timeout=1e-9)
+    late = client.post("/v1/predict", files=files([encode(image) for image in digits[0][:2]]))
+    assert late.status_code == 503
+    assert late.json()["error"] == {
+        "status": 503,
+        "code": "deadline_exceeded",
+        "message": "the request's deadline passed before admission",
+    }
+    assert late.headers["retry-after"] == "1"
+    assert metric(client, "rcegate_requests_refused_total", 'reason="deadline"') == 1
+    assert metric(client, "rcegate_decode_duration_seconds_count") == 0
+    assert metric(client, "rcegate_batch_size_count") == 0

@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.manifest import METRICS, MODEL_FILE, OUTPUT_NAMES, Manifest
+from service.detector import Decision, Detector
 from tests.conftest import TinyArtifact
 from tests.service.conftest import encode
 
@@ -129,6 +130,22 @@ def test_predict_target_fpr_picks_the_calibrated_threshold(
         thresholds[fpr] = decision["threshold"]
     # A higher target FPR rejects more clean data: the threshold can only rise.
     assert thresholds[0.01] <= thresholds[0.2] <= thresholds[0.5]
+
+
+def test_a_score_exactly_at_the_threshold_is_accepted(
+    client: TestClient, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """accepted = score >= threshold (the paper's test, STYLE.md's vocabulary): with each
+    image's own score as the threshold it is accepted; one float32 step above, rejected."""
+    detector = client.app.state.repository.get("tiny")  # type: ignore[attr-defined]
+    outputs = detector.run((digits[0][:4].astype(np.float32) / 255.0)[:, None])
+    scores = outputs.scores[detector.metric]
+    for i, score in enumerate(scores):
+        above = float(np.nextafter(score, np.float32(np.inf)))
+        at_score = Detector.accept(outputs, Decision(detector.metric, float(score), 0.05))
+        below_threshold = Detector.accept(outputs, Decision(detector.metric, above, 0.05))
+        assert at_score[i] and not below_threshold[i], (i, score)
+    assert len(set(scores.tolist())) > 1  # four distinct ties, not one score four times
 
 
 def test_enforce_withholds_label_of_rejected_images_and_annotate_does_not(

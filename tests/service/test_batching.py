@@ -48,8 +48,11 @@ def images(ids: list[int]) -> np.ndarray:
     return out
 
 
+HANG_GUARD = 60.0  # seconds: a batcher whose thread died fails the test instead of hanging it
+
+
 def run(coro: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(coro())  # type: ignore[arg-type]
+    return asyncio.run(asyncio.wait_for(coro(), HANG_GUARD))  # type: ignore[arg-type]
 
 
 def make(model: Model, **kwargs: object) -> Batcher:
@@ -417,3 +420,112 @@ def test_median_estimate_for_an_unmeasured_shape_comes_from_its_neighbours() -> 
     assert cost.batch_seconds(4) == pytest.approx(0.011)  # a larger shape bounds it
     assert cost.batch_seconds(64) == pytest.approx(0.044)  # scaled up from 16
     assert cost.expected_seconds(64 + 16) == pytest.approx(0.044 + 0.011)
+
+
+def test_a_reservation_given_back_before_submit_does_not_delay_a_later_lone_request() -> None:
+    """Images given back before they were queued (a request refused while decoding) leave no
+    trace in the count of images still being decoded: a later lone request is not made to
+    wait the queue delay for them."""
+    model = Model()
+    batcher = make(model, max_queue_delay=30.0)
+
+    async def scenario() -> list[float]:
+        undecodable = batcher.reserve(2, time.monotonic() + FAR)
+        batcher.cancel(undecodable)
+        ticket = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(ticket, images([3]))
+        return (await asyncio.wait_for(ticket.future, 10))["id"].tolist()  # type: ignore[no-any-return]
+
+    assert run(scenario) == [3]
+    batcher.close(5)
+
+
+def test_a_failed_batch_fails_its_requests_whole_and_their_other_images_never_run() -> None:
+    sizes: list[int] = []
+
+    def fails_first(batch: np.ndarray) -> dict[str, np.ndarray]:
+        sizes.append(len(batch))
+        if len(sizes) == 1:
+            raise RuntimeError("boom")
+        return {"id": batch[:, 0, 0, 0].copy()}
+
+    batcher = Batcher("m/1", fails_first, max_batch_size=4, max_queue_delay=0, max_queue_images=8)
+
+    async def scenario() -> list[float]:
+        spanning = batcher.reserve(6, time.monotonic() + FAR)  # 4 in the failing batch, 2 left
+        batcher.submit(spanning, images([1, 2, 3, 4, 5, 6]))
+        with pytest.raises(BatchFailed):
+            await spanning.future
+        assert batcher.reserved == 0  # its last 2 images gave back their places
+        good = batcher.reserve(1, time.monotonic() + FAR)
+        batcher.submit(good, images([9]))
+        return (await good.future)["id"].tolist()  # type: ignore[no-any-return]
+
+    assert run(scenario) == [9]
+    batcher.close(5)
+    assert sizes == [4, 1]  # images 5 and 6 of the failed request never reached the model
+
+
+def test_a_request_spanning_batches_records_one_queue_wait() -> None:
+    model = Model()
+    seen: list[BatchStats] = []
+    batcher = make(model, max_batch_size=3, on_batch=seen.append)
+
+    async def scenario() -> None:
+        ticket = batcher.reserve(7, time.monotonic() + FAR)
+        batcher.submit(ticket, images(list(range(7))))
+        await ticket.future
+
+    run(scenario)
+    batcher.close(5)
+    assert [(stats.size, len(stats.queue_waits)) for stats in seen] == [(3, 1), (3, 0), (1, 0)]
+
+
+def test_a_bookkeeping_failure_fails_its_batch_and_the_thread_serves_the_next() -> None:
+    """A bug after the model run (here: outputs with no rows, so the scatter raises) answers
+    that batch's requests with BatchFailed; the inference thread survives, gives the places back
+    and answers the next request."""
+    calls: list[int] = []
+
+    def short_then_right(batch: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(batch))
+        rows = batch[:, 0, 0, 0].copy()
+        return {"id": rows[:0] if len(calls) == 1 else rows}
+
+    batcher = Batcher(
+        "m/1", short_then_right, max_batch_size=4, max_queue_delay=0.0, max_queue_images=16
+    )
+
+    async def scenario() -> tuple[BaseException | None, dict[str, np.ndarray]]:
+        first = batcher.reserve(3, time.monotonic() + FAR)
+        batcher.submit(first, images([1, 2, 3]))
+        error: BaseException | None = None
+        try:
+            await first.future
+        except BatchFailed as exc:
+            error = exc
+        second = batcher.reserve(2, time.monotonic() + FAR)
+        batcher.submit(second, images([7, 8]))
+        return error, await second.future
+
+    error, result = run(scenario)
+    batcher.close(5)
+    assert isinstance(error, BatchFailed)
+    assert result["id"].tolist() == [7, 8]
+    assert batcher.reserved == 0
+
+
+def test_a_failing_batch_observer_costs_no_answer() -> None:
+    def broken(stats: BatchStats) -> None:
+        raise RuntimeError("metrics backend is gone")
+
+    batcher = make(Model(), on_batch=broken)
+
+    async def scenario() -> dict[str, np.ndarray]:
+        ticket = batcher.reserve(2, time.monotonic() + FAR)
+        batcher.submit(ticket, images([4, 5]))
+        return await ticket.future
+
+    result = run(scenario)
+    batcher.close(5)
+    assert result["id"].tolist() == [4, 5]

@@ -37,7 +37,9 @@ from tests.service.live import RCEGATE, free_port, wait_ready
 
 MODEL = "mnist-rce"
 QUEUE_IMAGES = 48  # the server's max_queue_images
-BODY_BUDGET = 128 * 1024  # bodies held at once: a larger body is refused at once (503)
+# Bodies held at once: a larger body is refused at once (503). gRPC messages may then have
+# half of it (80 KiB: 24 images): a call reserves twice its message while it is received.
+BODY_BUDGET = 160 * 1024
 MAX_IMAGES = 48
 
 
@@ -239,7 +241,7 @@ def test_requested_outputs_are_honoured_and_the_verdict_always_comes_back(
 
 
 @pytest.mark.parametrize("transport", list(INFER))
-def test_enforce_mode_withholds_rejected_labels_and_probabilities(
+def test_enforce_mode_withholds_rejected_labels_probabilities_and_scores(
     transport: str, oip_server: tuple[str, str], pngs: list[bytes]
 ) -> None:
     noise = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
@@ -255,9 +257,12 @@ def test_enforce_mode_withholds_rejected_labels_and_probabilities(
     assert not probabilities[2:].any() and not result.as_numpy("logits")[2:].any()
     np.testing.assert_array_equal(label[:2], annotated.as_numpy("label")[:2])
     np.testing.assert_allclose(probabilities[:2].sum(axis=1), 1.0, atol=1e-5)
-    np.testing.assert_array_equal(result.as_numpy("log_kd"), annotated.as_numpy("log_kd"))
+    for score in ("confidence", "non_me", "log_kd"):  # issue 21: no score of a rejected image
+        np.testing.assert_array_equal(result.as_numpy(score)[:2], annotated.as_numpy(score)[:2])
+        assert not result.as_numpy(score)[2:].any()
     assert parameters(result)["mode"] == "enforce"
     assert parameters(result)["withheld_count"] == 2
+    assert "threshold" not in parameters(result) and "threshold" in parameters(annotated)
 
 
 @pytest.mark.parametrize("transport", list(INFER))
@@ -372,8 +377,8 @@ REST_REFUSALS: dict[str, tuple[dict[str, Any], bytes, int, str]] = {
         f"at most {MAX_IMAGES} images per request, got {MAX_IMAGES + 1}",
     ),
     "bodies over the budget": (
-        tensor([MAX_IMAGES, 1, 28, 28], parameters={"binary_data_size": MAX_IMAGES * 3136}),
-        np.zeros((MAX_IMAGES, 1, 28, 28), np.float32).tobytes(),  # 150 KB > 128 KiB
+        tensor([MAX_IMAGES, 1, 28, 28], data=[0.0] * (MAX_IMAGES * 784)),  # 188 KB > 160 KiB
+        b"",
         503,
         "too many request bodies are being received at once",
     ),
@@ -399,6 +404,9 @@ def test_rest_refusals_of_the_framing(oip_server: tuple[str, str]) -> None:
     response = httpx.post(url, content=b"{not json")
     assert response.status_code == 400
     assert response.json()["error"].startswith("the inference request is not valid JSON")
+    assert "binary" not in response.json()["error"]  # bad JSON, not binary data
+    response = httpx.post(url, content=b'{"inputs": []}' + bytes(range(200, 216)))
+    assert response.status_code == 400
     assert response.json()["error"].endswith(
         "(binary tensor data needs Inference-Header-Content-Length)"
     )
@@ -428,6 +436,26 @@ def test_rest_gzip_body_is_inflated(oip_server: tuple[str, str], pngs: list[byte
     )
 
 
+def test_rest_inflated_bytes_count_against_the_body_budget(oip_server: tuple[str, str]) -> None:
+    """A small gzip body holds what it inflates to, reserved step by step before each step
+    is inflated: 2 MB of JSON (padded with spaces) is refused once it passes this server's
+    160 KiB budget of bodies in flight (503), long before its own size limit (413)."""
+    import gzip
+
+    document = tensor([1, 1, 28, 28], data=[0.0] * 784)
+    body = gzip.compress(json.dumps(document).encode() + b" " * 2_000_000)
+    assert len(body) < 8192
+    response = httpx.post(
+        f"http://{oip_server[0]}/v2/models/{MODEL}/infer",
+        content=body,
+        headers={"content-encoding": "gzip", "content-type": "application/json"},
+    )
+    assert response.status_code == 503, response.text
+    assert response.json() == {
+        "error": "too many request bodies are being received at once; retry later"
+    }
+
+
 # -- refusals over gRPC ---------------------------------------------------------------------------
 
 
@@ -454,13 +482,6 @@ def test_grpc_refusals(oip_server: tuple[str, str]) -> None:
         (ONE.astype(np.float64), "FP64", {}, "INVALID_ARGUMENT", "must have datatype FP32"),
         (np.zeros((1, 1, 28, 27), np.float32), "FP32", {}, "INVALID_ARGUMENT", "must have shape"),
         (NAN, "FP32", {}, "INVALID_ARGUMENT", "images contains NaN or infinite values"),
-        (
-            np.zeros((MAX_IMAGES + 1, 1, 28, 28), np.float32),
-            "FP32",
-            {},
-            "INVALID_ARGUMENT",
-            f"at most {MAX_IMAGES} images per request",
-        ),
         (ONE, "FP32", {"model_name": "nope"}, "NOT_FOUND", "'nope' is not loaded"),
         (ONE, "FP32", {"outputs": ["secret"]}, "INVALID_ARGUMENT", "unknown output 'secret'"),
         (ONE, "FP32", {"parameters": {"mode": "x"}}, "INVALID_ARGUMENT", "parameter mode"),
@@ -483,6 +504,11 @@ def test_grpc_refusals(oip_server: tuple[str, str]) -> None:
     error = raw_grpc(url, raw_request(1, ONE.tobytes()[:-4]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "needs 3136 bytes, got 3132" in str(error.details())
+    # The image count is checked from the shape, before the bytes (a message of all the
+    # images would be over this server's 80 KiB gRPC limit: RESOURCE_EXHAUSTED).
+    error = raw_grpc(url, raw_request(MAX_IMAGES + 1, ONE.tobytes()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_IMAGES} images per request" in str(error.details())
 
 
 def test_grpc_fp32_contents_answer_as_raw_input(
@@ -551,12 +577,16 @@ def test_v2_readiness_turns_503_when_draining(client: TestClient) -> None:
     assert status_code(refused.value) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_the_server_fails_to_start_when_the_grpc_port_is_taken(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])  # 2: the supervisor checks before any worker
+def test_the_server_fails_to_start_when_the_grpc_port_is_taken(
+    tmp_path: Path, workers: str
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RCEGATE_")}
         env["RCEGATE_GRPC_PORT"] = str(taken.getsockname()[1])
+        env["RCEGATE_WORKERS"] = workers
         done = subprocess.run(
             [str(RCEGATE), "serve", "--port", str(free_port()), "--model-dir", str(tmp_path)],
             capture_output=True,
@@ -565,8 +595,11 @@ def test_the_server_fails_to_start_when_the_grpc_port_is_taken(tmp_path: Path) -
             timeout=60,
             check=False,
         )
-    assert done.returncode == 3, done.stderr
-    assert "cannot serve gRPC on port" in done.stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: the gRPC port {env['RCEGATE_GRPC_PORT']} on 127.0.0.1 is in use "
+        "(RCEGATE_GRPC_PORT)"
+    ]
 
 
 def test_api_keys_guard_oip_over_rest_and_grpc_but_not_health(tmp_path: Path) -> None:

@@ -81,15 +81,35 @@ def test_the_flag_lifts_when_the_window_slides_past_the_rejections() -> None:
     assert sample(metrics, "rcegate_flagged_clients") == 0
 
 
-def test_memory_is_bounded_and_evicted_flags_are_uncounted() -> None:
+def test_memory_is_bounded_and_flagged_clients_are_evicted_last() -> None:
     clock = Clock()
     probers, metrics = tracker(clock)
-    probers.observe("a", 40, 40)
-    for who in ("b", "c", "d"):  # capacity 3: "a" is least recently seen and goes
+    probers.observe("a", 40, 40)  # flagged
+    for who in ("b", "c", "d", "e"):  # capacity 3: the unflagged go first, "a" stays
         probers.observe(who, 1, 0)
     assert len(probers) == 3
-    assert sample(metrics, "rcegate_flagged_clients") == 0
+    assert sample(metrics, "rcegate_flagged_clients") == 1
+    with pytest.raises(Throttled):
+        probers.check("a")
+    for who in ("f", "g", "h"):  # all flagged: the least recently seen of them goes
+        probers.observe(who, 40, 40)
+    assert len(probers) == 3
+    assert sample(metrics, "rcegate_flagged_clients") == 3
     probers.check("a")  # forgotten, so not throttled
+
+
+def test_ipv6_clients_are_tracked_by_their_64_network() -> None:
+    probers, metrics = tracker(Clock())
+    for host in range(40):  # one host rotating its addresses inside its /64
+        probers.observe(f"addr:2001:db8:0:1::{host:x}", 1, 1)
+    probers.observe("addr:::ffff:192.0.2.7", 40, 40)  # IPv4-mapped: the IPv4 client
+    assert len(probers) == 2
+    with pytest.raises(Throttled):
+        probers.check("addr:2001:db8:0:1:ffff::1")
+    with pytest.raises(Throttled):
+        probers.check("addr:192.0.2.7")
+    probers.check("addr:2001:db8:0:2::1")  # another /64
+    assert sample(metrics, "rcegate_flagged_clients") == 2
 
 
 def test_without_throttle_flagged_clients_are_only_counted() -> None:
@@ -116,3 +136,29 @@ def test_a_probing_client_gets_429_over_http_and_the_metric_has_no_client_label(
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
     flagged = families["rcegate_flagged_clients"].samples
     assert [(s.labels, s.value) for s in flagged] == [({}, 1.0)]
+
+
+def test_a_client_is_flagged_at_exactly_the_minimum_images_and_the_rejection_rate() -> None:
+    """Both limits are inclusive ("at least"): 20 images of which 10 rejected, with a minimum
+    of 20 images and a rate of 0.5, is flagged; one image or one rejection fewer is not."""
+    probers, _ = tracker(Clock())
+    probers.observe("key:under-rate", 20, 9)
+    probers.observe("key:under-count", 19, 19)
+    probers.observe("key:at-both", 20, 10)
+    probers.check("key:under-rate")
+    probers.check("key:under-count")
+    with pytest.raises(Throttled):
+        probers.check("key:at-both")
+
+
+def test_the_least_recently_seen_client_is_forgotten_first() -> None:
+    clock = Clock()
+    probers, metrics = tracker(clock)
+    probers.observe("a", 40, 40)  # flagged
+    probers.observe("b", 1, 0)
+    probers.observe("c", 1, 0)
+    probers.observe("a", 1, 1)  # seen again: now "b" is the least recent
+    probers.observe("d", 1, 0)  # capacity 3: "b" goes, "a" stays flagged
+    with pytest.raises(Throttled):
+        probers.check("a")
+    assert sample(metrics, "rcegate_flagged_clients") == 1

@@ -85,7 +85,10 @@ def test_version_zero_in_the_path_is_an_invalid_parameter(
     response = client.request(method, path, content=digit_png, headers=PNG)
     assert response.status_code == 422
     assert response.json() == error(
-        422, "invalid_parameter", "path.version: Input should be greater than or equal to 1"
+        422,
+        "invalid_parameter",
+        "path.version: Value error, a version is 1-10 ASCII digits without a leading zero, "
+        "at most 1000000000",
     )
 
 

@@ -57,19 +57,53 @@ def test_ready_models_and_predict_are_503_while_the_models_load(
         assert client.post("/v1/predict", content=digit_png, headers=PNG).status_code == 200
 
 
-def test_a_crashing_model_load_leaves_the_service_live_but_never_ready(
+def test_a_crashing_version_load_refuses_only_that_version(
     tmp_path: Path,
     tiny_artifact: TinyArtifact,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Not a refused model (ModelLoadError) but a bug or an ORT crash inside loading."""
+    """Not a refused model (ModelLoadError) but a bug or an ORT crash inside loading one
+    version (issue 21: one bad entry must not stop every model)."""
+    copy_model(tiny_artifact.path, tmp_path, "tiny", 1)
+    copy_model(tiny_artifact.path, tmp_path, "tiny", 2)
+    load = repository_module.load_detector
+
+    def crash(directory: Path, *args: object, **kwargs: object) -> object:
+        if directory.name == "2":
+            raise RuntimeError("boom inside the loader")
+        return load(directory, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repository_module, "load_detector", crash)
+    caplog.set_level(logging.ERROR, logger="service")
+    with started(Settings(model_dir=tmp_path, default_model="tiny")) as client:
+        wait_loaded(client)
+        assert client.get("/health/ready").status_code == 200
+        listed = client.get("/v1/models").json()
+        assert [(m["name"], m["version"]) for m in listed["models"]] == [("tiny", 1)]
+        assert listed["refused"] == [
+            {
+                "name": "tiny",
+                "version": "2",
+                "reason": "loading failed unexpectedly (RuntimeError)",
+            }
+        ]
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("loading ")]
+    assert record.exc_info is not None and "boom inside the loader" in str(record.exc_info[1])
+
+
+def test_a_crash_outside_version_loading_leaves_the_service_live_but_never_ready(
+    tmp_path: Path,
+    tiny_artifact: TinyArtifact,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     copy_model(tiny_artifact.path, tmp_path, "tiny", 1)
 
     def crash(*args: object, **kwargs: object) -> object:
-        raise RuntimeError("boom inside the loader")
+        raise RuntimeError("boom outside the loader")
 
-    monkeypatch.setattr(repository_module, "load_detector", crash)
+    monkeypatch.setattr(repository_module, "version_directories", crash)
     caplog.set_level(logging.ERROR, logger="service")
     with started(Settings(model_dir=tmp_path, default_model="tiny")) as client:
         wait_loaded(client)
@@ -77,7 +111,7 @@ def test_a_crashing_model_load_leaves_the_service_live_but_never_ready(
         ready = client.get("/health/ready")
         assert (ready.status_code, ready.json()) == (503, not_ready("model loading crashed"))
     (record,) = [r for r in caplog.records if r.getMessage() == "model loading crashed"]
-    assert record.exc_info is not None and "boom inside the loader" in str(record.exc_info[1])
+    assert record.exc_info is not None and "boom outside the loader" in str(record.exc_info[1])
 
 
 def test_a_missing_model_directory_is_logged_and_never_ready(
@@ -89,7 +123,7 @@ def test_a_missing_model_directory_is_logged_and_never_ready(
         wait_loaded(client)
         assert client.get("/health/live").status_code == 200
         ready = client.get("/health/ready")
-        message = f"no model could be loaded from {absent}"
+        message = "no model could be loaded (see the server log)"  # no path on open health
         assert (ready.status_code, ready.json()) == (503, not_ready(message))
         assert client.get("/v1/models").json() == {"models": [], "refused": []}
     messages = [r.getMessage() for r in caplog.records]

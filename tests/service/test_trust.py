@@ -163,10 +163,10 @@ def _many_classes(directory: Path, outside: Path) -> None:
     ("breakage", "reason"),
     [
         (_fifo, "model.onnx is not a regular file"),
-        (_dev_zero, "model.onnx resolves to /dev/zero, outside the model repository"),
-        (_model_outside, "model.onnx resolves to "),
-        (_manifest_outside, "manifest.json resolves to "),
-        (_version_outside, "tiny/2 resolves to "),
+        (_dev_zero, "model.onnx resolves outside the model repository"),
+        (_model_outside, "model.onnx resolves outside the model repository"),
+        (_manifest_outside, "manifest.json resolves outside the model repository"),
+        (_version_outside, "tiny/2 resolves outside the model repository"),
         (_huge_manifest, "manifest.json has "),
         (_long_field, "manifest.json is invalid: dataset.name: String should have at most 256"),
         (_many_classes, "manifest.json is invalid: dataset.class_names: List should have at most"),
@@ -191,6 +191,7 @@ def test_unsafe_files_are_refused_without_hanging_or_reading_them(
         got = refusals(client)["tiny/2"]
         assert got.startswith(reason)
         assert len(got) < 1000  # the reason is bounded, whatever the manifest holds
+        assert str(tmp_path) not in got  # and names no absolute path
         assert loaded(client) == [("tiny", 1)]
         assert client.get("/health/ready").status_code == 200
     lines = [r.getMessage() for r in caplog.records if "refused model tiny/2" in r.getMessage()]

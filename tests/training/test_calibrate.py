@@ -134,3 +134,47 @@ def test_calibration_builds_the_bank_from_train_and_thresholds_from_calibration(
     assert result.sigma2 == SIGMA2[objective] and detector.sigma2 == SIGMA2[objective]
     explicit = calibrate(network, objective, dataset, 0.1, bank_per_class=4, sigma2=0.5)
     assert explicit.sigma2 == 0.5
+
+
+# Pang et al. 2018 (the official code's bandwidths), written out here rather than imported:
+# sigma^2 = 0.1/0.26 for the features of RCE-trained models, 1/0.26 for CE-trained ones.
+PAPER_SIGMA2 = {"rce": 0.1 / 0.26, "ce": 1.0 / 0.26}
+
+
+def numpy_log_kd(
+    features: np.ndarray, labels: np.ndarray, bank: np.ndarray, mask: np.ndarray, sigma2: float
+) -> np.ndarray:
+    """log mean_i exp(-||z - z_i||^2 / sigma^2) over the bank entries of each label, in float64."""
+    values = []
+    for z, label in zip(features.astype(np.float64), labels, strict=True):
+        members = bank[label][mask[label] > 0].astype(np.float64)
+        exponents = -((members - z) ** 2).sum(axis=1) / sigma2
+        top = exponents.max()
+        values.append(top + math.log(np.exp(exponents - top).mean()))
+    return np.array(values)
+
+
+@pytest.mark.parametrize("objective", ["rce", "ce"])
+def test_deployed_log_kd_is_the_kernel_density_of_the_bank_at_the_papers_bandwidth(
+    objective: Objective,
+) -> None:
+    """The log K-density of the detector as calibrate builds it (the torch graph that export
+    traces) equals one computed here in numpy from the bank, the network's features and the
+    paper's bandwidth for the objective."""
+    torch.manual_seed(0)
+    network = ResNet(8, 1, 10).eval()
+    dataset = _three_splits()
+    result = calibrate(network, objective, dataset, target_fpr=0.1, bank_per_class=4, seed=0)
+    images = dataset.test.images[:16]
+    outputs = detector_outputs(result.deployed(network), images)
+    labels, features = predict(network, objective, images)
+    assert np.array_equal(outputs["label"], labels)
+    bank, mask = result.bank, result.bank_mask
+    expected = numpy_log_kd(features, labels, bank, mask, PAPER_SIGMA2[objective])
+    # float32 in the graph: about 2e-7 absolute on scores near -1e-3 for this untrained net.
+    np.testing.assert_allclose(outputs["log_kd"], expected, rtol=1e-3, atol=1e-6)
+    # These features tell the bandwidths apart: another one would give other scores.
+    for sigma2 in (1.0, *PAPER_SIGMA2.values()):
+        if sigma2 != PAPER_SIGMA2[objective]:
+            other = numpy_log_kd(features, labels, bank, mask, sigma2)
+            assert not np.allclose(other, expected, rtol=0.1, atol=0), sigma2

@@ -105,16 +105,28 @@ def test_every_metric_of_the_manifest_has_one_score_in_its_order() -> None:
     assert tuple(SCORES) == METRICS
 
 
-@given(arrays(np.float64, (6, 5), elements=st.floats(-30.0, 30.0)))
-def test_scores_of_the_predicted_class_are_the_deployed_scores(z: np.ndarray) -> None:
+@given(arrays(np.float64, (6, 5), elements=st.floats(-30.0, 30.0)), st.integers(0, 2**31))
+def test_scores_of_the_predicted_class_are_the_deployed_scores(z: np.ndarray, seed: int) -> None:
     """The class-parameterised scores the adaptive attacks use equal the graph's at the
-    prediction: one score maths for both."""
+    prediction (one score maths for both), and `scores` scores the classes it is given."""
     logits = torch.from_numpy(z)
     probabilities = torch.softmax(logits, dim=1)
     predicted = logits.argmax(dim=1)
     assert torch.equal(confidence(probabilities, predicted), confidence(probabilities))
     assert torch.equal(non_maximal_entropy(logits, predicted), non_maximal_entropy(logits))
-    bank, mask = torch.zeros((5, 1, 3), dtype=torch.float64), torch.ones((5, 1))
-    features = torch.zeros((6, 3), dtype=torch.float64)
-    inputs = ScoreInputs(logits, probabilities, features, predicted, bank, mask, 1.0)
-    assert list(scores(inputs)) == list(METRICS)
+    rng = np.random.default_rng(seed)
+    bank = torch.from_numpy(rng.normal(size=(5, 3, 4)))
+    mask = torch.from_numpy((rng.random((5, 3)) < 0.7) | (np.arange(3) == 0)).double()
+    features = torch.from_numpy(rng.normal(size=(6, 4)))
+    sigma2 = 0.5
+    for classes in (predicted, (predicted + 1) % 5):
+        inputs = ScoreInputs(logits, probabilities, features, classes, bank, mask, sigma2)
+        got = scores(inputs)
+        assert list(got) == list(METRICS)
+        expected = {
+            "confidence": confidence(probabilities, classes),
+            "non_me": non_maximal_entropy(logits, classes),
+            "log_kd": log_kernel_density(features, classes, bank, mask, sigma2),
+        }
+        for metric, value in expected.items():
+            assert torch.equal(got[metric], value), metric  # type: ignore[index]

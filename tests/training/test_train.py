@@ -14,7 +14,6 @@ from training.config import TrainConfig
 from training.data import Split
 from training.losses import cross_entropy, deployed_logits, loss_for, reverse_cross_entropy
 from training.nets import ResNet
-from training.scores import SIGMA2
 from training.train import batches, lr_at, pad_crop_flip, train, train_epoch
 
 
@@ -118,8 +117,3 @@ def test_objective_selects_the_loss_and_the_deployed_logits() -> None:
     assert not torch.isclose(rce, ce)
     assert torch.equal(deployed_logits("rce", logits), -logits)
     assert torch.equal(deployed_logits("ce", logits), logits)
-
-
-def test_kernel_density_bandwidths_are_the_design_constants() -> None:
-    # DESIGN.md section 1: sigma^2 = 0.1/0.26 for RCE models and 1/0.26 for CE models.
-    assert SIGMA2 == {"rce": 0.1 / 0.26, "ce": 1.0 / 0.26}
