@@ -16,7 +16,7 @@ Side by side, on the same artifact (default `models/mnist-rce/2`):
 The closed-loop configurations run interleaved in rounds (in a rotating order) and the table shows
 medians over rounds, because the machine is shared. The load generator and the server share the
 same CPUs unless `--pin` puts the server (and raw ONNX Runtime) on one CPU and the load generator
-on another. Targets from issue 9 are printed with PASS/FAIL; the exit status is 0 whatever they
+on another. Targets from issue 25 are printed with PASS/FAIL; the exit status is 0 whatever they
 say, except with `--cuda` (bench/gpu_check.sh), which exits 1 when CUDA is not really in use.
 
 Side by side with the service, `--variant NAME:RCEGATE_KEY=VALUE[,...]` starts more services
@@ -87,6 +87,11 @@ class Measured:
     non_2xx: int = 0
     refused_503: int = 0
     errors: int = 0
+    # Service rows: CPU microseconds per request (answered or refused) of the server's processes,
+    # all threads, and of their main threads, which run the event loops. Less noisy than
+    # throughput on a shared machine: what the request path costs, whatever else runs.
+    cpu_us_per_request: float | None = None
+    loop_cpu_us_per_request: float | None = None
 
 
 @dataclass
@@ -99,6 +104,10 @@ class Config:
         def med(key: str) -> float:
             return float(statistics.median(getattr(r, key) for r in self.rounds))
 
+        def med_cpu(key: str) -> float | None:
+            values = [getattr(r, key) for r in self.rounds if getattr(r, key) is not None]
+            return float(statistics.median(values)) if values else None
+
         return Measured(
             images_per_s=med("images_per_s"),
             p50_ms=med("p50_ms"),
@@ -107,6 +116,8 @@ class Config:
             non_2xx=sum(r.non_2xx for r in self.rounds),
             refused_503=sum(r.refused_503 for r in self.rounds),
             errors=sum(r.errors for r in self.rounds),
+            cpu_us_per_request=med_cpu("cpu_us_per_request"),
+            loop_cpu_us_per_request=med_cpu("loop_cpu_us_per_request"),
         )
 
 
@@ -307,6 +318,51 @@ def wrk_run(
     )
 
 
+def server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of process `pid` and its descendants (worker processes), all threads,
+    and of their main threads alone (each runs an event loop), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(stat: Path) -> float:
+        fields = stat.read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    tree, grown = {pid}, True
+    while grown:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grown = bool(more)
+    total = main = 0.0
+    for member in tree:
+        try:
+            total += seconds(Path(f"/proc/{member}/stat"))
+            main += seconds(Path(f"/proc/{member}/task/{member}/stat"))
+        except OSError:
+            continue
+    return total, main
+
+
+def with_cpu(run: Callable[[], Measured], pid: int) -> Callable[[], Measured]:
+    """`run` (a wrk run against the server `pid`), with the server's CPU per request."""
+
+    def measured() -> Measured:
+        before = server_cpu(pid)
+        got = run()
+        after = server_cpu(pid)
+        requests = max(got.requests, 1)
+        got.cpu_us_per_request = 1e6 * (after[0] - before[0]) / requests
+        got.loop_cpu_us_per_request = 1e6 * (after[1] - before[1]) / requests
+        return got
+
+    return measured
+
+
 def openloop_run(
     port: int,
     rate: float,
@@ -453,7 +509,8 @@ def target(what: str, value: Any, goal: str, ok: bool, note: str | None = None) 
 def verdicts(
     rows: dict[str, Measured], overload: dict[str, Any], unloaded_p99: float
 ) -> list[dict[str, Any]]:
-    """Issue 9's targets, each with its value and PASS/FAIL."""
+    """Issue 25's targets (2 cores, 1 worker), each with its value and PASS/FAIL; issue 9's
+    serving limit beside them."""
     raw_b64 = rows["raw ORT batch 64"].images_per_s
     echo = rows["echo @64"].images_per_s
     service = rows["service @64"].images_per_s
@@ -464,16 +521,17 @@ def verdicts(
     refused = None if refused_p99 is None else [refused_p50, refused_p99]
     ratio = None if accepted_p99 is None else accepted_p99 / unloaded_p99
     return [
-        target("service@64 / raw b64 images/s", service / raw_b64, ">= 0.6",
-               service / raw_b64 >= 0.6),
-        target("service@64 / serving limit", service / limit, ">= 0.9", service / limit >= 0.9,
-               f"serving limit 1/(1/raw_b64 + 1/echo@64) = {limit:.0f} images/s"),
-        target("p50@1 - raw b1 p50 (ms)", tax, "<= 3", tax <= 3),
-        target("2x overload: refusal p50/p99 (ms)", refused, "< 5",
-               refused_p99 is not None and refused_p99 < 5,
+        target("service@64 / raw b64 images/s", service / raw_b64, ">= 0.45",
+               service / raw_b64 >= 0.45),
+        target("p50@1 - raw b1 p50 (ms)", tax, "<= 1.5", tax <= 1.5),
+        target("2x overload: refusal p50/p99 (ms)", refused, "<= 20/100",
+               refused_p99 is not None and refused_p50 <= 20 and refused_p99 <= 100,
                None if refused else "nothing was refused"),
-        target("2x overload: accepted p99 / unloaded p99", ratio, "< 5",
-               ratio is not None and ratio < 5),
+        target("2x overload: accepted p99 / unloaded p99", ratio, "<= 5",
+               ratio is not None and ratio <= 5),
+        target("service@64 / serving limit (issue 9)", service / limit, ">= 0.9",
+               service / limit >= 0.9,
+               f"serving limit 1/(1/raw_b64 + 1/echo@64) = {limit:.0f} images/s"),
     ]  # fmt: skip
 
 
@@ -495,12 +553,23 @@ def result_tables(
             overload["refused_503"],
         ]
     )
+    cpu = [
+        [name, row.cpu_us_per_request, row.loop_cpu_us_per_request]
+        for name, row in rows.items()
+        if row.cpu_us_per_request is not None
+    ]
     return [
         table(
             "Images per second and latency (medians over rounds)",
             ["configuration", "images/s", "p50 ms", "p99 ms", "non-2xx", "503"],
             measured,
             ["", ".1f", ".2f", ".2f", "d", "d"],
+        ),
+        table(
+            "Server CPU per request, answered or refused (medians over rounds)",
+            ["configuration", "all threads, us", "event loop, us"],
+            cpu,
+            ["", ".0f", ".0f"],
         ),
         table(
             "Targets",
@@ -887,9 +956,15 @@ def main() -> None:
 
         configs = [Config(f"raw ORT batch {b}", raw(b)) for b in RAW_BATCHES]
         configs += [Config(f"echo @{c}", wrk(echo, c)) for c in ECHO_CONNECTIONS]
-        configs += [Config(f"service @{c}", wrk(service, c)) for c in CONNECTIONS]
+        configs += [
+            Config(f"service @{c}", with_cpu(wrk(service, c), service.process.pid))
+            for c in CONNECTIONS
+        ]
         for name, other in others.items():
-            configs += [Config(f"service[{name}] @{c}", wrk(other, c)) for c in CONNECTIONS]
+            configs += [
+                Config(f"service[{name}] @{c}", with_cpu(wrk(other, c), other.process.pid))
+                for c in CONNECTIONS
+            ]
         load_before = os.getloadavg()
         print(f"{args.rounds} rounds of {len(configs)} configurations x {args.duration} s")
         measure_rounds(configs, args.rounds)
@@ -957,6 +1032,12 @@ def main() -> None:
             f"{name:22s} {row.images_per_s:10.1f} {row.p50_ms:8.2f} {row.p99_ms:8.2f} "
             f"{row.non_2xx:8d} {row.refused_503:6d}"
         )
+    for name, row in rows.items():
+        if row.cpu_us_per_request is not None:
+            print(
+                f"{name:22s} server CPU {row.cpu_us_per_request:7.0f} us/request, of which "
+                f"its event loop {show(row.loop_cpu_us_per_request, 0)} us"
+            )
     print(
         f"overload: open loop (bench/openloop.py) at {rate:.0f} requests/s = "
         f"{args.overload_factor:g} x saturation {saturation:.1f} images/s, "

@@ -35,7 +35,7 @@ from service.metrics import Metrics
 from service.oip.rest import oip_errors, oip_render
 from service.oip.rest import router as oip_router
 from service.repository import ModelRepository
-from service.routes import router
+from service.routes import PredictFastPath, router
 from service.schemas import ErrorBody, ErrorDetail
 from service.settings import Settings
 from service.text import printable
@@ -164,6 +164,8 @@ def create_app(settings: Settings | None = None, lifecycle: Lifecycle | None = N
     for exc_class in handled:
         # /v2 answers errors in the protocol's shape `{"error": "..."}`; v1 is unchanged.
         app.add_exception_handler(exc_class, oip_errors(handle_error))
+    # The hot v1 predict requests, past routing and dependency solving (service/routes.py).
+    app.add_middleware(PredictFastPath, repository=repository, plane=plane, handle=handle_error)
     # --- Trust and access (issue 12): request ids, API keys and the access log, just inside
     # the Guard; CORS (only if configured) between the two, so preflights need no key.
     app.add_middleware(

@@ -12,15 +12,17 @@ outside the batchers' threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from models.manifest import Metric
 from service.batching import Batcher, BatchStats, Ticket
@@ -39,7 +41,6 @@ from service.guard import Lifecycle
 from service.imaging import (
     DecodedImage,
     DecodeLimits,
-    ImageHeader,
     check_request_pixels,
     decode_image,
     probe_image,
@@ -117,6 +118,9 @@ class DataPlane:
         self.probers = ProberTracker(settings, metrics)
         self.parsing = ParsePool(settings.parse_workers)  # large OIP parses (service/budget.py)
         self.policy = Policy(settings)  # modes and target FPRs a client may ask for
+        # Metric series by their labels, looked up once (see _record); a withheld class is -1.
+        self._series: dict[tuple[str, int, bool, int], Counter] = {}
+        self._histograms: dict[tuple[str, str], Histogram] = {}
         self.timer: Callable[[], float] = time.perf_counter  # times model runs (a test seam)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -205,10 +209,35 @@ class DataPlane:
         return batcher
 
     def check_capacity(self, detector: Detector) -> None:
-        """Refuse at once, before the body is read, when the model's queue is already full."""
-        batcher = self._batcher(detector)
-        if batcher.reserved >= batcher.max_queue_images:
-            raise self.refused(QueueFull(f"model {batcher.name} is at capacity; retry later"))
+        """Refuse at once, before the body is read, when the model's queue is already full
+        (in images, or in expected wait: then `reserve` would refuse any request)."""
+        refusal = queue_refusal(self._batcher(detector))
+        if refusal is not None:
+            raise self.refused(refusal)
+
+    def refusal_at_head(self, method: str, path: str) -> QueueFull | None:
+        """What `check_capacity` would answer a request for the model its path names (v1
+        predict, v2 infer; the default or newest version unless the path names one), decided
+        as its head arrives, before it is routed or its body read, so the refusal costs
+        nothing; the requests already in flight count as work ahead of it. None when the path
+        names no loaded model or its queue has room. Not counted: the caller counts what it
+        refuses."""
+        if method != "POST":
+            return None
+        named = model_in_path(path)
+        if named is None:
+            return None
+        name, version = named
+        try:
+            detector = self.model(name, version)
+        except ServiceError:
+            return None  # the app gives the error
+        batcher = self._batchers.get((detector.name, detector.version))
+        if batcher is None:
+            return None
+        # Requests in flight whose images are not reserved yet (bodies still arriving, being
+        # decoded) are work ahead too: without them a burst of heads all pass an empty queue.
+        return queue_refusal(batcher, self.lifecycle.in_flight)
 
     def refused(self, error: Unavailable) -> Unavailable:
         """Count a refusal by its reason; returns the error for the caller to raise."""
@@ -290,7 +319,7 @@ class DataPlane:
             headers = [probe_image(image.data, image.what, limits) for image in images]
             check_request_pixels(headers, limits)
 
-        def one(image: EncodedImage) -> DecodedImage:
+        def one(image: EncodedImage, limits: DecodeLimits = limits) -> DecodedImage:
             if time.monotonic() >= deadline:  # waited too long for a decode thread
                 raise DeadlineExceeded("the request's deadline passed before decoding")
             start = time.perf_counter()
@@ -298,11 +327,9 @@ class DataPlane:
             self.metrics.decode_duration.observe(time.perf_counter() - start)
             return decoded
 
-        headers = self._inline_headers(images)
-        if headers is not None:
-            # Thumbnails decode in less time than a hop to a pool thread and back costs.
-            check_request_pixels(headers, limits)
-            return [one(image) for image in images]
+        inline = self._decode_inline(images, shape, one)
+        if inline is not None:
+            return inline
         # One image within the per-image limits is within the request's budget too, and
         # decode_image checks its own header: the separate pass is needed only for several.
         if len(images) > 1 or limits.max_request_pixels < limits.max_pixels:
@@ -316,25 +343,40 @@ class DataPlane:
             for job in jobs:  # on the first failure, the rest need not start
                 job.cancel()
 
-    def _inline_headers(self, images: Sequence[EncodedImage]) -> list[ImageHeader] | None:
-        """The headers when every image is small enough, in bytes and in declared pixels, to
-        decode on the event loop (at most `inline_decode_pixels` each); else None."""
+    def _decode_inline(
+        self,
+        images: Sequence[EncodedImage],
+        shape: tuple[int, int, int],
+        one: Callable[[EncodedImage, DecodeLimits], DecodedImage],
+    ) -> list[DecodedImage] | None:
+        """Thumbnails decode on the event loop, in less time than a hop to a pool thread and
+        back costs: at most INLINE_MAX_IMAGES images of at most INLINE_MAX_BYTES, each declaring
+        at most `inline_decode_pixels` (judged from its header by `decode_image` itself, so each
+        image is opened once), and only when so many thumbnails cannot pass the request's pixel
+        budget. None when they are not all such thumbnails, or on any error: the pool path then
+        decodes them, or refuses with the error it gives any image."""
         most = self.settings.inline_decode_pixels
         if not most or len(images) > INLINE_MAX_IMAGES:
             return None
         if any(len(image.data) > INLINE_MAX_BYTES for image in images):
             return None
+        limits = self._limits
+        small = dataclasses.replace(limits, max_pixels=min(most, limits.max_pixels))
+        if len(images) * small.max_pixels > limits.max_request_pixels:
+            return None  # thumbnails could pass the request's budget: headers first, in the pool
         try:
-            headers = [probe_image(image.data, image.what, self._limits) for image in images]
+            return [one(image, small) for image in images]
         except ServiceError:
-            return None  # the pool gives the same error; no shortcut for bad input
-        return headers if all(header.pixels <= most for header in headers) else None
+            return None
 
     async def _infer(self, batcher: Batcher, ticket: Ticket, images: np.ndarray) -> Outputs:
         batcher.submit(ticket, images)
         left = ticket.deadline - time.monotonic()
         try:
-            arrays = await asyncio.wait_for(asyncio.shield(ticket.future), max(left, 0.0))
+            # A timer, not a task; cancelling the ticket's future on the way out is harmless
+            # (the batcher skips answered futures, and the caller cancels the ticket).
+            async with asyncio.timeout(max(left, 0.0)):
+                arrays = await ticket.future
         except TimeoutError:
             raise self.refused(
                 DeadlineExceeded("the request's deadline passed before its answer")
@@ -370,19 +412,68 @@ class DataPlane:
         and its scores stay out of the score histogram when they were withheld too."""
         m = self.metrics
         names = detector.manifest.class_names
-        version = str(detector.version)
+        series = self._series
         shown = accepted | (mode == "annotate")
         scored = shown | (not self.settings.withhold_rejected)
         for label, ok, show in zip(
             outputs.label.tolist(), accepted.tolist(), shown.tolist(), strict=True
         ):
-            decision = "accepted" if ok else "rejected"
-            m.images.labels(detector.name, version, decision, names[label] if show else "").inc()
+            key = (detector.name, detector.version, ok, label if show else -1)
+            counter = series.get(key)
+            if counter is None:  # label lookups cost more than the increments: once per series
+                decision = "accepted" if ok else "rejected"
+                version = str(detector.version)
+                counter = m.images.labels(
+                    detector.name, version, decision, names[label] if show else ""
+                )
+                series[key] = counter
+            counter.inc()
         if m.detection_score is not None and scored.any():
             for metric in detector.metrics:
-                histogram = m.detection_score.labels(detector.name, metric)
+                histogram = self._histograms.get((detector.name, metric))
+                if histogram is None:
+                    histogram = m.detection_score.labels(detector.name, metric)
+                    self._histograms[(detector.name, metric)] = histogram
                 for value in outputs.scores[metric][scored].tolist():
                     histogram.observe(value)
+
+
+def queue_refusal(batcher: Batcher, ahead: int = 0) -> QueueFull | None:
+    """A refusal when the model's queue has no room for any request (its images at the bound,
+    or its expected wait over it, as `Batcher.reserve` judges), else None. With `ahead`, the
+    work ahead of a new request is at least that many images (requests in flight that have not
+    reserved their images yet, one image each), not only what is queued."""
+    if batcher.reserved >= batcher.max_queue_images:
+        return QueueFull(f"model {batcher.name} is at capacity; retry later")
+    queued = max(batcher.reserved, ahead)
+    wait = batcher.expected_wait(queued - batcher.reserved)
+    if wait > batcher.max_queue_wait > 0 and queued >= batcher.max_batch_size:
+        return QueueFull(
+            f"model {batcher.name} has about {1000 * wait:.0f} ms of work queued "
+            f"(limit {1000 * batcher.max_queue_wait:.0f} ms); retry later",
+            retry_after=max(1, math.ceil(wait)),
+        )
+    return None
+
+
+def model_in_path(path: str) -> tuple[str | None, int | None] | None:
+    """(name, version) of the model an inference path names: None for the default model or
+    the newest version; None for any other path. `/v1/predict`,
+    `/v1/models/{name}[/versions/{version}]/predict`,
+    `/v2/models/{name}[/versions/{version}]/infer`."""
+    if path == "/v1/predict":
+        return None, None
+    parts = path.split("/")
+    if len(parts) not in (5, 7) or parts[0] or parts[2] != "models" or not parts[3]:
+        return None
+    if (parts[1], parts[-1]) not in (("v1", "predict"), ("v2", "infer")):
+        return None
+    if len(parts) == 5:
+        return parts[3], None
+    version = parts[5]
+    if parts[4] != "versions" or not (version.isascii() and version.isdigit()):
+        return None
+    return parts[3], int(version)
 
 
 def _run_arrays(detector: Detector, images: np.ndarray) -> dict[str, np.ndarray]:

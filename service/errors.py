@@ -214,6 +214,40 @@ class Throttled(ServiceError):
 # --- end of trust and access ---
 
 
+# -- HTTP protocol and the request path (service/protocol.py) --
+class InvalidRequest(ServiceError):
+    """A request the HTTP parser refuses (faulty framing such as Content-Length together with
+    Transfer-Encoding, bad syntax); the connection is closed, since its framing is unknown."""
+
+    status = HTTPStatus.BAD_REQUEST
+    code = "invalid_request"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+class HeaderTooLarge(ServiceError):
+    """A request head (request line and headers) over `max_header_bytes`."""
+
+    status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+    code = "header_too_large"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+class LoopBehind(Unavailable):
+    """The event loop runs more than `max_loop_lag` behind: refused as the head arrives."""
+
+    code = "overloaded"
+    reason = "loop_lag"
+
+
+# -- end of HTTP protocol --
+
+
 # -- Hardening (issue 21) --
 class Forbidden(ServiceError):
     """Not permitted by the operator's policy: a mode, target_fpr or metric this client may not

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -128,7 +127,8 @@ class BodyReader:
             return await self._receive()
         left = self._deadline - time.monotonic()
         try:
-            message = await asyncio.wait_for(self._receive(), max(left, 0.0))
+            async with asyncio.timeout(max(left, 0.0)):  # a timer, not a task per message
+                message = await self._receive()
         except TimeoutError:
             raise BodyTimeout(
                 f"the request body did not arrive within {self._timeout:g} s"
@@ -148,30 +148,59 @@ class BodyReader:
         return message
 
 
-@asynccontextmanager
-async def cancel_on_disconnect(receive: Receive) -> AsyncIterator[None]:
+# An ASGI scope extension of the service's HTTP front (service/protocol.py): a function that
+# registers a callback for the loss of the connection and returns what unregisters it.
+ON_DISCONNECT = "rcegate.on_disconnect"
+OnDisconnect = Callable[[Callable[[], None]], Callable[[], None]]
+
+
+class CancelOnDisconnect:
+    """See `cancel_on_disconnect`."""
+
+    def __init__(self, receive: Receive, scope: Scope | None) -> None:
+        self._receive = receive
+        self._register: OnDisconnect | None = None
+        if scope is not None:
+            self._register = scope.get("extensions", {}).get(ON_DISCONNECT)
+        self._gone = False
+        self._stop: Callable[[], None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        if self._register is not None:
+            self._stop = self._register(self._lost)
+        else:
+            self._watcher = asyncio.create_task(self._watch())
+
+    def _lost(self) -> None:
+        self._gone = True
+        self._task.cancel()
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self._lost()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if self._stop is not None:
+            self._stop()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if isinstance(exc, asyncio.CancelledError) and self._gone:
+            self._task.uncancel()
+            raise ClientDisconnected("the client disconnected before the answer") from None
+
+
+def cancel_on_disconnect(receive: Receive, scope: Scope | None = None) -> CancelOnDisconnect:
     """Cancel the current task when the client disconnects (the body must be fully read).
 
-    The task then raises `ClientDisconnected`, so queued work is given back at once.
+    The task then raises `ClientDisconnected`, so queued work is given back at once. Behind
+    the service's own HTTP front, pass the request's `scope`: the connection itself reports
+    its loss (no watcher task per request); elsewhere a task waits for `http.disconnect`.
     """
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        task.cancel()
-
-    watcher = asyncio.create_task(watch())
-    try:
-        yield
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        task.uncancel()
-        raise ClientDisconnected("the client disconnected before the answer") from None
-    finally:
-        watcher.cancel()
+    return CancelOnDisconnect(receive, scope)

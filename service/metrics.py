@@ -49,7 +49,7 @@ COARSE_BUCKETS = (
 )
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-REFUSAL_REASONS = ("queue_full", "deadline", "concurrency", "body_budget", "draining")
+REFUSAL_REASONS = ("queue_full", "deadline", "concurrency", "body_budget", "draining", "loop_lag")
 # prometheus-client's switch for multi-process mode; read once per app, as prometheus-client does.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -160,7 +160,7 @@ class Metrics:
         self.refused = Counter(
             "rcegate_requests_refused",
             "Requests refused without doing the work (503), by reason: queue_full, deadline, "
-            "concurrency, body_budget, draining.",
+            "concurrency, body_budget, draining, loop_lag.",
             ["reason"],
             registry=r,
         )

@@ -1,12 +1,21 @@
-"""The native v1 API, health and metrics: each route translates HTTP to one domain call."""
+"""The native v1 API, health and metrics: each route translates HTTP to one domain call.
+
+`PredictFastPath` takes the hot v1 predict requests past FastAPI's routing and dependency
+solving (see its docstring); the routes below stay the reference and the OpenAPI schema.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.dataplane import DataPlane, PredictOptions
 from service.deps import (
     DefaultDetectorDep,
     MetricsDep,
@@ -18,9 +27,10 @@ from service.deps import (
     VersionedDetectorDep,
 )
 from service.detector import Detector
-from service.errors import NotReady
+from service.errors import NotReady, ServiceError
 from service.imaging import CONTENT_TYPES
 from service.predict import predict
+from service.repository import ModelRepository
 from service.schemas import (
     DetectionSummary,
     ErrorBody,
@@ -192,3 +202,74 @@ async def ready(plane: PlaneDep) -> Health:
 @router.get("/metrics", tags=["metrics"], response_class=Response)
 async def metrics_endpoint(metrics: MetricsDep) -> Response:
     return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
+_MODELS = "/v1/models/"
+_PREDICT_SUFFIX = "/predict"
+_NO_OPTIONS = PredictOptions()
+
+
+class PredictFastPath:
+    """`POST /v1/predict` and `POST /v1/models/{name}/predict` without a query string (what
+    nearly every client sends) taken straight to `predict`, past FastAPI's routing and
+    dependency solving: a fifth of the event loop's time per request when profiled. The work,
+    the route the metrics and the access log name, and the error bodies (from the app's own
+    handler) are those of the routes above; everything else, query strings to validate and
+    versioned paths included, goes on to FastAPI unchanged. Sits inside the guard and the access
+    layer, so limits, keys and logging apply as to any request."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        repository: ModelRepository,
+        plane: DataPlane,
+        handle: ErrorHandler,
+    ) -> None:
+        self.app = app
+        self.repository = repository
+        self.plane = plane
+        self.handle = handle
+        self._default = _route("/v1/predict")
+        self._named = _route("/v1/models/{name}/predict")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["query_string"]
+            or scope.get("root_path")
+        ):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        name: str | None = None
+        if path == "/v1/predict":
+            route = self._default
+        elif path.startswith(_MODELS) and path.endswith(_PREDICT_SUFFIX):
+            name = path[len(_MODELS) : -len(_PREDICT_SUFFIX)]
+            if not name or "/" in name:
+                await self.app(scope, receive, send)
+                return
+            route = self._named
+            scope["path_params"] = {"name": name}
+        else:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route
+        scope["endpoint"] = route.endpoint
+        request = Request(scope, receive)
+        try:
+            repository = self.repository
+            detector = repository.get(name or repository.default_name)
+            response = await predict(self.plane, detector, _NO_OPTIONS, request)
+        except (ServiceError, ClientDisconnect) as exc:
+            response = await self.handle(request, exc)
+        await response(scope, receive, send)
+
+
+def _route(template: str) -> APIRoute:
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.path == template:
+            return route
+    raise LookupError(template)

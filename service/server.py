@@ -1,9 +1,10 @@
 """`rcegate serve`: uvicorn with the connection limits and the graceful drain of the service.
 
-Connections: at most `max_connections` (uvicorn answers 503 beyond), request heads of at most
-`max_header_bytes`, idle keep-alive connections closed after `keep_alive_timeout`, and a
-connection that has not sent a complete request head within `header_timeout` (slow headers,
-an idle connection that never speaks) is closed.
+Connections (service/protocol.py): at most `max_connections` (the oldest one still waiting for a
+request head is closed first), request heads of at most `max_header_bytes`, idle keep-alive
+connections closed after `keep_alive_timeout`, a connection that has not sent a complete request
+head within `header_timeout` (slow headers, an idle connection that never speaks) closed, and
+requests refused with 503 as their head arrives when the server is saturated.
 
 Drain (SIGTERM or SIGINT): `/health/ready` turns 503 at once and new requests get 503
 `shutting_down` while the listener stays open, so a load balancer sees the instance leave
@@ -19,6 +20,7 @@ bound fails the start-up, as an HTTP port does.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from types import FrameType
@@ -29,52 +31,15 @@ from fastapi import FastAPI
 from grpc import aio
 from starlette.types import ASGIApp
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.dataplane import DataPlane
 from service.guard import Lifecycle
+from service.metrics import Metrics
 from service.oip.grpc import start_server as start_grpc
+from service.protocol import Admit, Front, Limits, protocol_class
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-class GuardedH11Protocol(H11Protocol):
-    """h11 with a deadline for each request head: connections that stall before a complete
-    request head (slowloris, idle sockets) are closed after `header_timeout` seconds."""
-
-    header_timeout = 5.0
-
-    def connection_made(self, transport: Any) -> None:  # transport: asyncio.Transport
-        super().connection_made(transport)
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._arm()
-
-    def _arm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._head_expired)
-
-    def _head_expired(self) -> None:
-        if self.cycle is None or self.cycle.response_complete:
-            self.transport.close()
-
-    def handle_events(self) -> None:
-        before = self.cycle
-        super().handle_events()
-        if self.cycle is not before and self._head_timer is not None:
-            self._head_timer.cancel()  # a full request head arrived
-            self._head_timer = None
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()  # the next request head on this keep-alive connection
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        super().connection_lost(exc)
 
 
 class DrainingServer(uvicorn.Server):
@@ -101,6 +66,9 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        loading: asyncio.Task[None] | None = getattr(self._app.state, "loading", None)
+        if loading is not None:  # the lifespan loads the models in a thread
+            loading.add_done_callback(lambda _: settle_gc())
         settings: Settings = self._app.state.settings
         if self.should_exit or not settings.grpc_port:
             return
@@ -156,20 +124,54 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
-    """uvicorn as `rcegate serve` runs it (the benchmark's echo floor uses the same)."""
-    GuardedH11Protocol.header_timeout = settings.header_timeout
+# Allocations of tracked objects between collections of the youngest generation (CPython's
+# default: 700). Request garbage is freed by reference counting; collecting it every 700
+# allocations cost a fifth of the event loop's time at 64 connections.
+GC_THRESHOLD = 10_000
+
+
+def settle_gc() -> None:
+    """Once the models are loaded: what is alive now (the app, the models and their manifests,
+    some 100,000 objects) is moved out of the cyclic collector's reach (`gc.freeze`), and the
+    youngest generation is collected less often. Full collections of a loaded server scanned
+    all of it: up to 100 ms each, every request waiting."""
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, middle, oldest)
+    logger.debug("gc: %d objects frozen, threshold %s", gc.get_freeze_count(), gc.get_threshold())
+
+
+def uvicorn_config(
+    app: ASGIApp,
+    settings: Settings,
+    metrics: Metrics | None = None,
+    admit: Admit | None = None,
+) -> uvicorn.Config:
+    """uvicorn as `rcegate serve` runs it (the benchmark's echo floor uses the same): uvloop
+    and the service's HTTP protocol (service/protocol.py), which also bounds connections,
+    heads and requests in flight and asks `admit` (the data plane's queues) as each head
+    arrives; its refusals are counted in `metrics` when given."""
+    limits = Limits(
+        header_timeout=settings.header_timeout,
+        keep_alive_timeout=settings.keep_alive_timeout,
+        max_header_bytes=settings.max_header_bytes,
+        max_connections=settings.max_connections,
+        max_requests=settings.max_concurrent_requests,
+        max_loop_lag=settings.max_loop_lag,
+    )
+    on_refused = None if metrics is None else (lambda reason: metrics.refused.labels(reason).inc())
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        http=GuardedH11Protocol,
+        http=protocol_class(Front(limits, admit, on_refused)),
+        loop="uvloop",
         log_level=settings.log_level,
         log_config=None,  # keep the one logging configuration made by the CLI
         access_log=False,  # the metrics count every request; no line per request under load
-        limit_concurrency=settings.max_connections,
+        limit_concurrency=None,  # connections and requests are bounded by the protocol
         timeout_keep_alive=settings.keep_alive_timeout,
-        h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=1,  # the drain already waited for the requests in flight
         # X-Forwarded-For/-Proto only from configured proxies (uvicorn trusts 127.0.0.1 else).
         proxy_headers=bool(settings.forwarded_allow_ips),
@@ -180,4 +182,11 @@ def uvicorn_config(app: ASGIApp, settings: Settings) -> uvicorn.Config:
 def serve(app: FastAPI, settings: Settings) -> None:
     """Run the app with the service's connection limits and graceful drain (one process; the
     worker processes of service/workers.py run a DrainingServer each on the shared socket)."""
-    DrainingServer(uvicorn_config(app, settings), app, settings.drain_seconds).run()
+    DrainingServer(service_config(app, settings), app, settings.drain_seconds).run()
+
+
+def service_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """`uvicorn_config` for the service's app: head-time refusals asked of its data plane and
+    counted in its metrics."""
+    plane: DataPlane = app.state.plane
+    return uvicorn_config(app, settings, app.state.metrics, plane.refusal_at_head)

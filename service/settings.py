@@ -111,10 +111,16 @@ class Settings(BaseSettings):
     )
     # Connections and bodies.
     max_concurrent_requests: int = Field(
-        256, gt=0, description="Requests handled at once (health and metrics excluded); 503 above."
+        256,
+        gt=0,
+        description="Requests handled at once (health and metrics excluded); above it, 503 as "
+        "soon as the request head arrives.",
     )
     max_connections: int = Field(
-        1024, gt=0, description="Open connections uvicorn accepts before answering 503."
+        1024,
+        gt=0,
+        description="Open connections; over it, the connection that has waited longest for a "
+        "request head is closed (never one whose request is being served).",
     )
     max_inflight_body_bytes: int = Field(
         256 * 1024 * 1024,
@@ -396,6 +402,15 @@ class Settings(BaseSettings):
         return self
 
     # -- end of batching shapes, warm-up and CUDA --
+
+    # -- HTTP protocol and the request path (service/protocol.py) --------------------------------
+    max_loop_lag: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds the event loop may run behind before requests are refused (503 "
+        "loop_lag) as their head arrives; health and metrics always pass. 0 = no such bound.",
+    )
+    # -- end of HTTP protocol --
 
     # -- Worker processes (service/workers.py) --
     workers: int | Literal["auto"] = Field(

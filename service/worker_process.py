@@ -22,7 +22,7 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.metrics import WorkerCollector
-from service.server import DrainingServer, uvicorn_config
+from service.server import DrainingServer, service_config
 from service.settings import Settings
 from service.workers import (
     BEAT_SECONDS,
@@ -119,7 +119,7 @@ def main(index: int, settings: Settings, sock: socket.socket, shared: Shared, pa
     )
     logging.getLogger().setLevel(settings.log_level.upper())
     app = worker_app(settings, shared, index)
-    server = WorkerServer(uvicorn_config(app, settings), app, settings, shared, index, parent)
+    server = WorkerServer(service_config(app, settings), app, settings, shared, index, parent)
     server.run(sockets=[sock])
     # Everything is closed by now; tearing the interpreter down (ONNX Runtime sessions and
     # all) would only delay the exit the supervisor waits for by seconds.

@@ -102,6 +102,20 @@ def test_the_default_model_decides_with_the_combined_metric_of_its_manifest(
         assert result["accepted"] == (not any(each)) or math.isclose(
             decision["score"], decision["threshold"], abs_tol=1e-5
         )
+    # No query string: the fast path past FastAPI's routing, named or not, decides with the
+    # manifest's default; a query's metric goes through the routes and decides instead.
+    named = default_client.post(f"/v1/models/{manifest.name}/predict", files=files[:2]).json()
+    assert [r["decision"]["metric"] for r in named["predictions"]] == ["combined"] * 2
+    chosen = default_client.post("/v1/predict?metric=log_kd", files=files[:2]).json()
+    assert [r["decision"] for r in chosen["predictions"]] == [
+        {
+            "metric": "log_kd",
+            "score": r["scores"]["log_kd"],
+            "threshold": manifest.detection.thresholds["log_kd"],
+            "target_fpr": manifest.detection.target_fpr,
+        }
+        for r in body["predictions"][:2]
+    ]
 
 
 @pytest.fixture(scope="module")
