@@ -41,7 +41,9 @@ def test_help_lists_the_service_commands_and_names_the_extra_for_the_rest() -> N
         SERVICE_COMMANDS
     )
     note = " ".join(result.stdout.split("Commands:")[1].split("\n\n", 1)[1].split())
-    assert note.startswith("Not available in this install: ablation, calibrate, evaluate,")
+    assert note.startswith(
+        "Not available in this install: ablation, calibrate, detector-variants, evaluate,"
+    )
     assert "needs the training extra: pip install 'rcegate[train]'" in note
 
 
