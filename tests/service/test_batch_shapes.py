@@ -167,15 +167,25 @@ def test_session_sees_only_the_configured_shapes_and_padding_reaches_no_answer_o
     (session,) = sessions
     allowed = {"pow2": {1, 2, 4, 8, 16}, "3,16": {3, 16}}[spec]
     loading = len(session.shapes)
+
+    async def scenario() -> list[tuple[list[int], Prediction | Unavailable]]:
+        answers = await traffic(plane, pool, clients=12, requests=6, seed=1)
+        # Then a lone request of 5 images, which no allowed shape fits: whatever batches the
+        # concurrent traffic formed, at least this one is padded (to 8, or to 16).
+        picked = list(range(5))
+        deadline = plane.deadline(time.monotonic())
+        lone = await plane.predict_arrays(plane.model(), pool[picked], PredictOptions(), deadline)
+        return [*answers, (picked, lone)]
+
     try:
-        answers = asyncio.run(traffic(plane, pool, clients=12, requests=6, seed=1))
+        answers = asyncio.run(scenario())
     finally:
         plane.close(30)
     assert set(session.shapes) <= allowed, session.shapes  # self-test and warm-up included
     assert set(session.shapes[:loading]) == allowed  # every shape warmed up before traffic
     runs = session.shapes[loading:]
     images = sum(len(picked) for picked, _ in answers)
-    assert len(answers) == 72 and not [a for _, a in answers if isinstance(a, Unavailable)]
+    assert len(answers) == 73 and not [a for _, a in answers if isinstance(a, Unavailable)]
     assert sum(runs) > images  # some batches were padded ...
     # ... and no padded row reached an answer: each is what the model says for those images.
     for picked, answer in answers:
