@@ -197,10 +197,13 @@ def test_metrics_count_the_answered_images(ready: float, digits: list[tuple[int,
     assert images >= 2 * len(digits)
     infos = [s for s in families["rcegate_model_info"].samples if s.labels["model"] == "mnist-rce"]
     assert infos and all("CPUExecutionProvider" in s.labels["providers"] for s in infos)
+    # The committed models compute every metric (the paper's three, Mahalanobis, combined).
     assert {s.labels["metric"] for s in families["rcegate_threshold"].samples} == {
         "confidence",
         "non_me",
         "log_kd",
+        "mahalanobis",
+        "combined",
     }
     assert any(s.value > 0 for s in families["rcegate_detection_score"].samples)
 
