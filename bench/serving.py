@@ -506,53 +506,83 @@ def target(what: str, value: Any, goal: str, ok: bool, note: str | None = None) 
     return {"what": what, "value": value, "target": goal, "pass": ok, "note": note}
 
 
+def overload_verdicts(name: str, overload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 25's two overload targets for one service's open-loop runs (`name` "" for the base
+    service, "[variant]" for a variant), against that service's own unloaded p99."""
+    refused_p50, refused_p99 = overload["refused_p50_ms"], overload["refused_p99_ms"]
+    accepted_p99 = overload["ok_p99_ms"]
+    refused = None if refused_p99 is None else [refused_p50, refused_p99]
+    ratio = None if accepted_p99 is None else accepted_p99 / overload["unloaded_p99_ms"]
+    label = f"2x overload{name and ' ' + name}"
+    return [
+        target(f"{label}: refusal p50/p99 (ms)", refused, "<= 20/100",
+               refused_p99 is not None and refused_p50 <= 20 and refused_p99 <= 100,
+               None if refused else "nothing was refused"),
+        target(f"{label}: accepted p99 / unloaded p99", ratio, "<= 5",
+               ratio is not None and ratio <= 5),
+    ]  # fmt: skip
+
+
+def summarize_overload(
+    runs: list[dict[str, Any]], rate: float, saturation: float, unloaded_p99: float
+) -> dict[str, Any]:
+    """Medians of one service's open-loop rounds (latencies, accepted rate), sums of counts."""
+    keys = ("accepted_images_per_s", "ok_p50_ms", "ok_p99_ms", "refused_p50_ms")
+    keys += ("refused_p99_ms", "lag_p99_ms")
+    overload: dict[str, Any] = {key: median_of(runs, key) for key in keys}
+    for key in ("offered", "sent", "unsent", "unanswered", "ok", "refused_503", "non_2xx"):
+        overload[key] = sum(run[key] for run in runs)
+    overload["errors"] = sum(run["errors"] for run in runs)
+    overload.update(rate=rate, saturation_images_per_s=saturation, unloaded_p99_ms=unloaded_p99)
+    return overload
+
+
 def verdicts(
-    rows: dict[str, Measured], overload: dict[str, Any], unloaded_p99: float
+    rows: dict[str, Measured], overloads: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Issue 25's targets (2 cores, 1 worker), each with its value and PASS/FAIL; issue 9's
-    serving limit beside them."""
+    serving limit beside them; the overload targets of each variant after them."""
     raw_b64 = rows["raw ORT batch 64"].images_per_s
     echo = rows["echo @64"].images_per_s
     service = rows["service @64"].images_per_s
     limit = 1 / (1 / raw_b64 + 1 / echo)
     tax = rows["service @1"].p50_ms - rows["raw ORT batch 1"].p50_ms
-    refused_p50, refused_p99 = overload["refused_p50_ms"], overload["refused_p99_ms"]
-    accepted_p99 = overload["ok_p99_ms"]
-    refused = None if refused_p99 is None else [refused_p50, refused_p99]
-    ratio = None if accepted_p99 is None else accepted_p99 / unloaded_p99
     return [
         target("service@64 / raw b64 images/s", service / raw_b64, ">= 0.45",
                service / raw_b64 >= 0.45),
         target("p50@1 - raw b1 p50 (ms)", tax, "<= 1.5", tax <= 1.5),
-        target("2x overload: refusal p50/p99 (ms)", refused, "<= 20/100",
-               refused_p99 is not None and refused_p50 <= 20 and refused_p99 <= 100,
-               None if refused else "nothing was refused"),
-        target("2x overload: accepted p99 / unloaded p99", ratio, "<= 5",
-               ratio is not None and ratio <= 5),
+        *overload_verdicts("", overloads["service"]),
         target("service@64 / serving limit (issue 9)", service / limit, ">= 0.9",
                service / limit >= 0.9,
                f"serving limit 1/(1/raw_b64 + 1/echo@64) = {limit:.0f} images/s"),
+        *(
+            verdict
+            for name, overload in overloads.items()
+            if name != "service"
+            for verdict in overload_verdicts(name.removeprefix("service"), overload)
+        ),
     ]  # fmt: skip
 
 
 def result_tables(
-    rows: dict[str, Measured], overload: dict[str, Any], targets: list[dict[str, Any]]
+    rows: dict[str, Measured], overloads: dict[str, dict[str, Any]], targets: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """What the docs' benchmarks page shows of a run (bench/results.py renders it)."""
     measured = [
         [name, row.images_per_s, row.p50_ms, row.p99_ms, row.non_2xx, row.refused_503]
         for name, row in rows.items()
     ]
-    measured.append(
+    measured += [
         [
-            f"service, {overload['rate']:.0f} requests/s offered (open loop), accepted",
+            f"{name}, {overload['rate']:.0f} requests/s offered (open loop), accepted",
             overload["accepted_images_per_s"],
             overload["ok_p50_ms"],
             overload["ok_p99_ms"],
             overload["non_2xx"],
             overload["refused_503"],
         ]
-    )
+        for name, overload in overloads.items()
+    ]
     cpu = [
         [name, row.cpu_us_per_request, row.loop_cpu_us_per_request]
         for name, row in rows.items()
@@ -978,34 +1008,36 @@ def main() -> None:
         if args.profile:
             profile = profile_service(service, wrk(service, 64), args.duration, args.profile)
 
+        # Every service (the base and each variant) gets the same offered rate, twice the base
+        # service's saturation, in interleaved rounds: the variants' overload figures are side
+        # by side with the base's, on the same machine at the same time.
         saturation = rows["service @64"].images_per_s
         rate = args.overload_factor * saturation
-        unloaded = rows["service @1"]
-        overload_runs = []
+        overload_runs: dict[str, list[dict[str, Any]]] = {name: [] for name in services}
         print(f"overload: {rate:.0f} requests/s offered, {args.rounds} x {args.duration} s")
         for r in range(args.rounds):
-            settle(service, pngs[0].read_bytes(), max(2 * unloaded.p50_ms, 5.0) / 1000)
-            run = openloop_run(
-                port, rate, args.duration, args.overload_connections, pngs, client_cpus
-            )
-            overload_runs.append(run)
-            print(
-                f"  round {r + 1}/{args.rounds} accepted {run['accepted_images_per_s']:.1f} "
-                f"images/s, refused {run['refused_503']}, other non-2xx "
-                f"{run['non_2xx'] - run['refused_503']}, errors {run['errors']}, "
-                f"unsent {run['unsent']}",
-                flush=True,
-            )
+            for name, server in services.items():
+                quick = max(2 * rows[f"{name} @1"].p50_ms, 5.0) / 1000
+                settle(server, pngs[0].read_bytes(), quick)
+                run = openloop_run(
+                    server.port, rate, args.duration, args.overload_connections, pngs, client_cpus
+                )
+                overload_runs[name].append(run)
+                print(
+                    f"  round {r + 1}/{args.rounds} {name} accepted "
+                    f"{run['accepted_images_per_s']:.1f} images/s, refused {run['refused_503']}, "
+                    f"other non-2xx {run['non_2xx'] - run['refused_503']}, errors "
+                    f"{run['errors']}, unsent {run['unsent']}",
+                    flush=True,
+                )
         load_after = os.getloadavg()
 
-    keys = ("accepted_images_per_s", "ok_p50_ms", "ok_p99_ms", "refused_p50_ms")
-    keys += ("refused_p99_ms", "lag_p99_ms")
-    overload: dict[str, Any] = {key: median_of(overload_runs, key) for key in keys}
-    for key in ("offered", "sent", "unsent", "unanswered", "ok", "refused_503", "non_2xx"):
-        overload[key] = sum(run[key] for run in overload_runs)
-    overload["errors"] = sum(run["errors"] for run in overload_runs)
-    overload.update(rate=rate, saturation_images_per_s=saturation, unloaded_p99_ms=unloaded.p99_ms)
-    targets = verdicts(rows, overload, unloaded.p99_ms)
+    overloads = {
+        name: summarize_overload(runs, rate, saturation, rows[f"{name} @1"].p99_ms)
+        for name, runs in overload_runs.items()
+    }
+    overload = overloads["service"]
+    targets = verdicts(rows, overloads)
 
     if server_cpus and client_cpus:
         placement = (
@@ -1043,25 +1075,26 @@ def main() -> None:
         f"{args.overload_factor:g} x saturation {saturation:.1f} images/s, "
         f"up to {args.overload_connections} connections"
     )
-    print(
-        f"  accepted {show(overload['accepted_images_per_s'])} images/s, "
-        f"p50/p99 {show(overload['ok_p50_ms'])} / {show(overload['ok_p99_ms'])} ms "
-        f"(unloaded p99 {unloaded.p99_ms:.2f} ms); refused (503) {overload['refused_503']}, "
-        f"p50/p99 {show(overload['refused_p50_ms'])} / {show(overload['refused_p99_ms'])} ms; "
-        f"other non-2xx {overload['non_2xx'] - overload['refused_503']}, "
-        f"errors {overload['errors']}"
-    )
-    print(
-        f"  offered {overload['offered']}, sent {overload['sent']}, never sent (every "
-        f"connection busy) {overload['unsent']}, unanswered {overload['unanswered']}; "
-        f"send lag p99 {show(overload['lag_p99_ms'])} ms"
-    )
-    lag = overload["lag_p99_ms"]
-    if overload["unsent"] > 0.01 * overload["offered"] or (lag is not None and lag > 5):
+    for name, got in overloads.items():
         print(
-            "  note: the generator fell behind its schedule (all connections busy or the CPUs "
-            "full), so latencies from send understate what an open-loop client would see"
+            f"  {name}: accepted {show(got['accepted_images_per_s'])} images/s, "
+            f"p50/p99 {show(got['ok_p50_ms'])} / {show(got['ok_p99_ms'])} ms "
+            f"(unloaded p99 {got['unloaded_p99_ms']:.2f} ms); refused (503) "
+            f"{got['refused_503']}, p50/p99 {show(got['refused_p50_ms'])} / "
+            f"{show(got['refused_p99_ms'])} ms; other non-2xx "
+            f"{got['non_2xx'] - got['refused_503']}, errors {got['errors']}"
         )
+        print(
+            f"    offered {got['offered']}, sent {got['sent']}, never sent (every "
+            f"connection busy) {got['unsent']}, unanswered {got['unanswered']}; "
+            f"send lag p99 {show(got['lag_p99_ms'])} ms"
+        )
+        lag = got["lag_p99_ms"]
+        if got["unsent"] > 0.01 * got["offered"] or (lag is not None and lag > 5):
+            print(
+                "    note: the generator fell behind its schedule (all connections busy or the "
+                "CPUs full), so latencies from send understate what an open-loop client would see"
+            )
     raw_b64 = rows["raw ORT batch 64"].images_per_s
     for name in services:
         got = batch_shapes[name]
@@ -1110,7 +1143,12 @@ def main() -> None:
                 c.name: {**asdict(rows[c.name]), "rounds": [asdict(x) for x in c.rounds]}
                 for c in configs
             },
-            "overload": {**overload, "runs": overload_runs},
+            "overload": {**overload, "runs": overload_runs["service"]},
+            "variant_overloads": {
+                name: {**got, "runs": overload_runs[name]}
+                for name, got in overloads.items()
+                if name != "service"
+            },
             "targets": targets,
             "profile_self_time": profile,
         }
@@ -1120,7 +1158,7 @@ def main() -> None:
             f"The service against raw ONNX Runtime and an HTTP floor ({report['model']})",
             report,
             [
-                *result_tables(rows, overload, targets),
+                *result_tables(rows, overloads, targets),
                 *variant_tables(rows, variants),
                 shapes_table(batch_shapes, variants),
             ],

@@ -90,13 +90,13 @@ def test_threads_an_operator_set_are_kept_in_every_worker() -> None:
     assert (got.intra_op_threads, got.decode_workers) == (3, 5)
 
 
-def test_auto_is_four_workers_per_gpu_and_one_per_two_cores_on_cpu() -> None:
+def test_auto_is_four_workers_per_gpu_and_one_per_core_on_cpu() -> None:
     assert auto_workers(cuda=True, cores=16) == CUDA_WORKERS == 4
     assert auto_workers(cuda=True, cores=2) == 2
-    assert auto_workers(cuda=False, cores=16) == 8
-    assert auto_workers(cuda=False, cores=2) == 1
+    assert auto_workers(cuda=False, cores=16) == 16
+    assert auto_workers(cuda=False, cores=2) == 2
     assert auto_workers(cuda=False, cores=1) == 1
-    assert worker_count(Settings(workers="auto", providers="cpu"), cores=8) == 4
+    assert worker_count(Settings(workers="auto", providers="cpu"), cores=8) == 8
     assert worker_count(Settings(workers="auto", providers="cuda"), cores=8) == 4
     assert worker_count(Settings(workers=3), cores=8) == 3
     assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
