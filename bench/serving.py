@@ -21,8 +21,10 @@ say, except with `--cuda` (bench/gpu_check.sh), which exits 1 when CUDA is not r
 
 Side by side with the service, `--variant NAME:RCEGATE_KEY=VALUE[,...]` starts more services
 that differ only in those settings (e.g. `pad:RCEGATE_BATCH_SHAPES=pow2`), measured in the same
-rounds at the same connections (rows `service[NAME] @c`). For every service the batch shapes its
-session ran during the measured rounds are counted (rcegate_batch_shape_runs_total).
+rounds at the same connections (rows `service[NAME] @c`) and under the same overload (the same
+offered rate, its own overload targets against its own unloaded p99). For every service the
+batch shapes its session ran during the measured rounds are counted
+(rcegate_batch_shape_runs_total).
 
     python bench/serving.py [--duration 5] [--rounds 3] [--json out.json] [--pin]
         [--env RCEGATE_KEY=VALUE ...] [--variant NAME:RCEGATE_KEY=VALUE,...]

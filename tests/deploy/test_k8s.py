@@ -163,3 +163,20 @@ def test_the_drain_ends_before_the_orchestrators_kill() -> None:
     service = load_yaml(ROOT / "docker-compose.yml")["services"]["rcegate"]
     compose_drain = float(service["environment"].get("RCEGATE_DRAIN_SECONDS", drain))
     assert compose_drain + 5 <= _seconds(service["stop_grace_period"])
+
+
+def test_the_cpu_deployment_runs_one_worker_per_core_of_its_cpu_limit() -> None:
+    """`RCEGATE_WORKERS=auto` in the pod resolves, on CPU, to the cores of the container's CPU
+    limit (what `available_cores` reads from the cgroup quota there)."""
+    import math
+
+    from service.settings import Settings
+    from service.workers import worker_count
+
+    deployment = load_yaml(DEPLOY / "k8s" / "deployment.yaml")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    limit = str(container["resources"]["limits"]["cpu"])
+    cores = math.ceil(int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit))
+    settings = Settings(workers=env["RCEGATE_WORKERS"], providers="cpu")
+    assert worker_count(settings, cores=cores) == cores == 2

@@ -122,5 +122,7 @@ def test_the_predictor_runs_like_the_kubernetes_deployment() -> None:
     # The drain ends before the kill, as in the Deployment.
     env = {e["name"]: e["value"] for e in container["env"]}
     assert float(env["RCEGATE_DRAIN_SECONDS"]) + 5 <= predictor["terminationGracePeriodSeconds"]
+    ours_env = {e["name"]: e["value"] for e in ours["env"]}
+    assert env["RCEGATE_WORKERS"] == ours_env["RCEGATE_WORKERS"]
     user = re.search(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), re.M)
     assert user and predictor["securityContext"]["runAsUser"] == int(user.group(1))
