@@ -31,6 +31,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.processes import stop  # noqa: E402
 from bench.results import table, write_result  # noqa: E402
 
 RCEGATE = Path(sys.executable).with_name("rcegate")
@@ -72,12 +73,7 @@ def cold_start(model_dir: Path, env: dict[str, str], timeout: float = 120.0) -> 
             models = client.get("/v1/models").json()["models"]
             warmup = sum(m["warmup_seconds"] for m in models)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         log.close()
     return ready, warmup
 

@@ -43,6 +43,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.processes import stop  # noqa: E402
 from bench.results import table, write_result  # noqa: E402
 
 PERF_ANALYZER = ROOT / "scripts" / "perf-analyzer"
@@ -115,8 +116,7 @@ def served() -> Iterator[tuple[str, str, int]]:
                 time.sleep(0.1)  # polling for readiness, not timing anything
             yield f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", process.pid
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            stop(process)
 
 
 # -- load generators -------------------------------------------------------------------------

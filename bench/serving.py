@@ -66,6 +66,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.processes import stop  # noqa: E402
 from bench.results import table, write_result  # noqa: E402
 from models.layout import latest_version  # noqa: E402
 from models.manifest import INPUT_NAME, Manifest  # noqa: E402
@@ -210,12 +211,7 @@ def started(command: list[str], env: dict[str, str], port: int) -> Iterator[Serv
         try:
             yield Server(f"http://127.0.0.1:{port}", port, process, log)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def wait_ready(server: Server, path: str, timeout: float = 90.0) -> None:
