@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,24 @@ def bench(name: str) -> dict[str, object]:
         (ROOT / "bench" / "results" / f"{name}.json").read_text()
     )
     return result
+
+
+def serving_target(what: str) -> Any:
+    """The value of one target line of the committed serving run."""
+    figures: Any = bench("serving")["figures"]
+    return next(t["value"] for t in figures["targets"] if t["what"] == what)
+
+
+def overload(service: str) -> Any:
+    """The committed serving run's 2x-overload summary of `service` (base or variant)."""
+    figures: Any = bench("serving")["figures"]
+    return figures["overload"] if service == "service" else figures["variant_overloads"][service]
+
+
+def worker_ratio() -> float:
+    """Images/s of 2 workers over 1 worker in the committed worker sweep."""
+    rows: Any = bench("workers")["figures"]["rows"]
+    return float(rows["workers 2 @64"]["images_per_s"] / rows["workers 1 @64"]["images_per_s"])
 
 
 @cache
@@ -189,6 +208,34 @@ CLAIMS = [
         "README.md",
         r"`fashion-mnist-rce/3` \((\S+) on Fashion-MNIST\)",
         lambda: (f"{100 * rce('fashion-mnist').clean.accuracy:.1f}%",),
+    ),
+    Claim(
+        "README.md",
+        r"One worker at 64 connections answers (\d\.\d+)x what raw ONNX Runtime does",
+        lambda: (f"{serving_target('service@64 / raw b64 images/s'):.2f}",),
+    ),
+    Claim(
+        "README.md",
+        r"Two worker processes \(`--workers 2`\) answer (\d\.\d+)x one worker's",
+        lambda: (f"{worker_ratio():.2f}",),
+    ),
+    Claim(
+        "README.md",
+        r"the excess gets 503 at the request head: p50 (\d+) ms, p99 (\d+) ms",
+        lambda: tuple(f"{v:.0f}" for v in serving_target("2x overload: refusal p50/p99 (ms)")),
+    ),
+    Claim(
+        "README.md",
+        r"tight tail, .* cut the accepted p99 under that overload from over (\d+) ms to (\d+) ms",
+        lambda: (
+            f"{100 * int(overload('service')['ok_p99_ms'] // 100)}",
+            f"{overload('service[latency]')['ok_p99_ms']:.0f}",
+        ),
+    ),
+    Claim(
+        "README.md",
+        r"is not reached on 2 shared cores \((\d+\.\d)x at best\)",
+        lambda: (f"{serving_target('2x overload [latency]: accepted p99 / unloaded p99'):.1f}",),
     ),
     Claim(
         "README.md",
