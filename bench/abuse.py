@@ -59,6 +59,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: bench/ is on the path, not the root
+
+from bench.processes import stop  # noqa: E402
+from bench.results import table, write_result  # noqa: E402
+
 MODEL = "mnist-rce"
 KEY = "abuse-bench-key"  # the valid key of the server this script starts
 WRONG_KEY = "not-the-key"
@@ -497,12 +502,7 @@ def server(log: Path, **settings: str) -> Iterator[tuple[str, str, int]]:
             time.sleep(0.1)  # polling, not timing
         yield url, f"127.0.0.1:{grpc_port}", process.pid
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 # -- a run ---------------------------------------------------------------------------------------
@@ -770,9 +770,6 @@ def main() -> None:
         "commands": [*commands, f"{command_line()} (load average {os.getloadavg()[0]:.1f})"],
     }
     if args.json:
-        sys.path.insert(0, str(ROOT))  # run as a script: bench/ is on the path, not the root
-        from bench.results import table, write_result
-
         columns = [
             "scenario",
             "code",

@@ -1,6 +1,5 @@
-"""Stopping the server processes the bench scripts start (bench/serving.py, cold_start.py,
-oip.py). bench/abuse.py keeps its own copy: the tests import it as `bench.abuse`, and as a
-script it must not need the repository root on its path before it parses its arguments."""
+"""Stopping the server processes that the bench scripts (serving, cold_start, oip, abuse) and
+the tests' live servers start."""
 
 from __future__ import annotations
 

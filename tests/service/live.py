@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.processes import stop
 from tests.conftest import ROOT
 
 STARTUP_TIMEOUT = 60.0
@@ -101,9 +102,4 @@ def live_server(log: Path, *args: str, **env: str) -> Iterator[Live]:
         yield Live(url, port, process, log)
     finally:
         if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)

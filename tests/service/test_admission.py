@@ -49,17 +49,7 @@ def held_client(
 
     def make(**settings: object) -> tuple[TestClient, Held]:
         client = make_client(**settings)
-        detector = client.app.state.repository.get("tiny")  # type: ignore[attr-defined]
-        original = detector.run_arrays
-        held = Held()
-
-        def run(images: np.ndarray) -> dict[str, np.ndarray]:
-            held.entered.set()
-            assert held.gate.wait(30), "the test never opened the gate"
-            held.sizes.append(len(images))
-            return original(images)  # type: ignore[no-any-return]
-
-        monkeypatch.setattr(detector, "run_arrays", run)
+        held = hold(client.app, "tiny", monkeypatch)  # type: ignore[arg-type]
         gates.append(held)
         return client, held
 

@@ -26,6 +26,7 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from bench.processes import stop
 from models.manifest import OUTPUT_NAMES, Manifest
 from service.errors import ShuttingDown
 from service.oip import oip_pb2
@@ -67,12 +68,7 @@ def oip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         wait_ready(f"http://127.0.0.1:{http_port}", process, log)
         yield f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=15)
 
 
 @pytest.fixture(scope="module")
